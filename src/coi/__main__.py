@@ -1,0 +1,3 @@
+from coi.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Host commands: version, setup, doctor."""
+
+from __future__ import annotations
+
+import os
+
+from coi import __version__
+from coi.cli.context import Context
+
+
+def version(ctx: Context) -> int:
+    ctx.ui.out(f"coi {__version__}")
+    return 0
+
+
+def setup(ctx: Context, *, ipv6: bool = False, user: str | None = None) -> int:
+    from coi.host import setup as run_setup
+
+    ctx.ui.info("Setting up this host for coi...")
+    changed = run_setup(
+        report=lambda step: ctx.ui.info(f"  {'+' if step.changed else '='} {step.name}: {step.detail}"),
+        group=ctx.config.incus.group,
+        user=user or os.environ.get("SUDO_USER"),
+        ipv6=ipv6,
+    )
+    if changed:
+        ctx.ui.info("Done. Next: 'coi doctor' to check, then 'coi shell' in a project directory.")
+        who = user or os.environ.get("SUDO_USER")
+        if who and who != "root":
+            ctx.ui.info(f"If {who} was just added to {ctx.config.incus.group}, log out and in again first.")
+    else:
+        ctx.ui.info("Nothing to change: this host is already set up for coi.")
+    return 0
+
+
+def doctor(ctx: Context, *, format: str = "text") -> int:
+    from coi.doctor import run_checks
+
+    checks = run_checks(ctx.loaded_config.config, socket_env=os.environ)
+    from coi.cli.render import render_checks
+
+    render_checks(ctx.ui, checks, format=format)
+    return 1 if any(c.status == "fail" and c.blocking for c in checks) else 0

@@ -1,0 +1,76 @@
+"""What every command handler gets: global options, output, config, Incus.
+
+The config and the Incus client are built once, lazily, here in the CLI
+layer and passed to the services; nothing below the CLI builds its own.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coi.cli.ui import UI
+
+if TYPE_CHECKING:
+    from coi.config import LoadedConfig
+    from coi.incus import Incus
+
+# Flags that are configuration values: they form the highest config layer and
+# are read back from the config, not passed to handlers.
+FLAG_KEYS = {
+    "image": ("defaults.image", "--image"),
+    "persistent": ("defaults.persistent", "--persistent"),
+    "network": ("network.mode", "--network"),
+}
+
+
+class Context:
+    """Global options plus lazily built config and Incus client."""
+
+    def __init__(
+        self,
+        *,
+        ui: UI,
+        workspace: Path,
+        flag_values: dict[str, tuple[str, Any]],
+    ) -> None:
+        self.ui = ui
+        self.workspace = workspace
+        self.flag_values = flag_values
+
+    @classmethod
+    def from_namespace(cls, kwargs: dict[str, Any]) -> Context:
+        """Take the global options out of parsed ``kwargs`` (mutated in place)."""
+        quiet = kwargs.pop("quiet", False)
+        verbose = kwargs.pop("verbose", False)
+        workspace = kwargs.pop("workspace", None)
+        flag_values: dict[str, tuple[str, Any]] = {}
+        for dest, (key, flag) in FLAG_KEYS.items():
+            if dest in kwargs:
+                value = kwargs.pop(dest)
+                # store_true flags only count when given.
+                if value is not None and value is not False:
+                    flag_values[key] = (flag, value)
+        ws = Path(os.path.abspath(os.path.expanduser(workspace or os.getcwd())))
+        return cls(ui=UI(quiet=quiet, verbose=verbose), workspace=ws, flag_values=flag_values)
+
+    @cached_property
+    def loaded_config(self) -> LoadedConfig:
+        from coi.config import load_config
+
+        loaded = load_config(workspace=self.workspace, env=os.environ, flags=self.flag_values)
+        for warning in loaded.warnings:
+            self.ui.warn(warning)
+        return loaded
+
+    @property
+    def config(self):
+        return self.loaded_config.config
+
+    @cached_property
+    def incus(self) -> Incus:
+        from coi.incus import Incus
+
+        return Incus.from_environment(project=self.config.incus.project)

@@ -1,0 +1,66 @@
+"""coi's command line: parse flags, call one handler, print errors once.
+
+The parser only turns flags into keyword arguments; each handler lives in
+``coi.cli.commands.<module>`` and is imported only when its command runs, so
+``coi --version`` and ``coi list`` do not pay for modules they do not use.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from coi import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run coi with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    # Fast path: the version needs neither argparse nor any other module.
+    if args and args[0] in ("--version", "-v", "version") and len(args) == 1:
+        print(f"coi {__version__}")
+        return 0
+    return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    from coi.cli.context import Context
+    from coi.cli.parser import build_parser
+    from coi.errors import CoiError
+
+    parser = build_parser()
+    ns = parser.parse_args(args)  # exits 2 on usage errors
+    kwargs = dict(vars(ns))
+    handler_ref = kwargs.pop("handler", None)
+    if handler_ref is None:
+        parser.print_help(sys.stderr)
+        return 2
+    ctx = Context.from_namespace(kwargs)
+    debug = kwargs.pop("debug_traceback", False) or os.environ.get("COI_DEBUG") == "1"
+    try:
+        handler = _resolve(handler_ref)
+        code = handler(ctx, **kwargs)
+        return 0 if code is None else int(code)
+    except CoiError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        ctx.ui.error(exc.message, exc.hint)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        ctx.ui.error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # Output piped into something that closed early (``coi list | head``).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _resolve(ref: str):
+    """Import ``module:function`` from ``coi.cli.commands`` lazily."""
+    import importlib
+
+    module_name, _, func = ref.partition(":")
+    module = importlib.import_module(f"coi.cli.commands.{module_name}")
+    return getattr(module, func)

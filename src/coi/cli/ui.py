@@ -1,0 +1,40 @@
+"""Terminal output: progress and messages on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class UI:
+    """Writes user-facing text; honours --quiet, --verbose and NO_COLOR."""
+
+    def __init__(self, *, quiet: bool = False, verbose: bool = False) -> None:
+        self.quiet = quiet
+        self.verbose = verbose
+        self.color = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def out(self, text: str = "") -> None:
+        """A result line on stdout (never silenced: it is what was asked for)."""
+        print(text, flush=True)
+
+    def info(self, text: str) -> None:
+        """A progress line on stderr."""
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def detail(self, text: str) -> None:
+        """Extra progress shown only with --verbose."""
+        if self.verbose and not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def warn(self, text: str) -> None:
+        print(self._paint("Warning:", "33") + " " + text, file=sys.stderr, flush=True)
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        print(self._paint("Error:", "31") + " " + message, file=sys.stderr, flush=True)
+        if hint:
+            print(f"Hint: {hint}", file=sys.stderr, flush=True)

@@ -1,0 +1,27 @@
+#!/bin/sh
+# Run by mmdebstrap (as a customize hook) on the new root filesystem "$1":
+# makes a minimal Debian system boot as an Incus system container.
+set -eu
+root="$1"
+
+# eth0 gets its address by DHCP from the Incus bridge (systemd-networkd),
+# names resolve through systemd-resolved, which asks the bridge's resolver.
+mkdir -p "$root/etc/systemd/network"
+cat > "$root/etc/systemd/network/10-eth0.network" <<'NET'
+[Match]
+Name=eth0
+
+[Network]
+DHCP=ipv4
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+NET
+chroot "$root" systemctl enable systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+ln -sf /run/systemd/resolve/resolv.conf "$root/etc/resolv.conf"
+
+# Units that have nothing to do in a container and slow its start.
+for unit in systemd-networkd-wait-online.service getty@tty1.service \
+            systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer; do
+  chroot "$root" systemctl mask "$unit" >/dev/null 2>&1 || true
+done
+rm -f "$root/etc/hostname"

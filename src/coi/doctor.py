@@ -1,0 +1,166 @@
+"""``coi doctor``: read-only checks of everything coi needs on this host.
+
+Each check returns a ``Check`` with a fix hint when it fails; nothing here
+changes the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from coi.errors import CoiError
+from coi.host import COI_NETWORK, COI_PROFILE, INCUSD, root_subid_ok
+from coi.incus import Incus, socket_path
+
+FAST_CLONE_DRIVERS = {"btrfs", "zfs", "lvm", "lvmcluster", "ceph"}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # "ok", "warn", "fail" or "skip"
+    detail: str
+    hint: str | None = None
+    blocking: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail,
+                "hint": self.hint, "blocking": self.blocking}
+
+
+def _nft_accepts(ruleset: str) -> bool:
+    """Whether the kernel accepts ``ruleset`` (``nft -c``: checked, never applied)."""
+    proc = subprocess.run(["nft", "-c", "-f", "-"], input=ruleset, text=True, capture_output=True)
+    return proc.returncode == 0
+
+
+def _nft_probe(family: str, rule: str) -> str:
+    return (f"table {family} coi_doctor_probe {{\n chain c {{\n"
+            f"  type filter hook forward priority 0; policy accept;\n  {rule}\n }}\n}}\n")
+
+
+def check_nftables() -> Check:
+    if shutil.which("nft") is None:
+        return Check("nftables", "warn", "nft is not installed (needed for network isolation)",
+                     "run 'sudo coi setup'", blocking=False)
+    if os.geteuid() != 0:
+        return Check("nftables", "ok", "nft installed (kernel features are checked when run as root)",
+                     blocking=False)
+    inet = _nft_accepts(_nft_probe("inet", "ct state established,related accept\n  ip daddr 10.0.0.0/8 reject"))
+    bridge_ct = _nft_accepts(_nft_probe("bridge", "ct state established accept"))
+    bridge_drop = _nft_accepts(_nft_probe("bridge", "ip daddr 10.0.0.0/8 drop"))
+    parts = [f"inet conntrack+reject: {'yes' if inet else 'no'}",
+             f"bridge drop: {'yes' if bridge_drop else 'no'}",
+             f"bridge conntrack: {'yes' if bridge_ct else 'no'}"]
+    detail = ", ".join(parts) + ("" if bridge_ct else " (Incus network ACLs unavailable; host nftables used)")
+    if not (inet and bridge_drop):
+        return Check("nftables", "warn", detail, "this kernel lacks nftables features coi's isolation needs",
+                     blocking=False)
+    return Check("nftables", "ok", detail, blocking=False)
+
+
+def _subids() -> Check:
+    bad = [p for p in ("/etc/subuid", "/etc/subgid")
+           if not (Path(p).exists() and root_subid_ok(Path(p).read_text()))]
+    if bad:
+        return Check("id ranges", "fail", f"root has no subordinate id range in {', '.join(bad)}",
+                     "run 'sudo coi setup'")
+    return Check("id ranges", "ok", "root has subordinate uid/gid ranges")
+
+
+def run_checks(config, *, socket_env: Mapping[str, str] | None = None,
+               client: Incus | None = None) -> list[Check]:
+    """Every check, in order; later Incus checks are skipped when the daemon is out of reach."""
+    checks: list[Check] = []
+    installed = shutil.which("incus") is not None and os.path.exists(INCUSD)
+    checks.append(Check("Incus installed", "ok" if installed else "fail",
+                        "incus client and daemon present" if installed else "Incus is not installed",
+                        None if installed else "run 'sudo coi setup'"))
+    path = socket_path(socket_env)
+    client = client or Incus(path, project=config.incus.project)
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        checks.append(Check("socket permission", "fail", f"no access to {path}",
+                            f"join the '{config.incus.group}' group: sudo usermod -aG {config.incus.group} "
+                            "$USER, then log in again"))
+    server: dict[str, Any] | None = None
+    try:
+        server = client.server()
+        checks.append(Check("daemon", "ok", f"Incus {server['environment'].get('server_version', '?')} "
+                                            f"answers on {path}"))
+    except CoiError as exc:
+        checks.append(Check("daemon", "fail", exc.message, exc.hint))
+    if server is not None:
+        for probe in (_storage, _bridge, _profile, _idmap, _image):
+            try:
+                checks.append(probe(client, server, config))
+            except CoiError as exc:
+                checks.append(Check(probe.__name__.strip("_"), "fail", exc.message, exc.hint))
+    else:
+        checks.append(Check("storage, bridge, profile, image", "skip", "daemon not reachable", blocking=False))
+    checks.append(_subids())
+    checks.append(check_nftables())
+    has_tmux = shutil.which("tmux") is not None
+    checks.append(Check("tmux", "ok" if has_tmux else "warn",
+                        "tmux installed on the host" if has_tmux else "tmux is not installed on the host",
+                        None if has_tmux else "run 'sudo coi setup'", blocking=False))
+    return checks
+
+
+def _storage(client: Incus, server: dict[str, Any], config) -> Check:
+    pools = {p["name"]: p for p in client.storage_pools()}
+    if not pools:
+        return Check("storage", "fail", "no storage pool", "run 'sudo coi setup'")
+    try:
+        root = (client.profile(COI_PROFILE).get("devices") or {}).get("root", {})
+        pool = pools.get(root.get("pool", ""), next(iter(pools.values())))
+    except CoiError:
+        pool = next(iter(pools.values()))
+    driver = pool["driver"]
+    if driver in FAST_CLONE_DRIVERS:
+        return Check("storage", "ok", f"pool {pool['name']} ({driver}): fast clones")
+    return Check("storage", "warn", f"pool {pool['name']} ({driver}): every container start unpacks the image",
+                 "a btrfs or zfs pool makes session start near-instant", blocking=False)
+
+
+def _bridge(client: Incus, server: dict[str, Any], config) -> Check:
+    net = client.network(COI_NETWORK)
+    cfg = net.get("config") or {}
+    subnet = cfg.get("ipv4.address", "none")
+    if subnet in ("", "none"):
+        return Check("bridge", "fail", f"bridge {COI_NETWORK} has no IPv4 subnet",
+                     f"incus network set {COI_NETWORK} ipv4.address=<free /24>")
+    nat = cfg.get("ipv4.nat", "false") == "true"
+    return Check("bridge", "ok" if nat else "warn",
+                 f"bridge {COI_NETWORK} {subnet}, NAT {'on' if nat else 'off'}",
+                 None if nat else f"incus network set {COI_NETWORK} ipv4.nat=true", blocking=False)
+
+
+def _profile(client: Incus, server: dict[str, Any], config) -> Check:
+    devices = client.profile(COI_PROFILE).get("devices") or {}
+    missing = [d for d in ("root", "eth0") if d not in devices]
+    if missing:
+        return Check("profile", "fail", f"profile {COI_PROFILE} lacks {', '.join(missing)}",
+                     "run 'sudo coi setup'")
+    return Check("profile", "ok", f"profile {COI_PROFILE}: root on {devices['root'].get('pool')}, "
+                                  f"eth0 on {devices['eth0'].get('network')}")
+
+
+def _idmap(client: Incus, server: dict[str, Any], config) -> Check:
+    features = server.get("environment", {}).get("kernel_features", {})
+    if features.get("idmapped_mounts") == "true":
+        return Check("idmapped mounts", "ok", "shift=true available for workspace mounts")
+    return Check("idmapped mounts", "warn", "no idmapped mounts: workspaces fall back to raw.idmap",
+                 "a kernel >= 5.12 with idmapped mount support gives per-mount UID shifting", blocking=False)
+
+
+def _image(client: Incus, server: dict[str, Any], config) -> Check:
+    alias = config.defaults.image
+    if client.image_exists(alias):
+        return Check("image", "ok", f"image {alias} present")
+    return Check("image", "warn", f"image {alias} not built yet", "run 'coi build'", blocking=False)
+

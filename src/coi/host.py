@@ -1,0 +1,363 @@
+"""Host set-up: install Incus and what coi needs beside it, start the daemon,
+and give Incus a storage pool, a bridge and a profile for coi containers.
+
+Every step checks first and changes only what is missing, so ``coi setup``
+is safe to run again. Steps report what they did as ``Step`` results; the
+CLI prints them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from coi.errors import CoiError, DaemonUnavailableError, NotFoundError
+from coi.incus import Incus
+from coi.wait import wait_for
+
+COI_PROFILE = "coi"
+COI_NETWORK = "coibr0"
+COI_POOL = "coi"
+INCUSD = "/usr/libexec/incus/incusd"
+DAEMON_LOG = Path("/var/log/incus/incusd.log")
+BACKPORTS_SOURCES = Path("/etc/apt/sources.list.d/coi-bookworm-backports.sources")
+# Unprivileged containers need root to own a large id range; this is the
+# range Debian's incus package itself adds.
+SUBID_START, SUBID_COUNT, SUBID_MINIMUM = 1000000, 1000000000, 65536
+
+
+@dataclass(frozen=True)
+class Step:
+    """One set-up step: what it is about and what happened."""
+
+    name: str
+    changed: bool
+    detail: str
+
+
+Report = Callable[[Step], None]
+
+
+# ---- pure helpers (table-tested) -------------------------------------------
+
+def parse_os_release(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def incus_install_plan(os_release: Mapping[str, str]) -> tuple[str, list[str]]:
+    """(how, apt-get install arguments) for the distribution, or a CoiError."""
+    distro, version = os_release.get("ID", ""), os_release.get("VERSION_ID", "")
+    if distro == "debian" and version == "12":
+        return "backports", ["-t", "bookworm-backports", "--no-install-recommends",
+                             "incus-base", "incus-client", "dnsmasq-base"]
+    if (distro, version) in (("debian", "13"), ("ubuntu", "24.04")) or (
+            distro == "debian" and os_release.get("VERSION_CODENAME") in ("trixie", "forky", "sid")):
+        return "distribution", ["--no-install-recommends", "incus-base", "incus-client", "dnsmasq-base"]
+    raise CoiError(
+        f"coi setup does not know how to install Incus on {os_release.get('PRETTY_NAME', distro or 'this system')}",
+        "install Incus by hand (https://linuxcontainers.org/incus/docs/main/installing/), then run coi setup again",
+    )
+
+
+def backports_source(debian_sources: str) -> str:
+    """A deb822 entry for bookworm-backports from the host's own Debian entry.
+
+    Same mirror and keyring as the first entry carrying the ``bookworm`` suite.
+    """
+    for stanza in debian_sources.split("\n\n"):
+        fields = {}
+        for line in stanza.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and not line.startswith("#"):
+                fields[key.strip()] = value.strip()
+        if "bookworm" in fields.get("Suites", "").split():
+            uris = fields.get("URIs", "http://deb.debian.org/debian")
+            signed = fields.get("Signed-By", "/usr/share/keyrings/debian-archive-keyring.gpg")
+            break
+    else:
+        uris, signed = "http://deb.debian.org/debian", "/usr/share/keyrings/debian-archive-keyring.gpg"
+    return (
+        "# Added by coi setup: Incus for Debian 12 comes from bookworm-backports.\n"
+        f"Types: deb\nURIs: {uris}\nSuites: bookworm-backports\nComponents: main\nSigned-By: {signed}\n"
+    )
+
+
+def used_networks(route_text: str, addr_text: str) -> list[ipaddress.IPv4Network]:
+    """IPv4 networks in use, from ``ip -4 route show table all`` and ``ip -4 -o addr``."""
+    nets: list[ipaddress.IPv4Network] = []
+    for line in route_text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] in ("broadcast", "local", "unicast", "multicast", "blackhole", "unreachable",
+                        "prohibit", "throw"):
+            words = words[1:]
+        if not words or words[0] == "default":
+            continue
+        try:
+            net = ipaddress.ip_network(words[0], strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, ipaddress.IPv4Network) and net.prefixlen > 0:
+            nets.append(net)
+    for line in addr_text.splitlines():
+        words = line.split()
+        if "inet" in words:
+            try:
+                nets.append(ipaddress.ip_interface(words[words.index("inet") + 1]).network)
+            except (ValueError, IndexError):
+                continue
+    return nets
+
+
+def choose_subnet(used: Iterable[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """The first private /24 (10.195.0.0 upwards) that overlaps nothing in use."""
+    taken = [n for n in used if not n.is_loopback]
+    for base in (ipaddress.ip_network("10.195.0.0/16"), ipaddress.ip_network("10.0.0.0/8"),
+                 ipaddress.ip_network("172.16.0.0/12"), ipaddress.ip_network("192.168.0.0/16")):
+        for candidate in base.subnets(new_prefix=24):
+            if not any(candidate.overlaps(n) for n in taken):
+                return candidate
+    raise CoiError("no free private IPv4 /24 subnet for the coi bridge",
+                   "free one, or create the bridge by hand: incus network create coibr0 ipv4.address=...")
+
+
+def root_subid_ok(text: str) -> bool:
+    """Whether ``/etc/subuid`` (or subgid) gives root at least 65536 ids."""
+    for line in text.splitlines():
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in ("root", "0") and parts[2].isdigit():
+            if int(parts[2]) >= SUBID_MINIMUM:
+                return True
+    return False
+
+
+# ---- the steps ---------------------------------------------------------------
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=False, text=True, **kw)
+
+
+def _apt(args: list[str], what: str) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    proc = _run(["apt-get", "-y", "-q", "-o", "Dpkg::Use-Pty=0", *args], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
+        raise CoiError(f"{what} failed (apt-get exit {proc.returncode}):\n{tail}",
+                       "check the package sources, then run 'sudo coi setup' again")
+
+
+def _missing_commands(commands: Iterable[str]) -> list[str]:
+    return [c for c in commands if shutil.which(c) is None]
+
+
+def install_packages(report: Report, *, os_release_path: Path = Path("/etc/os-release")) -> None:
+    os_release = parse_os_release(os_release_path.read_text())
+    need_incus = not (os.path.exists(INCUSD) and shutil.which("incus"))
+    # command -> package, for what coi needs beside Incus
+    needed = {"tmux": "tmux", "btrfs": "btrfs-progs", "mmdebstrap": "mmdebstrap", "nft": "nftables",
+              "ip": "iproute2", "newuidmap": "uidmap", "dnsmasq": "dnsmasq-base"}
+    missing_pkgs = [needed[c] for c in _missing_commands(needed)]
+    if not need_incus and not missing_pkgs:
+        report(Step("packages", False, "Incus and host tools already installed"))
+        return
+    updated = False
+    if need_incus:
+        how, args = incus_install_plan(os_release)
+        if how == "backports" and not BACKPORTS_SOURCES.exists():
+            debian = Path("/etc/apt/sources.list.d/debian.sources")
+            BACKPORTS_SOURCES.write_text(backports_source(debian.read_text() if debian.exists() else ""))
+            report(Step("packages", True, f"added {BACKPORTS_SOURCES}"))
+        _apt(["update"], "apt-get update")
+        updated = True
+        _apt(["install", *args], "installing Incus")
+        report(Step("packages", True, f"installed Incus ({how})"))
+    if missing_pkgs:
+        if not updated:
+            _apt(["update"], "apt-get update")
+        _apt(["install", "--no-install-recommends", *missing_pkgs], "installing host tools")
+        report(Step("packages", True, "installed " + " ".join(missing_pkgs)))
+
+
+def ensure_subids(report: Report, *, files: Iterable[Path] = (Path("/etc/subuid"), Path("/etc/subgid"))) -> bool:
+    """Give root an id range for unprivileged containers; True when changed."""
+    changed = False
+    for path in files:
+        text = path.read_text() if path.exists() else ""
+        if root_subid_ok(text):
+            continue
+        with path.open("a") as fh:
+            if text and not text.endswith("\n"):
+                fh.write("\n")
+            fh.write(f"root:{SUBID_START}:{SUBID_COUNT}\n")
+        changed = True
+        report(Step("id ranges", True, f"gave root {SUBID_COUNT} ids from {SUBID_START} in {path}"))
+    if not changed:
+        report(Step("id ranges", False, "root has subordinate uid and gid ranges"))
+    return changed
+
+
+def _systemd_runs() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def _answers(client: Incus) -> bool:
+    try:
+        client.server()
+    except DaemonUnavailableError:
+        return False
+    return True
+
+
+def start_daemon(client: Incus, report: Report, *, group: str, restart: bool = False) -> None:
+    """Make the daemon answer: through systemd, or by starting incusd ourselves."""
+    if _answers(client) and not restart:
+        report(Step("daemon", False, "Incus daemon is running"))
+        return
+    if _systemd_runs():
+        action = "restart" if restart else "start"
+        _run(["systemctl", "enable", "incus.socket", "incus.service"], capture_output=True)
+        proc = _run(["systemctl", action, "incus.service"], capture_output=True)
+        if proc.returncode != 0:
+            raise DaemonUnavailableError(f"systemctl {action} incus failed: {proc.stderr.strip()}",
+                                         "see 'journalctl -u incus'")
+        how = f"{action}ed incus.service"
+    else:
+        if restart:
+            _stop_own_daemon(client)
+        DAEMON_LOG.parent.mkdir(parents=True, exist_ok=True)
+        log = DAEMON_LOG.open("ab")
+        subprocess.Popen([INCUSD, "--group", group, "--logfile", str(DAEMON_LOG)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                         close_fds=True)
+        how = f"started incusd (no systemd here; log: {DAEMON_LOG})"
+    wait_for(lambda: _answers(client), timeout=60, what="the Incus daemon to answer",
+             hint=f"see {DAEMON_LOG}")
+    report(Step("daemon", True, how))
+
+
+def _stop_own_daemon(client: Incus) -> None:
+    proc = _run(["pgrep", "-x", "incusd"], capture_output=True)
+    pids = [int(p) for p in proc.stdout.split()]
+    for pid in pids:
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not _answers(client), timeout=60, what="the Incus daemon to stop")
+
+
+def ensure_storage_pool(client: Incus, report: Report) -> str:
+    """An existing pool is kept; otherwise a loop-backed btrfs pool, or dir."""
+    pools = client.storage_pools()
+    if pools:
+        chosen = next((p for p in pools if p["name"] == COI_POOL), None) or \
+            next((p for p in pools if p["name"] == "default"), None) or pools[0]
+        report(Step("storage", False, f"using storage pool {chosen['name']} ({chosen['driver']})"))
+        return chosen["name"]
+    try:
+        client.create_storage_pool(COI_POOL, "btrfs", {"size": "30GiB"})
+        report(Step("storage", True, f"created storage pool {COI_POOL} (btrfs, loop-backed: fast clones)"))
+    except CoiError as exc:
+        client.create_storage_pool(COI_POOL, "dir", {})
+        report(Step("storage", True, f"created storage pool {COI_POOL} (dir; btrfs failed: {exc.message})"))
+    return COI_POOL
+
+
+def ensure_network(client: Incus, report: Report, *, ipv6: bool) -> str:
+    try:
+        net = client.network(COI_NETWORK)
+        report(Step("network", False,
+                    f"bridge {COI_NETWORK} exists ({net['config'].get('ipv4.address', 'no IPv4')})"))
+        return COI_NETWORK
+    except NotFoundError:
+        pass
+    routes = _run(["ip", "-4", "route", "show", "table", "all"], capture_output=True).stdout
+    addrs = _run(["ip", "-4", "-o", "addr", "show"], capture_output=True).stdout
+    subnet = choose_subnet(used_networks(routes, addrs))
+    gateway = f"{next(subnet.hosts())}/{subnet.prefixlen}"
+    client.create_network(COI_NETWORK, {
+        "ipv4.address": gateway, "ipv4.nat": "true",
+        "ipv6.address": "auto" if ipv6 else "none",
+    }, description="coi containers")
+    report(Step("network", True, f"created bridge {COI_NETWORK} with {gateway}, NAT on, IPv6 "
+                + ("on" if ipv6 else "off")))
+    return COI_NETWORK
+
+
+def ensure_profile(client: Incus, report: Report, *, pool: str, network: str) -> None:
+    devices = {
+        "root": {"type": "disk", "path": "/", "pool": pool},
+        "eth0": {"type": "nic", "name": "eth0", "network": network},
+    }
+    try:
+        current = client.profile(COI_PROFILE)
+    except NotFoundError:
+        client.create_profile(COI_PROFILE, config={}, devices=devices,
+                              description="coi containers: root disk and the coi bridge")
+        report(Step("profile", True, f"created profile {COI_PROFILE} (pool {pool}, bridge {network})"))
+        return
+    if current.get("devices") == devices:
+        report(Step("profile", False, f"profile {COI_PROFILE} is up to date"))
+        return
+    client.update_profile(COI_PROFILE, config=current.get("config") or {}, devices=devices,
+                          description=current.get("description") or "")
+    report(Step("profile", True, f"updated profile {COI_PROFILE} (pool {pool}, bridge {network})"))
+
+
+def ensure_group_member(user: str | None, group: str, report: Report) -> bool:
+    """Add ``user`` to the Incus admin group; True when the user must log in again."""
+    if not user or user == "root":
+        report(Step("group", False, "no invoking user to add (run through sudo to add yours)"))
+        return False
+    import grp
+
+    try:
+        members = grp.getgrnam(group).gr_mem
+    except KeyError:
+        raise CoiError(f"group {group} does not exist", "reinstall Incus: sudo coi setup") from None
+    if user in members:
+        report(Step("group", False, f"{user} is in {group}"))
+        return False
+    proc = _run(["usermod", "-aG", group, user], capture_output=True)
+    if proc.returncode != 0:
+        raise CoiError(f"could not add {user} to {group}: {proc.stderr.strip()}")
+    report(Step("group", True, f"added {user} to {group}"))
+    return True
+
+
+def setup(*, report: Report, group: str, user: str | None, ipv6: bool = False,
+          client: Incus | None = None) -> bool:
+    """Run every step; returns whether anything changed."""
+    if os.geteuid() != 0:
+        raise CoiError("coi setup must run as root: it installs packages and configures Incus",
+                       "run 'sudo coi setup'")
+    changed: list[Step] = []
+
+    def track(step: Step) -> None:
+        if step.changed:
+            changed.append(step)
+        report(step)
+
+    install_packages(track)
+    subids_changed = ensure_subids(track)
+    client = client or Incus.from_environment()
+    # incusd reads the id ranges at start: restart a running one we just gave ranges to.
+    start_daemon(client, track, group=group, restart=subids_changed and _answers(client))
+    pool = ensure_storage_pool(client, track)
+    network = ensure_network(client, track, ipv6=ipv6)
+    ensure_profile(client, track, pool=pool, network=network)
+    ensure_group_member(user, group, track)
+    return bool(changed)
+
