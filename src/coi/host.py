@@ -337,12 +337,16 @@ def ensure_group_member(user: str | None, group: str, report: Report) -> bool:
     return True
 
 
-def setup(*, report: Report, group: str, user: str | None, ipv6: bool = False,
-          client: Incus | None = None) -> bool:
-    """Run every step; returns whether anything changed."""
+def require_root() -> None:
     if os.geteuid() != 0:
         raise CoiError("coi setup must run as root: it installs packages and configures Incus",
                        "run 'sudo coi setup'")
+
+
+def setup(*, report: Report, group: str, user: str | None, ipv6: bool = False,
+          client: Incus | None = None) -> bool:
+    """Run every step; returns whether anything changed."""
+    require_root()
     changed: list[Step] = []
 
     def track(step: Step) -> None:

@@ -97,7 +97,7 @@ def _raise_for(status: int, payload: Mapping[str, Any], what: str) -> None:
         raise NotFoundError(f"{what}: not found")
     if "not found" in lowered:
         raise NotFoundError(f"{what}: {reason}")
-    if status == 409 or "already exists" in lowered:
+    if status == 409 or "already exists" in lowered or "unique constraint failed" in lowered:
         raise ConflictError(f"{what}: {reason}")
     if status == 403:
         raise PermissionDeniedError(f"{what}: {reason}", GROUP_HINT)
@@ -198,14 +198,18 @@ class Incus:
             resp = self.raw("GET", f"/1.0/operations/{op_id}/wait", params={"timeout": chunk},
                             timeout=chunk + 30)
             payload = resp.json()
-            if resp.status >= 400:
-                _raise_for(resp.status, payload, what)
+            if resp.status >= 400 or payload.get("type") == "error":
+                # A failed operation answers with an error envelope (often HTTP 200).
+                code = int(payload.get("error_code") or resp.status)
+                if code == 404 and "operation" in str(payload.get("error", "")).lower():
+                    raise OperationFailedError(f"{what}: the operation ended before its result was read")
+                _raise_for(code, payload, what)
             op = payload.get("metadata") or {}
             status = op.get("status")
             if status == "Success":
                 return op
-            if status in ("Failure", "Cancelled"):
-                raise OperationFailedError(f"{what}: {op.get('err') or status}")
+            if status not in ("Running", "Pending"):
+                _raise_for(500, {"error": op.get("err") or status}, what)
             if remaining is not None:
                 remaining -= chunk
                 if remaining <= 0:

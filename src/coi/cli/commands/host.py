@@ -14,8 +14,9 @@ def version(ctx: Context) -> int:
 
 
 def setup(ctx: Context, *, ipv6: bool = False, user: str | None = None) -> int:
-    from coi.host import setup as run_setup
+    from coi.host import require_root, setup as run_setup
 
+    require_root()
     ctx.ui.info("Setting up this host for coi...")
     changed = run_setup(
         report=lambda step: ctx.ui.info(f"  {'+' if step.changed else '='} {step.name}: {step.detail}"),

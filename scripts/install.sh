@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install coi from this checkout and make the host ready for it (run as root).
+#
+#   sudo scripts/install.sh            # coi into /opt/coi, 'coi' on PATH, then 'coi setup'
+#   sudo scripts/install.sh --test     # the same, plus the test dependencies
+#
+# Safe to run again: the virtual environment is reused, coi is reinstalled
+# from the checkout, and 'coi setup' changes only what is missing.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+prefix=${COI_PREFIX:-/opt/coi}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "Error: scripts/install.sh must run as root (it installs packages and configures Incus)" >&2
+  echo "Hint: sudo $0 $*" >&2
+  exit 1
+fi
+
+# coi runs on the distribution's Python 3.11+, in a venv of its own.
+if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  echo "Installing python3-venv..."
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv python3-pip >/dev/null
+fi
+if [ ! -x "$prefix/bin/python" ]; then
+  echo "Creating $prefix..."
+  /usr/bin/python3 -m venv "$prefix"
+fi
+echo "Installing coi from $repo into $prefix..."
+"$prefix/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "$repo$extras"
+ln -sf "$prefix/bin/coi" /usr/local/bin/coi
+
+coi setup
