@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: list[str]) -> int:
     from coi.cli.context import Context
-    from coi.cli.parser import build_parser
+    from coi.cli.parser import build_parser, normalise
     from coi.errors import CoiError
 
     parser = build_parser()
-    ns = parser.parse_args(args)  # exits 2 on usage errors
+    ns = parser.parse_args(normalise(args))  # exits 2 on usage errors
     kwargs = dict(vars(ns))
     handler_ref = kwargs.pop("handler", None)
     if handler_ref is None:

@@ -47,15 +47,49 @@ def _command(sub, name: str, handler: str, summary: str, example: str, **kw) -> 
     return p
 
 
+def _session_flags(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
+    """The global session flags of the contract."""
+    _workspace(p)
+    p.add_argument("--slot", type=int, default=0, metavar="N",
+                   help="slot for this session (default: first free; busy N -> next free above N)")
+    p.add_argument("--persistent", action="store_true", default=None,
+                   help="keep the container after the session (default: [defaults] persistent)")
+    if resume:
+        p.add_argument("--resume", "--continue", dest="resume", metavar="ID", default=None,
+                       help="resume the latest session of this workspace, or --resume=ID")
+    p.add_argument("--profile", metavar="NAME", help="apply [profiles.NAME] from config")
+    p.add_argument("--image", metavar="NAME", help="image alias (default: [defaults] image, 'coi')")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the agent (repeatable)")
+    p.add_argument("--mount", action="append", default=[], metavar="HOST:CONTAINER",
+                   help="extra bind mount (repeatable)")
+    p.add_argument("--storage", metavar="PATH", help="persistent host directory mounted at /storage")
+    p.add_argument("--network", choices=["restricted", "allowlist", "open"], default=None,
+                   help="network mode (default: [network] mode, 'restricted')")
+
+
+def normalise(args: list[str]) -> list[str]:
+    """``--resume`` without ``=ID`` means the latest session; an ID needs the ``=``."""
+    out = []
+    for arg in args:
+        if arg == "--":
+            out.extend(args[len(out):])
+            break
+        out.append("--resume=latest" if arg in ("--resume", "--continue") else arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="coi",
         description="Run AI coding agents inside isolated Incus system containers.",
         epilog=(
             "commands by group:\n"
-            "  host:      setup, doctor, config\n"
-            "  other:     version\n\n"
-            "example:\n  sudo coi setup && coi doctor"
+            "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
+            "  images:    build, image\n"
+            "  low-level: container, file, tmux\n"
+            "  host:      setup, doctor, config, version\n\n"
+            "example:\n  coi shell            # Claude Code in a container, on the current directory"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -63,6 +97,159 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
+    # ---- sessions ----
+    p = _command(sub, "shell", "sessions:shell", "start an agent session in a container (tmux inside)",
+                 "coi shell --persistent --slot 2")
+    _session_flags(p)
+    p.add_argument("--background", action="store_true", help="start the session detached and return")
+    p.add_argument("--debug", action="store_true", help="start bash instead of the agent")
+    p.add_argument("--tmux", dest="tmux", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the agent inside tmux (default: on)")
+    p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
+
+    p = _command(sub, "run", "sessions:run", "run one command as 'code' in /workspace of a fresh container",
+                 "coi run -- make test")
+    _session_flags(p, resume=False)
+    p.add_argument("--capture", action="store_true",
+                   help='print one JSON object {"stdout", "stderr", "exit_code"}')
+    p.add_argument("--timeout", type=float, default=0, metavar="S",
+                   help="kill the command after S seconds and exit 124 (default: 0 = none)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+
+    p = _command(sub, "attach", "sessions:attach", "attach to a running session",
+                 "coi attach coi-1a2b3c4d-1")
+    _workspace(p)
+    p.add_argument("name", nargs="?", help="container name (default: the one running session)")
+    p.add_argument("--slot", type=int, default=0, metavar="N", help="slot of this workspace to attach to")
+    p.add_argument("--bash", action="store_true", help="open a bash shell instead of the tmux session")
+
+    p = _command(sub, "list", "sessions:list_sessions", "list coi containers (and saved sessions with --all)",
+                 "coi list --format json")
+    _workspace(p)
+    p.add_argument("--all", action="store_true", help="also list saved sessions")
+    p.add_argument("--format", default="text", help="text or json (default: text)")
+
+    p = _command(sub, "info", "sessions:info", "show a saved session (default: latest of this workspace)",
+                 "coi info 0b6c...")
+    _workspace(p)
+    p.add_argument("session_id", nargs="?", metavar="SESSION_ID")
+
+    p = _command(sub, "shutdown", "sessions:shutdown", "stop sessions gracefully, save them, delete ephemeral ones",
+                 "coi shutdown --all --timeout 30")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every coi container")
+    p.add_argument("--timeout", type=int, default=60, metavar="S", help="graceful stop timeout (default: 60)")
+    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+
+    p = _command(sub, "kill", "sessions:kill", "force-stop and delete containers now", "coi kill coi-1a2b3c4d-1")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every coi container")
+    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+
+    p = _command(sub, "persist", "sessions:persist", "turn ephemeral containers persistent",
+                 "coi persist coi-1a2b3c4d-1")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every coi container")
+    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+
+    p = _command(sub, "clean", "sessions:clean", "delete stopped ephemeral containers and leftovers",
+                 "coi clean --sessions")
+    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--sessions", action="store_true", help="also delete saved sessions")
+    p.add_argument("--all", action="store_true", help="containers and saved sessions")
+
+    # ---- images ----
+    p = _command(sub, "build", "images:build", "build the coi image", "coi build --force")
+    p.add_argument("--force", action="store_true", help="replace an existing image")
+    p.add_argument("--tools", default=None, metavar="LIST",
+                   help="agent tools to install, comma-separated (default: [build] tools, 'claude')")
+    bsub = p.add_subparsers(title="build commands", metavar="ACTION", parser_class=_Parser)
+    q = _command(bsub, "custom", "images:build_custom", "build an image from a script run as root",
+                 "coi build custom coi-rust --script rust.sh")
+    q.add_argument("name", metavar="NAME", help="alias of the new image")
+    q.add_argument("--script", required=True, metavar="FILE", help="shell script to run as root")
+    q.add_argument("--base", default=None, metavar="IMAGE", help="image to start from (default: coi)")
+    q.add_argument("--force", action="store_true", help="replace an existing image")
+
+    p = _command(sub, "image", "images:image_list", "list and manage coi images", "coi image list --format json")
+    isub = p.add_subparsers(title="image commands", metavar="ACTION", parser_class=_Parser)
+    q = _command(isub, "list", "images:image_list", "list coi-built images", "coi image list --all")
+    q.add_argument("--all", action="store_true", help="every local image")
+    q.add_argument("--prefix", default=None, metavar="P", help="only aliases starting with P")
+    q.add_argument("--format", default="table", help="table or json (default: table)")
+    q = _command(isub, "publish", "images:image_publish", "publish a stopped container as an image",
+                 "coi image publish coi-1a2b3c4d-1 my-image")
+    q.add_argument("container", metavar="CONTAINER")
+    q.add_argument("alias", metavar="ALIAS")
+    q.add_argument("--description", default="", metavar="D")
+    q = _command(isub, "delete", "images:image_delete", "delete an image by alias", "coi image delete my-image")
+    q.add_argument("alias", metavar="ALIAS")
+    q = _command(isub, "exists", "images:image_exists", "exit 0 when the image exists, 1 when not",
+                 "coi image exists coi")
+    q.add_argument("alias", metavar="ALIAS")
+    q = _command(isub, "cleanup", "images:image_cleanup", "keep only the N newest images with a prefix",
+                 "coi image cleanup coi-rust- --keep 2")
+    q.add_argument("prefix", metavar="PREFIX")
+    q.add_argument("--keep", type=int, required=True, metavar="N", help="how many to keep (N >= 1)")
+
+    # ---- low-level ----
+    p = _command(sub, "container", "lowlevel:container_help", "low-level container operations",
+                 "coi container exec NAME -- ls")
+    csub = p.add_subparsers(title="container commands", metavar="ACTION", parser_class=_Parser)
+    q = _command(csub, "launch", "lowlevel:container_launch", "create and start a container",
+                 "coi container launch coi my-box")
+    q.add_argument("image", metavar="IMAGE")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--ephemeral", action="store_true", help="Incus deletes it when it stops")
+    for action, summary in (("start", "start a container"), ("stop", "stop a container"),
+                            ("delete", "delete a container (running ones need --force)")):
+        q = _command(csub, action, f"lowlevel:container_{action}", summary, f"coi container {action} my-box")
+        q.add_argument("name", metavar="NAME")
+        if action != "start":
+            q.add_argument("--force", action="store_true", help="force it")
+    for action, summary in (("exists", "exit 0 when the container exists, 1 when not"),
+                            ("running", "exit 0 when the container runs, 1 when not")):
+        q = _command(csub, action, f"lowlevel:container_{action}", summary, f"coi container {action} my-box")
+        q.add_argument("name", metavar="NAME")
+    q = _command(csub, "exec", "lowlevel:container_exec", "run a command in a container",
+                 "coi container exec my-box --capture -- ls /")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--user", type=int, default=None, metavar="UID")
+    q.add_argument("--group", type=int, default=None, metavar="GID")
+    q.add_argument("--env", action="append", default=[], metavar="K=V")
+    q.add_argument("--cwd", default="/workspace", metavar="DIR", help="working directory (default: /workspace)")
+    q.add_argument("--capture", action="store_true", help="capture output instead of streaming it")
+    q.add_argument("--format", default=None, help="with --capture: json or raw (default: json)")
+    q.add_argument("command", nargs=argparse.REMAINDER)
+    q = _command(csub, "mount", "lowlevel:container_mount", "add a disk device to a container",
+                 "coi container mount my-box data /srv/data /data")
+    for arg in ("name", "device", "source", "path"):
+        q.add_argument(arg, metavar=arg.upper())
+    q.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
+                   help="idmapped mount so files keep their owners (default: on)")
+
+    p = _command(sub, "file", "lowlevel:file_help", "copy files into and out of containers",
+                 "coi file push -r ./dir my-box:/tmp/dir")
+    fsub = p.add_subparsers(title="file commands", metavar="ACTION", parser_class=_Parser)
+    for action, a, b in (("push", "local", "remote"), ("pull", "remote", "local")):
+        q = _command(fsub, action, f"lowlevel:file_{action}", f"copy a file {'into' if action == 'push' else 'out of'} a container",
+                     f"coi file {action} -r " + ("./dir my-box:/tmp/dir" if action == "push" else "my-box:/tmp/dir ./dir"))
+        q.add_argument("-r", "--recursive", action="store_true", help="copy directories")
+        q.add_argument("source", metavar=a.upper() if a == "local" else "NAME:/PATH")
+        q.add_argument("target", metavar=b.upper() if b == "local" else "NAME:/PATH")
+
+    p = _command(sub, "tmux", "lowlevel:tmux_list", "talk to the tmux sessions of running containers",
+                 "coi tmux capture coi-1a2b3c4d-1")
+    tsub = p.add_subparsers(title="tmux commands", metavar="ACTION", parser_class=_Parser)
+    _command(tsub, "list", "lowlevel:tmux_list", "list coi tmux sessions", "coi tmux list")
+    q = _command(tsub, "send", "lowlevel:tmux_send", "type TEXT and Enter into a session",
+                 "coi tmux send coi-1a2b3c4d-1 'hello'")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("text", metavar="TEXT")
+    q = _command(tsub, "capture", "lowlevel:tmux_capture", "print a session's pane", "coi tmux capture NAME")
+    q.add_argument("name", metavar="NAME")
+
+    # ---- host ----
     _command(sub, "version", "host:version", "print the version", "coi version")
 
     p = _command(sub, "setup", "host:setup",
