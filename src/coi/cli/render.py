@@ -27,3 +27,32 @@ def render_checks(ui: UI, checks: Iterable[Any], *, format: str) -> None:
     failed = [c for c in checks if c.status == "fail" and c.blocking]
     ui.out("All required checks passed." if not failed else
            f"{len(failed)} required check(s) failed: {', '.join(c.name for c in failed)}")
+
+
+def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: str,
+                    include_saved: bool) -> None:
+    """``coi list``: containers (and saved sessions with --all), as text or JSON."""
+    if format == "json":
+        data: dict[str, Any] = {"active_containers": [c.to_json() for c in containers]}
+        if include_saved:
+            data["saved_sessions"] = [dict(s.metadata, path=str(s.path)) for s in saved]
+        print_json(ui, data)
+        return
+    if not containers:
+        ui.out("No coi containers")
+    for c in containers:
+        ui.out(f"{c.name} ({'persistent' if c.persistent else 'ephemeral'})")
+        ui.out(f"  Status: {c.status}")
+        ui.out(f"  Created: {c.created_at}")
+        ui.out(f"  Image: {c.image}")
+        ui.out(f"  Workspace: {c.workspace}")
+        if c.ipv4:
+            ui.out(f"  IPv4: {', '.join(c.ipv4)}")
+        if c.limits:
+            ui.out("  Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
+    if include_saved:
+        ui.out("")
+        ui.out("Saved sessions:" if saved else "No saved sessions")
+        for s in saved:
+            md = s.metadata
+            ui.out(f"  {md.get('session_id')}  {md.get('tool')}  {md.get('saved_at')}  {md.get('workspace')}")

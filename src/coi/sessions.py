@@ -1,0 +1,402 @@
+"""Sessions: containers for one workspace and slot, the agent in tmux inside,
+and what happens when a session ends.
+
+The pure parts (names, mounts, environment, the container's config) are
+plain functions; the rest takes the Incus client and reports progress
+through a ``log`` callback so the CLI decides how to print.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Mapping
+
+from coi import naming
+from coi.config import Mount
+from coi.errors import CoiError, ConflictError, NotFoundError, UsageError
+from coi.incus import Incus
+from coi.tools import Tool
+from coi.wait import wait_for
+
+Log = Callable[[str], None]
+KEY = naming.CONFIG_PREFIX  # "user.coi."
+CODE_HOME = "/home/code"
+WORKSPACE = "/workspace"
+STORAGE = "/storage"
+# tmux keeps its socket in the agent's home: systemd empties /tmp at boot,
+# which may happen after coi has already started the session.
+TMUX_SOCKET = f"{CODE_HOME}/.tmux-coi.sock"
+KNOWN_TERMS = {"xterm", "xterm-256color", "xterm-color", "screen", "screen-256color", "tmux",
+               "tmux-256color", "vt100", "vt220", "linux", "dumb", "rxvt", "rxvt-unicode",
+               "rxvt-unicode-256color", "ansi"}
+# Every container coi starts from a coi image: Docker inside needs nesting and
+# these syscall interceptions.
+CONTAINER_CONFIG = {
+    "security.nesting": "true",
+    "security.syscalls.intercept.mknod": "true",
+    "security.syscalls.intercept.setxattr": "true",
+}
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+# ---- pure helpers ----------------------------------------------------------
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items (values kept byte for byte); ``KEY`` alone is an error."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env {item!r} is not KEY=VALUE", "write it as --env KEY=VALUE")
+        if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise UsageError(f"--env {key!r} is not a valid variable name")
+        env[key] = value
+    return env
+
+
+def parse_mount(spec: str, *, cwd: Path) -> Mount:
+    host, sep, container = spec.rpartition(":")
+    if not sep or not host or not container:
+        raise UsageError(f"--mount {spec!r} is not HOST:CONTAINER", "for example --mount ~/notes:/notes")
+    path = Path(os.path.expanduser(host))
+    return Mount(host=path if path.is_absolute() else cwd / path, container=container)
+
+
+def check_mounts(mounts: list[Mount], *, storage: bool) -> None:
+    """Refuse relative, duplicate, nested and /workspace-covering container paths."""
+    taken = [PurePosixPath(WORKSPACE)] + ([PurePosixPath(STORAGE)] if storage else [])
+    for mount in mounts:
+        path = PurePosixPath(mount.container)
+        if not path.is_absolute():
+            raise UsageError(f"mount target {mount.container!r} is not an absolute container path")
+        if ".." in path.parts:
+            raise UsageError(f"mount target {mount.container!r} must not contain '..'")
+        for other in taken:
+            if path == other or other in path.parents or path in other.parents:
+                what = "is" if path == other else "overlaps"
+                raise UsageError(f"mount target {mount.container} {what} {other}",
+                                 "mount targets must not be nested in or over each other or /workspace")
+        taken.append(path)
+
+
+def terminal_type(term: str | None) -> str:
+    """A TERM the container knows: unusual host values fall back to xterm-256color."""
+    return term if term in KNOWN_TERMS else "xterm-256color"
+
+
+def agent_environment(*, term: str | None, extra: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment: nothing from the host but what is named."""
+    env = {"HOME": CODE_HOME, "USER": "code", "LOGNAME": "code", "SHELL": "/bin/bash",
+           "PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "TERM": terminal_type(term), "IS_SANDBOX": "1"}
+    env.update(extra)
+    return env
+
+
+def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, persistent: bool,
+                   tool: str, mounts: list[Mount], storage: Path | None, host_uid: int, host_gid: int,
+                   code_uid: int, shift: bool, base_config: Mapping[str, str]) -> tuple[dict, dict]:
+    """(config, devices) of a session container.
+
+    Workspace ownership: with ``shift`` (idmapped mounts, host uid == code uid)
+    the mount is shifted; otherwise ``raw.idmap`` maps the host user's ids to
+    ``code``, so files keep the host user as owner either way.
+    """
+    config = dict(base_config)
+    config.update({
+        f"{KEY}workspace": str(workspace), f"{KEY}slot": str(slot), f"{KEY}session_id": session_id,
+        f"{KEY}persistent": "true" if persistent else "false", f"{KEY}tool": tool, f"{KEY}image": image,
+        f"{KEY}created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    if not shift:
+        config["raw.idmap"] = f"uid {host_uid} {code_uid}\ngid {host_gid} {code_uid}"
+    disk = {"type": "disk", **({"shift": "true"} if shift else {})}
+    devices = {"workspace": {**disk, "source": str(workspace), "path": WORKSPACE}}
+    for i, mount in enumerate(mounts, 1):
+        devices[f"mount{i}"] = {**disk, "source": str(mount.host), "path": mount.container}
+    if storage is not None:
+        devices["storage"] = {**disk, "source": str(storage), "path": STORAGE}
+    return config, devices
+
+
+def tmux_argv(*args: str) -> list[str]:
+    return ["tmux", "-S", TMUX_SOCKET, *args]
+
+
+def tmux_env() -> dict[str, str]:
+    return {"HOME": CODE_HOME, "USER": "code", "PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
+
+
+def agent_shell_command(agent: list[str] | None) -> list[str]:
+    """bash runs the agent, then stays as the user's shell when the agent exits."""
+    if agent is None:
+        return ["bash", "-l"]
+    return ["bash", "-l", "-c", f"{shlex.join(agent)}; exec bash -l"]
+
+
+# ---- session records ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """A coi container as ``coi list`` shows it."""
+
+    name: str
+    status: str
+    created_at: str
+    image: str
+    persistent: bool
+    workspace: str
+    slot: int | None
+    ipv4: list[str]
+    session_id: str
+    tool: str
+    limits: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "created_at": self.created_at,
+                "image": self.image, "persistent": self.persistent, "workspace": self.workspace,
+                "slot": self.slot, "ipv4": self.ipv4[0] if self.ipv4 else None,
+                "session_id": self.session_id, "tool": self.tool}
+
+
+def is_coi(instance: Mapping[str, Any], prefix: str) -> bool:
+    cfg = instance.get("config") or {}
+    return instance["name"].startswith(prefix) and f"{KEY}workspace" in cfg
+
+
+def to_info(instance: Mapping[str, Any]) -> ContainerInfo:
+    cfg = instance.get("config") or {}
+    state = instance.get("state") or {}
+    ipv4 = [a["address"] for nic, data in (state.get("network") or {}).items() if nic != "lo"
+            for a in data.get("addresses") or [] if a.get("family") == "inet"]
+    slot = cfg.get(f"{KEY}slot", "")
+    return ContainerInfo(
+        name=instance["name"], status=instance.get("status", "Unknown"),
+        created_at=instance.get("created_at", ""), image=cfg.get(f"{KEY}image", ""),
+        persistent=cfg.get(f"{KEY}persistent") == "true", workspace=cfg.get(f"{KEY}workspace", ""),
+        slot=int(slot) if slot.isdigit() else None, ipv4=ipv4 if instance.get("status") == "Running" else [],
+        session_id=cfg.get(f"{KEY}session_id", ""), tool=cfg.get(f"{KEY}tool", ""),
+        limits={k[len("limits."):]: v for k, v in cfg.items() if k.startswith("limits.")},
+    )
+
+
+def list_containers(client: Incus, prefix: str, *, with_state: bool = True) -> list[ContainerInfo]:
+    instances = client.instances(recursion=2 if with_state else 1)
+    return sorted((to_info(i) for i in instances if is_coi(i, prefix)), key=lambda c: c.name)
+
+
+def coi_container(client: Incus, name: str, prefix: str) -> dict[str, Any]:
+    """The named instance, refused when it is not one of coi's."""
+    try:
+        inst = client.instance(name)
+    except NotFoundError:
+        raise NotFoundError(f"container {name} not found", "see 'coi list'") from None
+    if not is_coi(inst, prefix):
+        raise CoiError(f"{name} is not a coi container", "coi only acts on containers it created")
+    return inst
+
+
+# ---- slots and creation ---------------------------------------------------------
+
+@contextmanager
+def workspace_lock(lock_dir: Path, workspace: Path) -> Iterator[None]:
+    """Host-side lock per workspace: slot choice and creation happen under it."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"{naming.workspace_hash(str(workspace))}.lock"
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    workspace: Path
+    slot: int
+    persistent: bool
+    image: str
+    env: dict[str, str]
+    mounts: list[Mount]
+    storage: Path | None
+    tool: Tool
+    binary: str
+    max_slots: int
+    prefix: str
+    code_uid: int
+    host_uid: int
+    host_gid: int
+    shift: bool
+    lock_dir: Path
+    base_config: Mapping[str, str]
+    session_id: str | None = None  # keep this id (resume)
+
+
+@dataclass
+class Session:
+    name: str
+    slot: int
+    session_id: str
+    persistent: bool
+    created: bool  # False when an existing persistent container is reused
+    workspace: Path
+
+
+def choose_slot(used: set[int], *, wanted: int, max_slots: int) -> int:
+    """First free slot, or ``wanted`` / the next free one above it."""
+    start = wanted if wanted > 0 else 1
+    for slot in range(start, max_slots + 1):
+        if slot not in used:
+            return slot
+    where = f" from {wanted}" if wanted > 0 else ""
+    raise ConflictError(f"no free slot{where} (all {max_slots} slots of this workspace are in use)",
+                        "end a session (coi list, coi kill NAME) or raise [defaults] max_slots")
+
+
+def _workspace_containers(client: Incus, req: SessionRequest) -> dict[int, dict[str, Any]]:
+    base = naming.container_name(str(req.workspace), 0, prefix=req.prefix)[:-1]
+    out = {}
+    for inst in client.instances(recursion=1):
+        slot = naming.slot_of(inst["name"])
+        if inst["name"].startswith(base) and slot is not None and inst["name"] == base + str(slot):
+            out[slot] = inst
+    return out
+
+
+def _reusable(inst: Mapping[str, Any] | None) -> bool:
+    return bool(inst) and (inst.get("config") or {}).get(f"{KEY}persistent") == "true"
+
+
+def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
+    """Pick the slot and create (or reuse) the container, under the workspace lock.
+
+    The container is created stopped; anything created here is removed again
+    if set-up is interrupted.
+    """
+    with workspace_lock(req.lock_dir, req.workspace):
+        existing = _workspace_containers(client, req)
+        if req.persistent:
+            if req.slot > 0:
+                candidates = [req.slot] if _reusable(existing.get(req.slot)) else []
+            else:
+                candidates = sorted(s for s, inst in existing.items() if _reusable(inst))
+            if candidates:
+                slot = candidates[0]
+                inst = existing[slot]
+                return Session(inst["name"], slot, inst["config"].get(f"{KEY}session_id") or
+                               str(uuid.uuid4()), True, False, req.workspace)
+        slot = choose_slot(set(existing), wanted=req.slot, max_slots=req.max_slots)
+        if req.slot > 0 and slot != req.slot:
+            log(f"Slot {req.slot} is busy; using slot {slot}")
+        elif req.slot <= 0:
+            log(f"Auto-allocated slot {slot}")
+        name = naming.container_name(str(req.workspace), slot, prefix=req.prefix)
+        session_id = req.session_id or str(uuid.uuid4())
+        config, devices = container_spec(
+            image=req.image, workspace=req.workspace, slot=slot, session_id=session_id,
+            persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
+            host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
+            base_config=req.base_config)
+        for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
+            mount.host.mkdir(parents=True, exist_ok=True)
+        try:
+            client.create_instance(name, image=req.image, profiles=["coi"], config=config, devices=devices)
+        except NotFoundError:
+            raise
+        except CoiError as exc:
+            if "image not provided" in exc.message.lower() and not client.image_exists(req.image):
+                raise NotFoundError(f"image {req.image} not found",
+                                    "build it with 'coi build'" if req.image == "coi"
+                                    else f"build it with 'coi build custom {req.image} --script FILE'") from None
+            raise
+        return Session(name, slot, session_id, req.persistent, True, req.workspace)
+
+
+@contextmanager
+def cleanup_on_interrupt(client: Incus, session: Session) -> Iterator[None]:
+    """Ctrl+C, SIGTERM or SIGHUP during set-up removes what set-up created."""
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    except BaseException:
+        if session.created:
+            remove_container(client, session.name)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def remove_container(client: Incus, name: str) -> None:
+    """Force-stop and delete; a container that is already gone is fine."""
+    try:
+        if client.instance(name)["status"] != "Stopped":
+            client.stop(name, force=True)
+        client.delete(name)
+    except NotFoundError:
+        pass
+
+
+def ensure_running(client: Incus, name: str) -> None:
+    if client.instance(name)["status"] != "Running":
+        client.start(name)
+
+
+def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE):
+    return client.exec(name, argv, env=tmux_env(), user=code_uid, group=code_uid, cwd=cwd)
+
+
+def has_tmux_session(client: Incus, name: str, code_uid: int) -> bool:
+    result = exec_code(client, name, tmux_argv("has-session", "-t", naming.tmux_session(name)),
+                       code_uid=code_uid, cwd=CODE_HOME)
+    return result.exit_code == 0
+
+
+def start_tmux(client: Incus, name: str, *, code_uid: int, env: Mapping[str, str],
+               command: list[str]) -> None:
+    """Create the detached tmux session ``coi-<container>`` running ``command``."""
+    argv = tmux_argv("new-session", "-d", "-s", naming.tmux_session(name), "-c", WORKSPACE,
+                     "-x", "200", "-y", "50")
+    for key, value in env.items():
+        argv += ["-e", f"{key}={value}"]
+    result = exec_code(client, name, [*argv, *command], code_uid=code_uid)
+    if result.exit_code != 0:
+        raise CoiError(f"could not start tmux in {name}: {result.stderr.strip() or result.stdout.strip()}",
+                       "the image needs tmux and a user 'code' (coi build)")
+
+
+def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, bash: bool = False) -> list[str]:
+    env = {**tmux_env(), "TERM": terminal_type(term)}
+    command = ["bash", "-l"] if bash else tmux_argv("attach-session", "-t", naming.tmux_session(name))
+    return client.exec_argv(name, command, user=code_uid, group=code_uid, cwd=WORKSPACE, env=env,
+                            terminal=True)
+
+
+def run_attached(argv: list[str]) -> int:
+    """Hand the terminal to ``argv`` (``incus exec -t``) until it returns."""
+    return subprocess.run(argv).returncode
+
+
+def wait_stopped(client: Incus, name: str, timeout: float) -> bool:
+    """Whether the container reaches Stopped (or is gone) within ``timeout``."""
+    def stopped() -> bool:
+        try:
+            return client.instance(name)["status"] == "Stopped"
+        except NotFoundError:
+            return True
+    try:
+        wait_for(stopped, timeout=timeout, what=f"{name} to stop")
+    except CoiError:
+        return False
+    return True
