@@ -1,0 +1,534 @@
+"""Image building and management logic, against a small in-memory fake Incus.
+
+Build steps that the real code streams through ``incus exec`` run here as
+local commands (``true``/``false``), so failures, clean-up and the order in
+which aliases move can be checked without a daemon.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from coi import images
+from coi.config import default_config
+from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
+from coi.incus import ExecResult
+from coi.images import ImageInfo
+
+pytestmark = pytest.mark.unit
+
+
+class FakeIncus:
+    """Just enough of coi.incus.Incus for the image service."""
+
+    def __init__(self) -> None:
+        self.images_by_fp: dict[str, dict[str, Any]] = {}
+        self.instances_by_name: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple] = []
+        self.fail_remote = False
+        self.fail_step: str | None = None  # a command word whose step exits 1
+        self.interrupt_step: str | None = None
+        self.publish_error: Exception | None = None
+        self.resolver_broken = False  # getent fails until resolv.conf is rewritten
+        self.resolv_conf = "nameserver 10.0.0.1\n"
+        self._fp = (f"{i:064x}" for i in itertools.count(1))
+
+    # images
+    def add_image(self, aliases: list[str], created: str = "2026-01-01T00:00:00Z",
+                  properties: dict[str, str] | None = None) -> str:
+        fp = next(self._fp)
+        self.images_by_fp[fp] = {"fingerprint": fp, "aliases": [{"name": a} for a in aliases],
+                                 "size": 1000, "created_at": created, "properties": properties or {}}
+        return fp
+
+    def images(self):
+        return list(self.images_by_fp.values())
+
+    def image(self, fp):
+        if fp not in self.images_by_fp:
+            raise NotFoundError(f"image {fp}: not found")
+        return self.images_by_fp[fp]
+
+    def image_alias(self, alias):
+        for img in self.images_by_fp.values():
+            if any(a["name"] == alias for a in img["aliases"]):
+                return {"name": alias, "target": img["fingerprint"]}
+        raise NotFoundError(f"image {alias}: not found")
+
+    def image_exists(self, alias):
+        try:
+            self.image_alias(alias)
+        except NotFoundError:
+            return False
+        return True
+
+    def create_alias(self, alias, fp, description=""):
+        self.calls.append(("create_alias", alias, fp))
+        if self.image_exists(alias):
+            raise ConflictError(f"alias {alias} already exists")
+        self.images_by_fp[fp]["aliases"].append({"name": alias})
+
+    def point_alias(self, alias, fp):
+        self.calls.append(("point_alias", alias, fp))
+        for img in self.images_by_fp.values():
+            img["aliases"] = [a for a in img["aliases"] if a["name"] != alias]
+        self.images_by_fp[fp]["aliases"].append({"name": alias})
+
+    def delete_alias(self, alias):
+        self.calls.append(("delete_alias", alias))
+        for img in self.images_by_fp.values():
+            img["aliases"] = [a for a in img["aliases"] if a["name"] != alias]
+
+    def delete_image(self, fp):
+        self.calls.append(("delete_image", fp))
+        self.image(fp)
+        del self.images_by_fp[fp]
+
+    def publish(self, name, *, properties=None, compression="none"):
+        self.calls.append(("publish", name))
+        if self.publish_error:
+            raise self.publish_error
+        assert self.instances_by_name[name]["status"] == "Stopped"
+        fp = next(self._fp)
+        self.images_by_fp[fp] = {"fingerprint": fp, "aliases": [], "size": 4096,
+                                 "created_at": "2026-02-01T00:00:00Z", "properties": dict(properties or {})}
+        return fp
+
+    # instances
+    def create_instance(self, name, *, image=None, source=None, config=None, devices=None, profiles=None,
+                        ephemeral=False, start=False):
+        self.calls.append(("create_instance", name, dict(source or {}), dict(config or {}), profiles))
+        if source and source.get("server") and self.fail_remote:
+            raise OperationFailedError(f"container {name}: Failed getting remote image info")
+        self.instances_by_name[name] = {"name": name, "status": "Running" if start else "Stopped"}
+
+    def instance(self, name):
+        if name not in self.instances_by_name:
+            raise NotFoundError(f"container {name}: not found")
+        return self.instances_by_name[name]
+
+    def instance_state(self, name):
+        return {"network": {"eth0": {"addresses": [{"family": "inet", "scope": "global",
+                                                    "address": "10.1.2.3"}]}}}
+
+    def stop(self, name, *, force=False, timeout=-1):
+        self.instance(name)["status"] = "Stopped"
+
+    def delete(self, name):
+        self.calls.append(("delete", name))
+        if self.instance(name)["status"] != "Stopped":
+            raise OperationFailedError("instance is running")
+        del self.instances_by_name[name]
+
+    def close(self):
+        self.calls.append(("close",))
+
+    def push_file(self, name, path, content, *, uid=0, gid=0, mode=0o644):
+        self.calls.append(("push_file", name, path))
+
+    def exec(self, name, command, **kw):
+        self.calls.append(("exec", tuple(command)))
+        if command[:2] == ["getent", "hosts"]:
+            return ExecResult(1 if self.resolver_broken else 0, "", "")
+        if command == ["cat", "/etc/resolv.conf"]:
+            return ExecResult(0, self.resolv_conf, "")
+        if command == ["cat", "/proc/net/route"]:
+            return ExecResult(0, ROUTES, "")
+        if command[:2] == ["sh", "-c"] and "resolv.conf" in command[2]:
+            self.resolv_conf = f"nameserver {command[-1]}\n"
+            self.resolver_broken = False
+            return ExecResult(0, "", "")
+        return ExecResult(1, "", "")  # systemctl is-active ...: nothing runs
+
+    def exec_argv(self, name, command, **kw):
+        """A local stand-in for ``incus exec``: the step succeeds, fails or is interrupted."""
+        self.calls.append(("run", tuple(command)))
+        text = " ".join(command)
+        if self.interrupt_step and self.interrupt_step in text:
+            raise KeyboardInterrupt
+        if self.fail_step and self.fail_step in text:
+            return ["sh", "-c", "echo step output; exit 3"]
+        return ["sh", "-c", "echo step output"]
+
+    def created(self) -> list[dict]:
+        return [c[2] for c in self.calls if c[0] == "create_instance"]
+
+
+ROUTES = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n"
+          "eth0\t00000000\t0100C30A\t0003\t0\t0\t1024\t00000000\n"
+          "eth0\t0000C30A\t00000000\t0001\t0\t0\t1024\t00FFFFFF\n")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    client = FakeIncus()
+    client.add_image(["coi-base-debian-bookworm"], properties={"coi.kind": "base"})
+
+    def ensure_base(c, suite, *, log, **kw):
+        return f"coi-base-debian-{suite}"
+
+    monkeypatch.setattr(images.bootstrap, "ensure_base", ensure_base)
+    monkeypatch.setenv("COI_CONTAINER_PREFIX", "coi-test-")
+    return client
+
+
+@pytest.fixture
+def config(tmp_path):
+    return default_config(env={"HOME": str(tmp_path)})
+
+
+@pytest.fixture
+def script(tmp_path) -> Path:
+    path = tmp_path / "setup.sh"
+    path.write_text("echo hi\n")
+    return path
+
+
+def _build(fake, config, script, **kw):
+    lines: list[str] = []
+    kw.setdefault("base", "coi-base-debian-bookworm")
+    kw.setdefault("force", False)
+    result = images.build_custom(fake, name=kw.pop("name", "coi-test-x"), script=script, config=config,
+                                 log=lines.append, **kw)
+    return result, lines
+
+
+# --- bases -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref, default, expected", [
+    (None, "coi", images.Base("coi", alias="coi")),
+    ("", images.DEFAULT_BASE, images.Base("bootstrap:debian/bookworm")),
+    ("bootstrap:debian/trixie", "coi", images.Base("bootstrap:debian/trixie")),
+    ("images:debian/12", "coi", images.Base("images:debian/12", remote="debian/12",
+                                            fallback="bootstrap:debian/bookworm")),
+    ("images:debian/13", "coi", images.Base("images:debian/13", remote="debian/13",
+                                            fallback="bootstrap:debian/trixie")),
+    ("images:ubuntu/24.04", "coi", images.Base("images:ubuntu/24.04", remote="ubuntu/24.04",
+                                               fallback="bootstrap:debian/bookworm")),
+    ("my-image", "coi", images.Base("my-image", alias="my-image")),
+])
+def test_parse_base(ref, default, expected):
+    assert images.parse_base(ref, default=default) == expected
+
+
+@pytest.mark.parametrize("ref", ["bootstrap:debian/sid", "images:", "bad name!"])
+def test_parse_base_refuses_nonsense(ref):
+    with pytest.raises(CoiError):
+        images.parse_base(ref)
+
+
+def test_remote_source_is_the_simplestreams_server():
+    assert images.parse_base("images:debian/12").source() == {
+        "type": "image", "mode": "pull", "server": "https://images.linuxcontainers.org",
+        "protocol": "simplestreams", "alias": "debian/12"}
+
+
+def test_unreachable_remote_falls_back_to_bootstrap(fake, config, script):
+    fake.fail_remote = True
+    result, lines = _build(fake, config, script, base="images:debian/12")
+    sources = fake.created()
+    assert sources[0]["server"] == images.REMOTE_SERVER
+    assert sources[1] == {"type": "image", "alias": "coi-base-debian-bookworm"}
+    assert any("Could not reach the image server" in l and "falling back to bootstrap:debian/bookworm" in l
+               for l in lines)
+    assert result["properties"]["coi.base"] == "bootstrap:debian/bookworm"
+    assert fake.instances_by_name == {}
+
+
+def test_reachable_remote_is_used(fake, config, script):
+    result, lines = _build(fake, config, script, base="images:ubuntu/24.04")
+    assert [s.get("alias") for s in fake.created()] == ["ubuntu/24.04"]
+    assert result["properties"]["coi.base"] == "images:ubuntu/24.04"
+    assert not any("falling back" in l for l in lines)
+
+
+def test_builders_get_nesting_config_and_coi_profile(fake, config, script):
+    _build(fake, config, script)
+    (_, name, _, cfg, profiles), = [c for c in fake.calls if c[0] == "create_instance"]
+    assert name.startswith("coi-test-build-")
+    assert cfg == images.CONTAINER_CONFIG == {
+        "security.nesting": "true", "security.syscalls.intercept.mknod": "true",
+        "security.syscalls.intercept.setxattr": "true"}
+    assert profiles == ["coi"]
+
+
+def test_missing_local_base_names_coi_build(fake, config, script):
+    with pytest.raises(NotFoundError, match="base image 'coi' does not exist") as exc:
+        _build(fake, config, script, base=None)
+    assert "coi build" in exc.value.hint
+    assert fake.created() == []
+
+
+# --- refusals before any container ----------------------------------------------
+
+
+def test_missing_script_is_refused_before_any_container(fake, config, tmp_path):
+    with pytest.raises(CoiError, match="does not exist"):
+        _build(fake, config, tmp_path / "nope.sh")
+    with pytest.raises(CoiError, match="is a directory"):
+        _build(fake, config, tmp_path)
+    assert fake.created() == []
+
+
+def test_existing_image_needs_force(fake, config, script):
+    fake.add_image(["coi-test-x"])
+    with pytest.raises(ConflictError, match="already exists") as exc:
+        _build(fake, config, script)
+    assert "--force" in exc.value.hint
+    assert fake.created() == []
+
+
+@pytest.mark.parametrize("name", ["", "has space", "remote:alias", "-dash"])
+def test_bad_image_names_are_refused(fake, config, script, name):
+    with pytest.raises(UsageError):
+        _build(fake, config, script, name=name)
+
+
+# --- failures and interrupts clean up -----------------------------------------------
+
+
+def test_failing_step_names_step_and_log_and_leaves_nothing(fake, config, script):
+    fake.fail_step = "coi-build-script"
+    with pytest.raises(images.BuildError) as exc:
+        _build(fake, config, script)
+    message = exc.value.message
+    assert "Run setup.sh as root" in message and "exit code 3" in message
+    log = images.log_path(config, "coi-test-x")
+    assert str(log) in message
+    assert "step output" in log.read_text()
+    assert fake.instances_by_name == {}
+    assert not fake.image_exists("coi-test-x")
+    assert [c for c in fake.calls if c[0] == "publish"] == []
+
+
+def test_interrupt_removes_builder_and_reraises(fake, config, script):
+    fake.interrupt_step = "coi-build-script"
+    with pytest.raises(KeyboardInterrupt):
+        _build(fake, config, script)
+    assert fake.instances_by_name == {}
+    assert ("close",) in fake.calls
+
+
+def test_failed_publish_leaves_no_builder(fake, config, script):
+    fake.publish_error = OperationFailedError("publish container: disk full")
+    with pytest.raises(OperationFailedError):
+        _build(fake, config, script)
+    assert fake.instances_by_name == {}
+    assert not fake.image_exists("coi-test-x")
+
+
+def test_force_replaces_old_image_only_after_publish(fake, config, script):
+    old = fake.add_image(["coi-test-x"])
+    result, _ = _build(fake, config, script, force=True)
+    kinds = [c[0] for c in fake.calls]
+    assert kinds.index("publish") < kinds.index("point_alias") < kinds.index("delete_image")
+    assert ("delete_image", old) in fake.calls
+    assert fake.image_alias("coi-test-x")["target"] == result["fingerprint"] != old
+
+
+def test_failed_force_rebuild_keeps_old_image(fake, config, script):
+    old = fake.add_image(["coi-test-x"])
+    fake.fail_step = "coi-build-script"
+    with pytest.raises(images.BuildError):
+        _build(fake, config, script, force=True)
+    assert fake.image_alias("coi-test-x")["target"] == old
+    assert fake.instances_by_name == {}
+
+
+def test_force_keeps_old_image_that_has_other_aliases(fake, config, script):
+    old = fake.add_image(["coi-test-x", "coi-test-pinned"])
+    _build(fake, config, script, force=True)
+    assert fake.image_alias("coi-test-pinned")["target"] == old
+
+
+def test_result_and_properties(fake, config, script):
+    result, lines = _build(fake, config, script)
+    props = result["properties"]
+    assert props["coi.kind"] == "custom"
+    assert props["coi.base"] == "coi-base-debian-bookworm"
+    assert props["coi.script_hash"] == images._sha([script.read_bytes()])
+    assert props["coi.version"] and props["coi.built_at"].endswith("Z")
+    assert result["alias"] == "coi-test-x" and result["size"] == 4096
+    assert lines[-1].startswith("Image coi-test-x ready")
+    assert [l for l in lines if l.startswith("[")][0].startswith("[1/4] Launch builder")
+
+
+# --- DNS repair ------------------------------------------------------------------
+
+
+def test_dead_stub_resolver_is_repaired_with_the_gateway(fake, config, script, monkeypatch):
+    fake.resolver_broken = True
+    fake.resolv_conf = "nameserver 127.0.0.53\noptions edns0\n"
+    result, lines = _build(fake, config, script)
+    assert result["dns_repaired"] is True
+    assert fake.resolv_conf == "nameserver 10.195.0.1\n"
+    assert any("bridge's resolver 10.195.0.1" in l and "inside the image only" in l for l in lines)
+
+
+def test_working_resolver_is_left_alone(fake, config, script):
+    result, lines = _build(fake, config, script)
+    assert result["dns_repaired"] is False
+    assert not any("resolv.conf" in " ".join(c[1]) for c in fake.calls if c[0] == "exec" and len(c[1]) > 2)
+
+
+def test_broken_non_stub_resolver_fails_the_build(fake, config, script, monkeypatch):
+    monkeypatch.setattr(images, "_DNS_TIMEOUT", 0.2)
+    fake.resolver_broken = True
+    fake.resolv_conf = "nameserver 192.0.2.1\n"
+    with pytest.raises(images.BuildError, match="names do not resolve"):
+        _build(fake, config, script)
+    assert fake.instances_by_name == {}
+
+
+@pytest.mark.parametrize("text, stub", [
+    ("nameserver 127.0.0.53\n", True),
+    ("nameserver 127.0.0.1\nsearch lan\n", True),
+    ("# nothing\n", True),
+    ("nameserver ::1\n", True),
+    ("nameserver 10.195.0.1\n", False),
+    ("nameserver 127.0.0.53\nnameserver 1.1.1.1\n", False),
+])
+def test_resolv_is_stub_only(text, stub):
+    assert images.resolv_is_stub_only(text) is stub
+
+
+def test_default_gateway_from_proc_net_route():
+    assert images.default_gateway(ROUTES) == "10.195.0.1"
+    assert images.default_gateway(ROUTES, "eth1") is None
+    assert images.default_gateway("Iface\n") is None
+
+
+# --- the coi image's inputs --------------------------------------------------------
+
+
+def test_inputs_hash_follows_every_input(config, tmp_path):
+    ca = tmp_path / "corp.crt"
+    ca.write_text("cert A")
+    h = lambda **kw: images.coi_inputs_hash(**{"tools": ["claude"], "config": config, "script": b"s",
+                                                "base": "images:debian/12", "ca_files": [ca], **kw})
+    same = h()
+    assert same == h() == h(tools=["claude", "claude"])
+    assert h(tools=["codex", "claude"]) == h(tools=["claude", "codex"])
+    assert len({same, h(tools=["codex"]), h(script=b"t"), h(base="images:ubuntu/24.04"), h(ca_files=[]),
+                h(config=SimpleNamespace(build=config.build, incus=SimpleNamespace(code_uid=1001)))}) == 6
+    ca.write_text("cert B")
+    assert h() != same
+
+
+def test_inputs_hash_of_bootstrap_base_follows_the_base_inputs(config, monkeypatch):
+    monkeypatch.setattr(images.bootstrap, "host_debian_mirror", lambda: "http://a/debian")
+    first = images.coi_inputs_hash(tools=["claude"], config=config, script=b"s", ca_files=[])
+    monkeypatch.setattr(images.bootstrap, "host_debian_mirror", lambda: "http://b/debian")
+    assert images.coi_inputs_hash(tools=["claude"], config=config, script=b"s", ca_files=[]) != first
+
+
+def test_tools_are_checked_and_ordered():
+    assert images.normalise_tools(["aider", "claude", " claude"]) == ["claude", "aider"]
+    with pytest.raises(UsageError, match="unknown agent tool 'vim'"):
+        images.normalise_tools(["claude", "vim"])
+    with pytest.raises(UsageError):
+        images.normalise_tools([""])
+
+
+def test_coi_build_refuses_existing_image_and_runs_every_step(fake, config):
+    fake.add_image(["coi"])
+    with pytest.raises(ConflictError):
+        images.build_coi(fake, force=False, tools=["claude"], config=config, log=lambda s: None)
+    assert fake.created() == []
+    lines: list[str] = []
+    result = images.build_coi(fake, force=True, tools=["claude"], config=config, log=lines.append)
+    steps = [c[1][-1] for c in fake.calls if c[0] == "run" and "/root/coi-image.sh" in c[1]]
+    assert steps == [arg for arg, _ in images.COI_STEPS]
+    assert result["properties"]["coi.inputs"] == images.coi_inputs_hash(tools=["claude"], config=config)
+    assert result["properties"]["coi.tools"] == "claude"
+    assert "[12/12] Finalise, stop and publish the image" in " ".join(lines)
+
+
+def test_coi_build_failure_names_the_script_step(fake, config):
+    fake.fail_step = "docker"
+    with pytest.raises(images.BuildError, match="failed at step 'Install Docker'"):
+        images.build_coi(fake, force=False, tools=["claude"], config=config, log=lambda s: None)
+    assert fake.instances_by_name == {} and not fake.image_exists("coi")
+
+
+# --- listing and clean-up ----------------------------------------------------------
+
+
+def _row(alias, created):
+    return ImageInfo(alias, alias + "-fp", 1, created, "", {})
+
+
+def test_plan_cleanup_keeps_the_newest():
+    rows = [_row("app-1", "2026-01-01T00:00:00Z"), _row("app-3", "2026-01-03T00:00:00.5Z"),
+            _row("app-2", "2026-01-03T00:00:00.123456789Z"), _row("other", "2027-01-01T00:00:00Z")]
+    kept, deleted = images.plan_cleanup(rows, prefix="app-", keep=2)
+    assert [r.alias for r in kept] == ["app-3", "app-2"]
+    assert [r.alias for r in deleted] == ["app-1"]
+    kept, deleted = images.plan_cleanup(rows, prefix="app-", keep=5)
+    assert len(kept) == 3 and deleted == []
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_plan_cleanup_refuses_keep_below_one(keep):
+    with pytest.raises(UsageError, match="at least 1"):
+        images.plan_cleanup([], prefix="x", keep=keep)
+
+
+def test_timestamp_handles_nanoseconds_and_zones():
+    assert images.timestamp("2026-01-03T00:00:00.5Z") > images.timestamp("2026-01-03T00:00:00.123456789Z")
+    assert images.timestamp("2026-01-03T01:00:00+01:00") == images.timestamp("2026-01-03T00:00:00Z")
+    assert images.timestamp("garbage") == 0.0
+
+
+def test_cleanup_images_deletes_old_ones_and_only_aliases_of_shared_images():
+    client = FakeIncus()
+    old = client.add_image(["app-1"], created="2026-01-01T00:00:00Z")
+    shared = client.add_image(["app-2", "keep-me"], created="2026-01-02T00:00:00Z")
+    new = client.add_image(["app-3"], created="2026-01-03T00:00:00Z")
+    client.add_image(["unrelated"], created="2020-01-01T00:00:00Z")
+    kept, deleted = images.cleanup_images(client, prefix="app-", keep=1)
+    assert [r.alias for r in kept] == ["app-3"]
+    assert sorted(r.alias for r in deleted) == ["app-1", "app-2"]
+    assert old not in client.images_by_fp
+    assert client.image_alias("keep-me")["target"] == shared and not client.image_exists("app-2")
+    assert new in client.images_by_fp and client.image_exists("unrelated")
+
+
+def test_list_images_filters_coi_images_and_prefix():
+    client = FakeIncus()
+    client.add_image(["coi"], properties={"coi.kind": "coi", "coi.version": "0.1.0"})
+    client.add_image(["foreign"])
+    client.add_image([])
+    assert [r.alias for r in images.list_images(client)] == ["coi"]
+    assert [r.alias for r in images.list_images(client, all=True)] == ["coi", "foreign", ""]
+    assert [r.alias for r in images.list_images(client, all=True, prefix="fo")] == ["foreign"]
+    assert images.list_images(client)[0].to_json()["coi.version"] == "0.1.0"
+
+
+def test_delete_image_by_alias():
+    client = FakeIncus()
+    shared = client.add_image(["a", "b"])
+    images.delete_image(client, "a")
+    assert shared in client.images_by_fp and not client.image_exists("a")
+    images.delete_image(client, "b")
+    assert shared not in client.images_by_fp
+    with pytest.raises(NotFoundError, match="image b does not exist"):
+        images.delete_image(client, "b")
+
+
+def test_publish_container_needs_a_stopped_container():
+    client = FakeIncus()
+    client.create_instance("box", start=True)
+    with pytest.raises(ConflictError, match="running"):
+        images.publish_container(client, container="box", alias="pub")
+    client.stop("box")
+    info = images.publish_container(client, container="box", alias="pub", description="d")
+    assert info.alias == "pub" and info.properties["coi.kind"] == "published"
+    with pytest.raises(ConflictError, match="already exists"):
+        images.publish_container(client, container="box", alias="pub")
