@@ -124,8 +124,11 @@ def _user(name: str, groups: list[str]) -> User:
 
 @pytest.fixture(scope="session")
 def coi_user() -> User:
-    """A normal user in the Incus admin group, like the people who run coi."""
-    return _user(TEST_USER, [ADMIN_GROUP])
+    """A normal user set up the way people are: 'sudo coi setup' run on their behalf."""
+    user = _user(TEST_USER, [])
+    proc = subprocess.run(["coi", "setup", "--user", TEST_USER], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return user
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +142,78 @@ def workspace(coi_user):
     path = coi_user.workspace()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- sessions: the test image with the stand-in agent -----------------------------
+
+SANDBOX_IMAGE = "coi-sandbox-test"  # cached across runs like the base image; rebuilt when its inputs change
+IMAGES_DIR = Path(__file__).parent / "images"
+
+
+def sandbox_script() -> str:
+    """The build script: the image set-up plus the stand-in agent installed as fake-claude."""
+    agent = (IMAGES_DIR / "fake-claude").read_text()
+    return ((IMAGES_DIR / "sandbox.sh").read_text()
+            + "\ncat > /usr/local/bin/fake-claude <<'COI_AGENT'\n" + agent + "COI_AGENT\n"
+            + "chmod 0755 /usr/local/bin/fake-claude\n")
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(incus, base_image, tmp_path_factory):
+    """An image for session tests, built with coi's own 'build custom' code."""
+    import hashlib
+
+    script = sandbox_script()
+    digest = hashlib.sha256(script.encode()).hexdigest()[:16]
+    if incus.image_exists(SANDBOX_IMAGE):
+        if incus.image_by_alias(SANDBOX_IMAGE).get("properties", {}).get("coi.test_inputs") == digest:
+            return SANDBOX_IMAGE
+    from coi.config import default_config
+    from coi.images import build_custom
+
+    path = tmp_path_factory.mktemp("sandbox") / "sandbox.sh"
+    path.write_text(script)
+    info = build_custom(incus, name=SANDBOX_IMAGE, script=path, base=base_image, force=True,
+                        config=default_config(env=os.environ), log=print)
+    incus.update_image_properties(info["fingerprint"], {"coi.test_inputs": digest})
+    return SANDBOX_IMAGE
+
+
+@pytest.fixture
+def session_user(coi_user, sandbox_image):
+    """The test user, configured to use the test image and the stand-in agent."""
+    cfg = coi_user.home / ".config" / "coi"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text(
+        f'[defaults]\nimage = "{sandbox_image}"\n\n[tool]\nbinary = "fake-claude"\n')
+    for p in (coi_user.home / ".config", cfg, cfg / "config.toml"):
+        os.chown(p, coi_user.uid, coi_user.gid)
+    yield coi_user
+    # Remove every coi-test- container the test left (sessions of this user).
+    subprocess.run(coi_user.argv(["coi", "kill", "--all", "--force"]), capture_output=True)
+    shutil.rmtree(coi_user.home / ".coi", ignore_errors=True)
+
+
+# ---- images: the full coi image -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def coi_image(incus, base_image):
+    """The real ``coi`` image, built by coi's own code once and reused while its inputs
+    (build script, tools, code uid, base, host CA certificates) are unchanged."""
+    from coi.config import default_config
+    from coi.errors import NotFoundError
+    from coi.images import COI_ALIAS, build_coi, coi_inputs_hash
+
+    config = default_config(env=os.environ)
+    tools = list(config.build.tools)
+    wanted = coi_inputs_hash(tools=tools, config=config)
+    try:
+        have = (incus.image_by_alias(COI_ALIAS).get("properties") or {}).get("coi.inputs")
+    except NotFoundError:
+        have = None
+    if have != wanted:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("COI_CONTAINER_PREFIX", TEST_PREFIX)  # the builder is a coi-test- container
+            build_coi(incus, force=True, tools=tools, config=config, log=print)
+    return COI_ALIAS

@@ -50,7 +50,10 @@ def parse_os_release(text: str) -> dict[str, str]:
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep:
-            out[key.strip()] = value.strip().strip('"')
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            out[key.strip()] = value
     return out
 
 
@@ -132,6 +135,16 @@ def choose_subnet(used: Iterable[ipaddress.IPv4Network]) -> ipaddress.IPv4Networ
                    "free one, or create the bridge by hand: incus network create coibr0 ipv4.address=...")
 
 
+def root_maps_id(text: str, host_id: int) -> bool:
+    """Whether a root entry in ``/etc/subuid`` (or subgid) covers ``host_id``."""
+    for line in text.splitlines():
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in ("root", "0") and parts[1].isdigit() and parts[2].isdigit():
+            if int(parts[1]) <= host_id < int(parts[1]) + int(parts[2]):
+                return True
+    return False
+
+
 def root_subid_ok(text: str) -> bool:
     """Whether ``/etc/subuid`` (or subgid) gives root at least 65536 ids."""
     for line in text.splitlines():
@@ -190,22 +203,41 @@ def install_packages(report: Report, *, os_release_path: Path = Path("/etc/os-re
         report(Step("packages", True, "installed " + " ".join(missing_pkgs)))
 
 
-def ensure_subids(report: Report, *, files: Iterable[Path] = (Path("/etc/subuid"), Path("/etc/subgid"))) -> bool:
-    """Give root an id range for unprivileged containers; True when changed."""
-    changed = False
-    for path in files:
+def ensure_subids(report: Report, *, user: str | None = None,
+                  files: Iterable[Path] = (Path("/etc/subuid"), Path("/etc/subgid"))) -> bool:
+    """Give root an id range for unprivileged containers and, for ``user``,
+    the right to map that user's own uid/gid into containers (``raw.idmap``,
+    which coi uses when the user's uid is not the container user's).
+
+    Returns True when the big range had to be added (the daemon reads it at start).
+    """
+    import pwd
+
+    ids = None
+    if user and user != "root":
+        pw = pwd.getpwnam(user)
+        ids = (pw.pw_uid, pw.pw_gid)
+    range_added = changed = False
+    for index, path in enumerate(files):
         text = path.read_text() if path.exists() else ""
-        if root_subid_ok(text):
-            continue
-        with path.open("a") as fh:
-            if text and not text.endswith("\n"):
-                fh.write("\n")
-            fh.write(f"root:{SUBID_START}:{SUBID_COUNT}\n")
-        changed = True
-        report(Step("id ranges", True, f"gave root {SUBID_COUNT} ids from {SUBID_START} in {path}"))
+        lines = []
+        if not root_subid_ok(text):
+            lines.append(f"root:{SUBID_START}:{SUBID_COUNT}")
+            range_added = True
+            report(Step("id ranges", True, f"gave root {SUBID_COUNT} ids from {SUBID_START} in {path}"))
+        if ids is not None and not root_maps_id(text, ids[index % 2]):
+            lines.append(f"root:{ids[index % 2]}:1")
+            report(Step("id ranges", True, f"let containers map {user}'s id {ids[index % 2]} ({path})"))
+        if lines:
+            changed = True
+            with path.open("a") as fh:
+                if text and not text.endswith("\n"):
+                    fh.write("\n")
+                fh.write("\n".join(lines) + "\n")
     if not changed:
-        report(Step("id ranges", False, "root has subordinate uid and gid ranges"))
-    return changed
+        report(Step("id ranges", False, "root has subordinate uid and gid ranges"
+                    + (f" and may map {user}'s ids" if ids else "")))
+    return range_added
 
 
 def _systemd_runs() -> bool:
@@ -355,7 +387,7 @@ def setup(*, report: Report, group: str, user: str | None, ipv6: bool = False,
         report(step)
 
     install_packages(track)
-    subids_changed = ensure_subids(track)
+    subids_changed = ensure_subids(track, user=user)
     client = client or Incus.from_environment()
     # incusd reads the id ranges at start: restart a running one we just gave ranges to.
     start_daemon(client, track, group=group, restart=subids_changed and _answers(client))

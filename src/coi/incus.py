@@ -144,8 +144,10 @@ class Incus:
         for attempt in (0, 1):
             if self._conn is None:
                 self._conn = _UnixConnection(self.path, timeout or self.timeout)
-            elif timeout is not None:
-                self._conn.timeout = timeout
+            else:
+                self._conn.timeout = timeout or self.timeout
+                if self._conn.sock is not None:
+                    self._conn.sock.settimeout(self._conn.timeout)
             try:
                 self._conn.request(method, url, body=body, headers=dict(headers or {}))
                 resp = self._conn.getresponse()
@@ -162,6 +164,10 @@ class Incus:
             except OSError as exc:
                 self.close()
                 raise self._connection_error(exc) from None
+            except http.client.HTTPException as exc:
+                self.close()
+                raise DaemonUnavailableError(
+                    f"the Incus daemon sent a broken reply on {self.path} ({exc!r})", SETUP_HINT) from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -455,6 +461,8 @@ class Incus:
         Owner: ``uid``/``gid`` when given, else root.
         """
         for src, dst in _walk_local(local, PurePosixPath(remote)):
+            if src.is_symlink():
+                continue  # never copy what a link points at, which may be outside the tree
             st = src.lstat()
             mode = stat.S_IMODE(st.st_mode)
             owner = {"uid": uid or 0, "gid": gid or 0}
@@ -566,12 +574,15 @@ class Incus:
 
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
                    "Content-Length": str(length), "X-Incus-public": "0"}
-        if properties:
-            headers["X-Incus-properties"] = urlencode(dict(properties))
         what = f"import image {rootfs.name}"
         op_id = self.call("POST", "/1.0/images", what, body=body(), headers=headers,  # type: ignore[arg-type]
                           wait=False)
-        return self.wait_operation(op_id, what)["metadata"]["fingerprint"]
+        fingerprint = self.wait_operation(op_id, what)["metadata"]["fingerprint"]
+        # Properties are set afterwards, never with X-Incus-properties: Incus 6.0.4
+        # panics on that header when the image's metadata.yaml has no properties.
+        if properties:
+            self.update_image_properties(fingerprint, properties)
+        return fingerprint
 
 def _walk_local(local: Path, remote: PurePosixPath) -> Iterator[tuple[Path, PurePosixPath]]:
     """Pairs (host path, container path), parents before children."""
