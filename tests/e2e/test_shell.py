@@ -147,9 +147,13 @@ def test_killed_coi_leaves_session_running_for_attach(session_user, workspace, i
     os.killpg(os.getpgid(term.child.pid), signal.SIGKILL)
     term.child.close(force=True)
     assert incus.instance(name)["status"] == "Running"
-    proc = session_user.run(["attach"], cwd=workspace)  # no terminal: but it finds the one session
-    assert name in proc.stdout + proc.stderr or proc.returncode != 0
-    incus.stop(name, force=True)
+    proc = session_user.run(["attach"], cwd=workspace)  # no terminal: refused, never hangs
+    assert proc.returncode == 2 and "needs a terminal" in proc.stderr
+    term = Terminal(session_user.argv(["coi", "attach"], env={"TERM": "xterm-256color"}), cwd=str(workspace))
+    term.wait_for("fake-claude> ")  # the one running session is found and attached
+    term.detach()
+    assert term.finish() == 0
+    incus.stop(name, force=True)  # stopped from outside while coi was not attached
     proc = session_user.run(["clean", "--force"], cwd=workspace)
     assert proc.returncode == 0, proc.stderr
     assert not incus.exists(name)

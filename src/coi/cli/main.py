@@ -29,7 +29,7 @@ def _run(args: list[str]) -> int:
     from coi.errors import CoiError
 
     parser = build_parser()
-    ns = parser.parse_args(normalise(args))  # exits 2 on usage errors
+    ns = _parse(parser, args, normalise)  # exits 2 on usage errors
     kwargs = dict(vars(ns))
     handler_ref = kwargs.pop("handler", None)
     if handler_ref is None:
@@ -55,6 +55,19 @@ def _run(args: list[str]) -> int:
         # Output piped into something that closed early (``coi list | head``).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _parse(parser, args: list[str], normalise):
+    """Parse flags; what follows the first ``--`` is the command of run/exec,
+    taken verbatim (flags of the command are never read as coi's)."""
+    if "--" in args:
+        i = args.index("--")
+        ns = parser.parse_args(normalise(args[:i]))
+        if hasattr(ns, "command"):
+            # ``coi run make -- x``: the command began before the ``--``, which is its own.
+            ns.command = [*ns.command, "--", *args[i + 1:]] if ns.command else args[i + 1:]
+            return ns
+    return parser.parse_args(normalise(args))
 
 
 def _resolve(ref: str):

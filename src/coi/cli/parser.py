@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print one JSON object {"stdout", "stderr", "exit_code"}')
     p.add_argument("--timeout", type=float, default=0, metavar="S",
                    help="kill the command after S seconds and exit 124 (default: 0 = none)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    p.add_argument("command", nargs="*", help="the command and its arguments (after --)")
 
     p = _command(sub, "attach", "sessions:attach", "attach to a running session",
                  "coi attach coi-1a2b3c4d-1")
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cwd", default="/workspace", metavar="DIR", help="working directory (default: /workspace)")
     q.add_argument("--capture", action="store_true", help="capture output instead of streaming it")
     q.add_argument("--format", default=None, help="with --capture: json or raw (default: json)")
-    q.add_argument("command", nargs=argparse.REMAINDER)
+    q.add_argument("command", nargs="*", help="the command and its arguments (after --)")
     q = _command(csub, "mount", "lowlevel:container_mount", "add a disk device to a container",
                  "coi container mount my-box data /srv/data /data")
     for arg in ("name", "device", "source", "path"):

@@ -69,8 +69,6 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
                    command: list[str]) -> int:
     from coi.sessions import parse_env
 
-    if command[:1] == ["--"]:
-        command = command[1:]
     if not command:
         raise UsageError("no command given", "coi container exec NAME -- COMMAND [ARG...]")
     if format is not None and not capture:
@@ -78,6 +76,8 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
     if format not in (None, "json", "raw"):
         raise UsageError(f"unknown format {format!r}", "use --format json or --format raw")
     variables = parse_env(env)
+    if user is not None and group is None:
+        group = user
     client = ctx.incus
     if capture:
         result = client.exec(name, command, env=variables, user=user or 0, group=group or 0, cwd=cwd)

@@ -89,8 +89,10 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None, profile: st
     ctx.ui.info(f"Session ID: {session.session_id}")
     ctx.ui.info(f"Container: {session.name}")
     ctx.ui.info(f"Workspace: {session.workspace}")
-    if background:
-        ctx.ui.info(f"Running in the background. Attach with: coi attach {session.name}")
+    if background or not sys.stdin.isatty():
+        if not background:
+            ctx.ui.info("No terminal here: the session keeps running in the background.")
+        ctx.ui.info(f"Attach with: coi attach {session.name}")
         return 0
     if tmux:
         argv = sessions.attach_argv(client, session.name, code_uid=req.code_uid, term=os.environ.get("TERM"))
@@ -99,6 +101,11 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None, profile: st
                                 cwd=sessions.WORKSPACE, env=env_vars, terminal=True)
     code = sessions.run_attached(argv)
     return _after_attach(ctx, session.name, code, req.code_uid)
+
+
+def _need_terminal(what: str, name: str) -> None:
+    if not sys.stdin.isatty():
+        raise UsageError(f"{what} needs a terminal", f"run it from a terminal, or use 'coi tmux capture {name}'")
 
 
 def _agent_command(req, session, saved) -> list[str]:
@@ -170,10 +177,10 @@ def run(ctx: Context, *, slot: int = 0, profile: str | None = None, env: list[st
 
     from coi import sessions
 
-    if command[:1] == ["--"]:
-        command = command[1:]
     if not command:
         raise UsageError("no command given", "coi run [flags] -- COMMAND [ARG...]")
+    if len(command) == 1 and any(c in command[0] for c in " \n|;&<>()$`*?'\""):
+        command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
     client = ctx.incus
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage)
     session = sessions.open_session(client, req, ctx.ui.detail)
@@ -230,6 +237,7 @@ def attach(ctx: Context, *, name: str | None = None, slot: int = 0, bash: bool =
             return 0
         name = running[0].name
     inst = sessions.coi_container(client, name, _prefix())
+    _need_terminal("coi attach", name)
     if inst["status"] != "Running":
         raise CoiError(f"container {name} is not running ({inst['status'].lower()})",
                        f"start it again with 'coi shell --persistent --slot {inst['config'].get('user.coi.slot', 'N')}'")
