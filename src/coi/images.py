@@ -299,10 +299,10 @@ class _Build:
         self.current = title
         self.say(f"[{self.number}/{self.total}] {title}  ({_elapsed(time.monotonic() - self.started)} elapsed)")
 
-    def fail(self, detail: str) -> BuildError:
+    def fail(self, detail: str, hint: str | None = None) -> BuildError:
         message = f"build of image {self.alias} failed at step '{self.current}': {detail}; log: {self.log_file}"
         self._write("# " + message)
-        return BuildError(message, "fix the cause shown above (and in the log), then build again")
+        return BuildError(message, hint or "fix the cause shown above (and in the log), then build again")
 
     # ---- running things in the builder ----
 
@@ -358,9 +358,12 @@ class _Build:
     def wait_network(self) -> None:
         """DHCP on eth0, then names resolve; repair a dead loopback resolver."""
         self.step("Wait for the network (DHCP and DNS)")
-        address = wait_for(lambda: _global_ipv4(self.client.instance_state(self.builder)),
-                           timeout=_NETWORK_TIMEOUT, what=f"an IPv4 address on eth0 of {self.builder}",
-                           hint="check the coi bridge: 'coi doctor'")
+        try:
+            address = wait_for(lambda: _global_ipv4(self.client.instance_state(self.builder)),
+                               timeout=_NETWORK_TIMEOUT, what=f"an IPv4 address on eth0 of {self.builder}")
+        except CoiError:
+            raise self.fail(f"eth0 got no IPv4 address (DHCP) within {_NETWORK_TIMEOUT:g}s; "
+                            "check the coi bridge with 'coi doctor'") from None
         self.say(f"    eth0: {address}")
         if self._resolves(timeout=_DNS_TIMEOUT, give_up_on_dead_stub=True):
             return
@@ -500,6 +503,12 @@ def _run_build(build: _Build, body: Callable[[], dict[str, Any]]) -> dict[str, A
     except KeyboardInterrupt:
         build.abandon(interrupted=True)
         raise
+    except BuildError:
+        build.abandon(interrupted=False)
+        raise
+    except CoiError as exc:  # an Incus failure on the way: say which step, and where the log is
+        build.abandon(interrupted=False)
+        raise build.fail(exc.message, exc.hint) from None
     except BaseException:
         build.abandon(interrupted=False)
         raise

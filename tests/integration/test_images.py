@@ -369,6 +369,28 @@ def test_coi_image_records_what_was_built(coi_user, incus, coi_image):
     assert row["coi.inputs"] == props["coi.inputs"] and row["coi.version"] == props["coi.version"]
 
 
+def test_coi_build_refuses_to_replace_without_force(coi_user, incus, coi_image):
+    before = _fingerprint(incus, coi_image)
+    proc = coi_user.run(["build"])
+    assert proc.returncode == 1
+    assert "image coi already exists" in proc.stderr and "coi build --force" in proc.stderr
+    assert "Launch builder" not in proc.stderr
+    proc = coi_user.run(["build", "--force", "--tools", "claude,vim"])
+    assert proc.returncode == 2 and "unknown agent tool 'vim'" in proc.stderr
+    assert _fingerprint(incus, coi_image) == before
+
+
+def test_custom_build_on_the_coi_image_by_default(coi_user, incus, coi_image, workspace, alias, launched):
+    script = _script(workspace, "#!/bin/sh\nset -e\nrunuser -u code -- touch /home/code/from-custom\n")
+    started = time.monotonic()
+    proc = coi_user.run(["build", "custom", alias, "--script", str(script)])
+    print(f"custom build on the coi image: {time.monotonic() - started:.1f}s")
+    assert proc.returncode == 0, proc.stderr
+    assert incus.image_by_alias(alias)["properties"]["coi.base"] == coi_image
+    name = launched(alias, config=CONTAINER_CONFIG)
+    assert incus.exec(name, ["stat", "-c", "%U", "/home/code/from-custom"]).stdout == "code\n"
+
+
 def test_every_tool_runs_as_code(incus, coi_box):
     failures = {}
     for tool, command in TOOLS.items():

@@ -317,7 +317,8 @@ def test_interrupt_removes_builder_and_reraises(fake, config, script):
 
 def test_failed_publish_leaves_no_builder(fake, config, script):
     fake.publish_error = OperationFailedError("publish container: disk full")
-    with pytest.raises(OperationFailedError):
+    with pytest.raises(images.BuildError, match="failed at step 'Finalise, stop and publish the image': "
+                                                 "publish container: disk full; log: "):
         _build(fake, config, script)
     assert fake.instances_by_name == {}
     assert not fake.image_exists("coi-test-x")
@@ -532,3 +533,12 @@ def test_publish_container_needs_a_stopped_container():
     assert info.alias == "pub" and info.properties["coi.kind"] == "published"
     with pytest.raises(ConflictError, match="already exists"):
         images.publish_container(client, container="box", alias="pub")
+
+
+def test_no_dhcp_address_fails_the_network_step(fake, config, script, monkeypatch):
+    monkeypatch.setattr(images, "_NETWORK_TIMEOUT", 0.1)
+    monkeypatch.setattr(fake, "instance_state", lambda name: {"network": {"eth0": {"addresses": []}}})
+    with pytest.raises(images.BuildError, match=r"failed at step 'Wait for the network \(DHCP and DNS\)': "
+                                                r"eth0 got no IPv4 address"):
+        _build(fake, config, script)
+    assert fake.instances_by_name == {}

@@ -25,6 +25,9 @@ step_packages() {
   # Extra CA certificates that coi copied from the host (a TLS-inspecting
   # proxy in front of the package registries, for example).
   update-ca-certificates
+  # pip inside virtual environments (pipx, python3 -m venv) uses its own CA
+  # list unless told otherwise; point it at the system's.
+  [ -e /etc/pip.conf ] || printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > /etc/pip.conf
 }
 
 step_nodejs() {
@@ -120,6 +123,16 @@ step_tools() {
           exit 2
         fi
         (cd /tmp && npm install --global --no-audit --no-fund "$package")
+        ;;
+    esac
+    case "$tool" in
+      claude)
+        # npm installs the native binary for both C libraries (about 400 MB
+        # each); bin/claude.exe is the glibc one, so the musl build is dead weight.
+        if [ ! -e /lib/ld-musl-x86_64.so.1 ] && [ ! -e /lib/ld-musl-aarch64.so.1 ]; then
+          find "$(npm root --global)/$(npm_package "$tool")" -depth -type d -path '*/node_modules/*-musl' \
+            -exec rm -rf {} +
+        fi
         ;;
     esac
   done
