@@ -310,8 +310,12 @@ class _Build:
         """Run ``command`` as root in the builder, streaming its output; raise on failure."""
         argv = self.client.exec_argv(self.builder, command, user=0, group=0, cwd=cwd, env=env, terminal=False)
         self._write("$ " + shlex.join(command))
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+        except FileNotFoundError:
+            raise self.fail(f"the '{argv[0]}' command is not installed",
+                            "coi streams build steps through Incus's own client: run 'sudo coi setup'") from None
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:
@@ -425,6 +429,7 @@ class _Build:
             _delete_quietly(self.client.delete_image, fingerprint)
             raise
         self._remove_builder()
+        self._unpack(fingerprint)
         image = self.client.image(fingerprint)
         seconds = time.monotonic() - self.started
         size = int(image.get("size") or 0)
@@ -433,6 +438,20 @@ class _Build:
         return {"alias": self.alias, "fingerprint": fingerprint, "size": size, "seconds": round(seconds, 1),
                 "properties": dict(image.get("properties") or {}), "log": str(self.log_file),
                 "dns_repaired": self.dns_repaired}
+
+    def _unpack(self, fingerprint: str) -> None:
+        """Create (and delete) a container from the new image, so the storage pool holds it
+        unpacked: otherwise the first session after a build waits for that (13 s for coi)."""
+        self.say("Unpacking the image on the storage pool (makes the first launch fast)")
+        name = f"{self.builder}-unpack"
+        try:
+            self.client.create_instance(name, source={"type": "image", "fingerprint": fingerprint},
+                                        config=CONTAINER_CONFIG, profiles=PROFILES)
+        except CoiError as exc:
+            self.say(f"Warning: could not unpack the image ahead of time ({exc.message}); "
+                     "the first launch will do it")
+        finally:
+            _delete_quietly(self.client.delete, name)
 
     def _remove_builder(self) -> None:
         try:
@@ -458,10 +477,9 @@ class _Build:
 
 
 def _delete_quietly(func: Callable[..., Any], *args: Any) -> None:
+    """Best-effort clean-up: a thing already gone, or a daemon that refuses, must not hide the real error."""
     try:
         func(*args)
-    except NotFoundError:
-        pass
     except CoiError:
         pass
 

@@ -156,7 +156,8 @@ class FakeIncus:
         return ["sh", "-c", "echo step output"]
 
     def created(self) -> list[dict]:
-        return [c[2] for c in self.calls if c[0] == "create_instance"]
+        """Sources of the builders created (not of the container that unpacks the new image)."""
+        return [c[2] for c in self.calls if c[0] == "create_instance" and not c[1].endswith("-unpack")]
 
 
 ROUTES = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n"
@@ -250,7 +251,8 @@ def test_reachable_remote_is_used(fake, config, script):
 
 def test_builders_get_nesting_config_and_coi_profile(fake, config, script):
     _build(fake, config, script)
-    (_, name, _, cfg, profiles), = [c for c in fake.calls if c[0] == "create_instance"]
+    (_, name, _, cfg, profiles), = [c for c in fake.calls if c[0] == "create_instance"
+                                    and not c[1].endswith("-unpack")]
     assert name.startswith("coi-test-build-")
     assert cfg == images.CONTAINER_CONFIG == {
         "security.nesting": "true", "security.syscalls.intercept.mknod": "true",
@@ -542,3 +544,19 @@ def test_no_dhcp_address_fails_the_network_step(fake, config, script, monkeypatc
                                                 r"eth0 got no IPv4 address"):
         _build(fake, config, script)
     assert fake.instances_by_name == {}
+
+
+def test_missing_incus_client_is_a_clear_build_error(fake, config, script, monkeypatch):
+    monkeypatch.setattr(fake, "exec_argv", lambda name, command, **kw: ["coi-test-no-such-incus", *command])
+    with pytest.raises(images.BuildError, match="'coi-test-no-such-incus' command is not installed") as exc:
+        _build(fake, config, script)
+    assert "coi setup" in exc.value.hint
+    assert fake.instances_by_name == {}
+
+
+def test_new_image_is_unpacked_once_so_the_first_launch_is_fast(fake, config, script):
+    result, lines = _build(fake, config, script)
+    unpack = [c for c in fake.calls if c[0] == "create_instance" and c[1].endswith("-unpack")]
+    assert [c[2] for c in unpack] == [{"type": "image", "fingerprint": result["fingerprint"]}]
+    assert ("delete", unpack[0][1]) in fake.calls and fake.instances_by_name == {}
+    assert any("Unpacking the image" in l for l in lines)

@@ -138,7 +138,9 @@ def test_custom_build_from_a_one_line_script(coi_user, incus, base_image, worksp
     assert re.fullmatch(r"[0-9a-f]{16}", props["coi.script_hash"])
     assert props["coi.version"] and props["coi.built_at"]
 
+    started = time.monotonic()
     name = launched(alias)
+    print(f"first launch of the new image: {time.monotonic() - started:.2f}s")  # unpacked by the build
     assert incus.exec(name, ["cat", "/etc/coi-test-marker"]).stdout == "hello-from-script\n"
     assert incus.exec(name, ["cat", "/etc/machine-id"]).stdout.strip() != ""  # a fresh id per container
 
@@ -309,6 +311,7 @@ def test_image_cleanup_keeps_the_newest(coi_user, incus, alias, tmp_path):
 def broken_dns_base(incus, base_image, alias, launched):
     """A base image whose resolver is a dead loopback stub (systemd-resolved disabled)."""
     name = launched(base_image)
+    _booted(incus, name)
     result = incus.exec(name, ["sh", "-c", "systemctl disable systemd-resolved.service && "
                                "rm -f /etc/resolv.conf && echo 'nameserver 127.0.0.53' > /etc/resolv.conf"])
     assert result.exit_code == 0, result.stderr
