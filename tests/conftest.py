@@ -50,9 +50,14 @@ def _remove_test_leftovers(client) -> None:
     for inst in client.instances(recursion=1):
         if inst["name"].startswith(TEST_PREFIX):
             subprocess.run(["incus", "delete", "--force", inst["name"]], capture_output=True)
+    from coi.errors import NotFoundError
+
     for img in client.images():
         if any(a["name"].startswith(TEST_PREFIX) for a in img.get("aliases") or []):
-            client.delete_image(img["fingerprint"])
+            try:
+                client.delete_image(img["fingerprint"])
+            except NotFoundError:
+                pass  # removed meanwhile
 
 
 @pytest.fixture

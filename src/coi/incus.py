@@ -168,6 +168,9 @@ class Incus:
                 self.close()
                 raise DaemonUnavailableError(
                     f"the Incus daemon sent a broken reply on {self.path} ({exc!r})", SETUP_HINT) from None
+            except BaseException:
+                self.close()  # interrupted mid-exchange: the connection is out of step
+                raise
         raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from coi import naming
 from coi.config import Mount
-from coi.errors import CoiError, ConflictError, NotFoundError, UsageError
+from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
 from coi.incus import Incus
 from coi.tools import Tool
 from coi.wait import wait_for
@@ -309,7 +309,7 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)
         try:
-            client.create_instance(name, image=req.image, profiles=["coi"], config=config, devices=devices)
+            create_container(client, name, image=req.image, config=config, devices=devices)
         except NotFoundError:
             raise
         except CoiError as exc:
@@ -321,21 +321,72 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
         return Session(name, slot, session_id, req.persistent, True, req.workspace)
 
 
+def create_container(client: Incus, name: str, *, image: str, config: Mapping[str, str],
+                     devices: Mapping[str, Mapping[str, str]]) -> None:
+    """Create a stopped container; an interruption meanwhile acts once it exists,
+    and then removes it again."""
+    created = False
+    try:
+        with deferred_signals():
+            client.create_instance(name, image=image, profiles=["coi"], config=config, devices=devices)
+            created = True
+    except BaseException:
+        if created:
+            with _signals_ignored():
+                remove_container(client, name)
+        raise
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
-def cleanup_on_interrupt(client: Incus, session: Session) -> Iterator[None]:
-    """Ctrl+C, SIGTERM or SIGHUP during set-up removes what set-up created."""
+def deferred_signals() -> Iterator[None]:
+    """Hold Ctrl+C, SIGTERM and SIGHUP while the daemon does one thing; they act right after.
+
+    An operation interrupted half-way (request sent, answer unread) would leave
+    its result unknown; held, the interruption finds a known state to undo.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP (terminal closed) interrupt set-up the way Ctrl+C does."""
     def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
         raise KeyboardInterrupt
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
-    except BaseException:
-        if session.created:
-            remove_container(client, session.name)
-        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def cleanup_on_interrupt(client: Incus, session: Session) -> Iterator[None]:
+    """An interruption or failure during set-up removes the container set-up created."""
+    try:
+        yield
+    except BaseException:
+        if session.created:
+            with _signals_ignored():
+                remove_container(client, session.name)
+        raise
 
 
 def remove_container(client: Incus, name: str) -> None:
@@ -349,8 +400,18 @@ def remove_container(client: Incus, name: str) -> None:
 
 
 def ensure_running(client: Incus, name: str) -> None:
-    if client.instance(name)["status"] != "Running":
+    """Start the container if needed and wait until it accepts commands."""
+    if client.instance(name)["status"] == "Running":
+        return
+    with deferred_signals():
         client.start(name)
+
+    def accepts_exec() -> bool:
+        try:
+            return client.exec(name, ["true"]).exit_code == 0
+        except OperationFailedError:
+            return False  # init not ready yet ("Failed to retrieve PID ...")
+    wait_for(accepts_exec, timeout=30, what=f"{name} to accept commands", first_interval=0.02)
 
 
 def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE):

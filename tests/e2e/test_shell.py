@@ -130,14 +130,19 @@ def test_ten_sessions_at_once_get_ten_slots(session_user, workspace):
     assert slots == list(range(1, 11))
 
 
-def test_ctrl_c_during_setup_leaves_nothing(session_user, workspace, incus):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_interrupted_setup_leaves_nothing(session_user, workspace, incus, signum):
+    """Ctrl+C (or a closed terminal) while the container is being created."""
     term = shell(session_user, workspace)
-    term.wait_for("Auto-allocated slot")
-    os.kill(term.child.pid, signal.SIGINT)
-    term.finish()
+    term.wait_for("Auto-allocated slot")  # printed just before the container is created
+    coi = int(subprocess.run(["pgrep", "-P", str(term.child.pid)], capture_output=True, text=True).stdout.split()[0])
+    os.kill(coi, signal.SIGSTOP)  # hold set-up right there, so the signal lands in the middle of it
+    os.kill(coi, signum)
+    os.kill(coi, signal.SIGCONT)
+    assert term.finish() != 0
+    assert "Session ID:" not in term.output()
     ws = str(workspace)
-    left = [i["name"] for i in incus.instances() if i["config"].get("user.coi.workspace") == ws]
-    assert left == [] or term.output().count("Session ID:") == 1
+    assert [i["name"] for i in incus.instances() if i["config"].get("user.coi.workspace") == ws] == []
 
 
 def test_killed_coi_leaves_session_running_for_attach(session_user, workspace, incus):

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(title="container commands", metavar="ACTION", parser_class=_Parser)
     q = _command(csub, "launch", "lowlevel:container_launch", "create and start a container",
                  "coi container launch coi my-box")
-    q.add_argument("image", metavar="IMAGE")
+    q.add_argument("launch_image", metavar="IMAGE")
     q.add_argument("name", metavar="NAME")
     q.add_argument("--ephemeral", action="store_true", help="Incus deletes it when it stops")
     for action, summary in (("start", "start a container"), ("stop", "stop a container"),

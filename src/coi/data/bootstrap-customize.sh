@@ -24,4 +24,8 @@ for unit in systemd-networkd-wait-online.service getty@tty1.service \
             systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer; do
   chroot "$root" systemctl mask "$unit" >/dev/null 2>&1 || true
 done
+# systemd empties /tmp during boot, which may come after coi has started
+# using the container: keep /tmp instead (it lives on the container's disk).
+mkdir -p "$root/etc/tmpfiles.d"
+echo 'd /tmp 1777 root root -' > "$root/etc/tmpfiles.d/tmp.conf"
 rm -f "$root/etc/hostname"

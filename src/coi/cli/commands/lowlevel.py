@@ -22,10 +22,10 @@ def file_help(ctx: Context) -> int:
 
 # ---- container -------------------------------------------------------------
 
-def container_launch(ctx: Context, *, image: str, name: str, ephemeral: bool = False) -> int:
+def container_launch(ctx: Context, *, launch_image: str, name: str, ephemeral: bool = False) -> int:
     from coi.sessions import CONTAINER_CONFIG
 
-    ctx.incus.create_instance(name, image=image, profiles=["coi"], config=CONTAINER_CONFIG,
+    ctx.incus.create_instance(name, image=launch_image, profiles=["coi"], config=CONTAINER_CONFIG,
                               ephemeral=ephemeral, start=True)
     ctx.ui.info(f"Launched {name}")
     return 0

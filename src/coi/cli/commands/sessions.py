@@ -74,18 +74,11 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None, profile: st
             persistent = bool(saved.metadata.get("persistent"))
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage,
                    session_id=saved.session_id if saved else None, persistent=persistent)
-    session = sessions.open_session(client, req, ctx.ui.info)
-    ctx.ui.info(f"Setting up session {session.session_id}...")
-    with sessions.cleanup_on_interrupt(client, session):
-        sessions.ensure_running(client, session.name)
-        ctx.ui.info("Starting session...")
-        agent = None if debug else _agent_command(req, session, saved)
-        if saved is not None and session.created:
-            _restore_state(ctx, session.name, saved, req)
-        command = sessions.agent_shell_command(agent)
-        env_vars = sessions.agent_environment(term=os.environ.get("TERM"), extra=req.env)
-        if tmux and not sessions.has_tmux_session(client, session.name, req.code_uid):
-            sessions.start_tmux(client, session.name, code_uid=req.code_uid, env=env_vars, command=command)
+    with sessions.interruptible():
+        session = sessions.open_session(client, req, ctx.ui.info)
+        ctx.ui.info(f"Setting up session {session.session_id}...")
+        with sessions.cleanup_on_interrupt(client, session):
+            _start_agent(ctx, session, req, saved, debug=debug, tmux=tmux)
     ctx.ui.info(f"Session ID: {session.session_id}")
     ctx.ui.info(f"Container: {session.name}")
     ctx.ui.info(f"Workspace: {session.workspace}")
@@ -97,10 +90,32 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None, profile: st
     if tmux:
         argv = sessions.attach_argv(client, session.name, code_uid=req.code_uid, term=os.environ.get("TERM"))
     else:
+        agent = None if debug else _agent_command(req, session, saved)
         argv = client.exec_argv(session.name, agent or ["bash", "-l"], user=req.code_uid, group=req.code_uid,
-                                cwd=sessions.WORKSPACE, env=env_vars, terminal=True)
+                                cwd=sessions.WORKSPACE, env=_agent_env(req), terminal=True)
     code = sessions.run_attached(argv)
     return _after_attach(ctx, session.name, code, req.code_uid)
+
+
+def _agent_env(req) -> dict[str, str]:
+    from coi import sessions
+
+    return sessions.agent_environment(term=os.environ.get("TERM"), extra=req.env)
+
+
+def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) -> None:
+    """Start the container and the agent in its tmux session (unless it already runs)."""
+    from coi import sessions
+
+    client = ctx.incus
+    sessions.ensure_running(client, session.name)
+    ctx.ui.info("Starting session...")
+    if saved is not None and session.created:
+        _restore_state(ctx, session.name, saved, req)
+    if tmux and not sessions.has_tmux_session(client, session.name, req.code_uid):
+        agent = None if debug else _agent_command(req, session, saved)
+        sessions.start_tmux(client, session.name, code_uid=req.code_uid, env=_agent_env(req),
+                            command=sessions.agent_shell_command(agent))
 
 
 def _need_terminal(what: str, name: str) -> None:
@@ -183,8 +198,9 @@ def run(ctx: Context, *, slot: int = 0, profile: str | None = None, env: list[st
         command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
     client = ctx.incus
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage)
-    session = sessions.open_session(client, req, ctx.ui.detail)
-    env_vars = sessions.agent_environment(term=os.environ.get("TERM"), extra=req.env)
+    with sessions.interruptible():
+        session = sessions.open_session(client, req, ctx.ui.detail)
+    env_vars = _agent_env(req)
     try:
         sessions.ensure_running(client, session.name)
         if capture:
