@@ -2,7 +2,8 @@
 # Install coi from this checkout and make the host ready for it (run as root).
 #
 #   sudo scripts/install.sh            # coi into /opt/coi, 'coi' on PATH, then 'coi setup'
-#   sudo scripts/install.sh --test     # the same, plus the test dependencies
+#   sudo scripts/install.sh --build    # the same, then build the coi image when it is missing
+#   sudo scripts/install.sh --test     # the same as the first, plus the test dependencies
 #
 # Safe to run again: the virtual environment is reused, coi is reinstalled
 # from the checkout, and 'coi setup' changes only what is missing.
@@ -11,7 +12,11 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 prefix=${COI_PREFIX:-/opt/coi}
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+build=no
+case "${1:-}" in
+  --test) extras="[test]" ;;
+  --build) build=yes ;;
+esac
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "Error: scripts/install.sh must run as root (it installs packages and configures Incus)" >&2
@@ -34,3 +39,6 @@ echo "Installing coi from $repo into $prefix..."
 ln -sf "$prefix/bin/coi" /usr/local/bin/coi
 
 coi setup
+if [ "$build" = yes ] && ! coi image exists coi; then
+  coi build
+fi
