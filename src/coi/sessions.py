@@ -392,7 +392,7 @@ def cleanup_on_interrupt(client: Incus, session: Session) -> Iterator[None]:
 def remove_container(client: Incus, name: str) -> None:
     """Force-stop and delete; a container that is already gone is fine."""
     try:
-        if client.instance(name)["status"] != "Stopped":
+        if not is_stopped(client.instance(name)):
             client.stop(name, force=True)
         client.delete(name)
     except NotFoundError:
@@ -449,11 +449,18 @@ def run_attached(argv: list[str]) -> int:
     return subprocess.run(argv).returncode
 
 
+def is_stopped(instance: Mapping[str, Any]) -> bool:
+    """Really stopped: while a container powers off, Incus briefly reports
+    ``Stopped`` before its stop is done; ``volatile.last_state.power`` says when."""
+    power = (instance.get("config") or {}).get("volatile.last_state.power", "STOPPED")
+    return instance.get("status") == "Stopped" and power == "STOPPED"
+
+
 def wait_stopped(client: Incus, name: str, timeout: float) -> bool:
-    """Whether the container reaches Stopped (or is gone) within ``timeout``."""
+    """Whether the container is really stopped (or gone) within ``timeout``."""
     def stopped() -> bool:
         try:
-            return client.instance(name)["status"] == "Stopped"
+            return is_stopped(client.instance(name))
         except NotFoundError:
             return True
     try:

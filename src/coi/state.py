@@ -19,6 +19,7 @@ from typing import Any
 
 from coi.errors import CoiError, NotFoundError, UsageError
 from coi.incus import Incus
+from coi.tools import Tool
 
 CODE_HOME = "/home/code"
 
@@ -55,9 +56,12 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def save_session(client: Incus, container: str, *, state_dir: str, sessions_dir: Path,
+def save_session(client: Incus, container: str, *, tool: Tool, sessions_dir: Path,
                  metadata: dict[str, Any]) -> SavedSession:
-    """Copy the agent's state out of ``container`` and record ``metadata``."""
+    """Copy the agent's state out of ``container`` and record ``metadata``.
+
+    Credentials are left out: they are injected fresh on every start.
+    """
     session_id = check_session_id(metadata["session_id"])
     root = sessions_root(sessions_dir, metadata["tool"])
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -66,9 +70,13 @@ def save_session(client: Incus, container: str, *, state_dir: str, sessions_dir:
     staging = Path(tempfile.mkdtemp(prefix=f".{session_id}.", dir=root))
     try:
         try:
-            client.pull_tree(container, f"{CODE_HOME}/{state_dir}", staging / "state")
+            client.pull_tree(container, f"{CODE_HOME}/{tool.state_dir}", staging / "state")
         except NotFoundError:
             (staging / "state").mkdir()  # the agent never wrote any state
+        for rel in tool.credential_files:
+            inside = Path(rel).relative_to(tool.state_dir) if rel.startswith(tool.state_dir + "/") else None
+            if inside is not None:
+                (staging / "state" / inside).unlink(missing_ok=True)
         data = dict(metadata, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         _write_json_atomic(staging / "metadata.json", data)
         os.chmod(staging, 0o700)

@@ -3,9 +3,11 @@ credentials, how to start fresh and how to resume)."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -13,11 +15,32 @@ class Tool:
     name: str
     executable: str
     state_dir: str  # relative to the agent's home
-    credential_files: tuple[str, ...] = ()  # relative to the host home
+    credential_files: tuple[str, ...] = ()  # relative to the home, on the host and inside
     env_vars: tuple[str, ...] = ()  # variables the tool authenticates with
     session_flag: str | None = None  # flag that sets the tool's own session id
     resume_flag: str | None = None  # flag that resumes a given session id
     continue_flag: str | None = None  # flag that resumes the latest session
+    # JSON files (relative to the home) and the settings merged into them so the
+    # agent runs without permission prompts inside the sandbox.
+    sandbox_settings: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    def credentials(self, host_home: Path) -> dict[str, bytes]:
+        """What to write into the agent's home: only the essential files, with
+        the sandbox settings merged in (the user's own settings are kept)."""
+        files: dict[str, bytes] = {}
+        for rel in self.credential_files:
+            path = host_home / rel
+            if path.is_file() and not path.is_symlink():
+                files[rel] = path.read_bytes()
+        for rel, settings in self.sandbox_settings:
+            try:
+                current = json.loads(files.get(rel, b"{}") or b"{}")
+            except ValueError:
+                current = {}
+            if not isinstance(current, dict):
+                current = {}
+            files[rel] = (json.dumps(merge_settings(current, settings), indent=2) + "\n").encode()
+        return files
 
     def command(self, *, binary: str = "", session_id: str | None = None,
                 resume_id: str | None = None, resume_latest: bool = False) -> list[str]:
@@ -39,10 +62,25 @@ class Tool:
         return transcripts[-1].stem if transcripts else None
 
 
+def merge_settings(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """``current`` with ``wanted`` set in it; other keys, nested ones too, stay."""
+    out = dict(current)
+    for key, value in wanted.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 TOOLS: dict[str, Tool] = {
     "claude": Tool("claude", "claude", ".claude",
                    credential_files=(".claude/.credentials.json", ".claude/settings.json", ".claude.json"),
-                   session_flag="--session-id", resume_flag="--resume", continue_flag="--continue"),
+                   session_flag="--session-id", resume_flag="--resume", continue_flag="--continue",
+                   sandbox_settings=(
+                       (".claude/settings.json", {"permissions": {"defaultMode": "bypassPermissions"}}),
+                       (".claude.json", {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True}),
+                   )),
     "aider": Tool("aider", "aider", ".aider", env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY")),
     "codex": Tool("codex", "codex", ".codex", env_vars=("OPENAI_API_KEY",)),
     "gemini": Tool("gemini", "gemini", ".gemini", env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY")),

@@ -112,6 +112,7 @@ def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) 
     ctx.ui.info("Starting session...")
     if saved is not None and session.created:
         _restore_state(ctx, session.name, saved, req)
+    _inject_credentials(ctx, session.name, req)
     if tmux and not sessions.has_tmux_session(client, session.name, req.code_uid):
         agent = None if debug else _agent_command(req, session, saved)
         sessions.start_tmux(client, session.name, code_uid=req.code_uid, env=_agent_env(req),
@@ -139,19 +140,34 @@ def _restore_state(ctx: Context, name: str, saved, req) -> None:
                             uid=req.code_uid, gid=req.code_uid)
 
 
+def _inject_credentials(ctx: Context, name: str, req) -> None:
+    """Fresh credentials on every start and resume: only the tool's essential files."""
+    from coi import sessions
+    from coi.tools import host_home
+
+    files = req.tool.credentials(host_home())
+    dirs = sorted({str(Path(rel).parent) for rel in files} - {"."})
+    for rel in dirs:
+        ctx.incus.make_dir(name, f"{sessions.CODE_HOME}/{rel}", uid=req.code_uid, gid=req.code_uid, mode=0o700)
+    for rel, content in files.items():
+        ctx.incus.push_file(name, f"{sessions.CODE_HOME}/{rel}", content, uid=req.code_uid, gid=req.code_uid,
+                            mode=0o600)
+    ctx.ui.detail(f"Copied {len(files)} credential/settings file(s) for {req.tool.name}")
+
+
 def _after_attach(ctx: Context, name: str, code: int, code_uid: int) -> int:
     """Detached, left bash, or the container stopped from inside: act accordingly."""
     from coi import sessions
 
     client = ctx.incus
     try:
-        status = client.instance(name)["status"]
+        inst = client.instance(name)
     except NotFoundError:
         return 0
-    if status == "Running" and code == 0:
+    if code == 0 and not sessions.is_stopped(inst):
         ctx.ui.info(f"Detached; container {name} keeps running. Re-attach with: coi attach {name}")
         return 0
-    if status == "Stopped" or sessions.wait_stopped(client, name, timeout=60):
+    if sessions.wait_stopped(client, name, timeout=60):
         end_session(ctx, name)
         return 0
     ctx.ui.info(f"Container {name} keeps running. Re-attach with: coi attach {name}")
@@ -173,7 +189,7 @@ def end_session(ctx: Context, name: str, *, inst: dict[str, Any] | None = None) 
     if session_id:
         ctx.ui.info("Saving session data...")
         slot = cfg.get(f"{key}slot", "")
-        state.save_session(client, name, state_dir=get_tool(tool).state_dir,
+        state.save_session(client, name, tool=get_tool(tool),
                            sessions_dir=ctx.config.paths.sessions_dir, metadata={
                                "session_id": session_id, "container_name": name, "persistent": persistent,
                                "workspace": cfg.get(f"{key}workspace", ""), "tool": tool,
@@ -343,11 +359,13 @@ def kill(ctx: Context, *, names: list[str], all: bool = False, force: bool = Fal
 
 
 def shutdown(ctx: Context, *, names: list[str], all: bool = False, timeout: int = 60, force: bool = False) -> int:
+    from coi import sessions
+
     targets = _targets(ctx, names, all, force, "shutdown")
     client = ctx.incus
     for inst in targets:
         name = inst["name"]
-        if inst["status"] != "Stopped":
+        if not sessions.is_stopped(inst):
             try:
                 client.stop(name, timeout=timeout)
             except CoiError:
@@ -383,7 +401,7 @@ def clean(ctx: Context, *, force: bool = False, sessions: bool = False, all: boo
 
     client = ctx.incus
     stopped = [i for i in client.instances(recursion=1) if svc.is_coi(i, _prefix())
-               and i["status"] == "Stopped" and i["config"].get(f"{naming.CONFIG_PREFIX}persistent") != "true"]
+               and svc.is_stopped(i) and i["config"].get(f"{naming.CONFIG_PREFIX}persistent") != "true"]
     saved = state.saved_sessions(ctx.config.paths.sessions_dir) if (sessions or all) else []
     if not stopped and not saved:
         ctx.ui.info("Nothing to clean")

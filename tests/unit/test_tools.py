@@ -1,0 +1,74 @@
+"""Agent tool definitions: command lines, session ids, credentials and settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from coi.tools import TOOLS, merge_settings
+
+pytestmark = pytest.mark.unit
+SID = "0b6c5f0e-1111-4222-8333-444455556666"
+
+
+@pytest.mark.parametrize("tool, kwargs, argv", [
+    ("claude", {"session_id": SID}, ["claude", "--session-id", SID]),
+    ("claude", {"resume_id": SID}, ["claude", "--resume", SID]),
+    ("claude", {"resume_latest": True}, ["claude", "--continue"]),
+    ("claude", {"binary": "fake-claude", "session_id": SID}, ["fake-claude", "--session-id", SID]),
+    ("aider", {"session_id": SID}, ["aider"]),
+    ("codex", {"resume_latest": True}, ["codex"]),
+    ("gemini", {}, ["gemini"]),
+    ("opencode", {"binary": "/opt/oc"}, ["/opt/oc"]),
+])
+def test_command_lines(tool, kwargs, argv):
+    assert TOOLS[tool].command(**kwargs) == argv
+
+
+def test_claude_finds_its_latest_session_id(tmp_path):
+    project = tmp_path / "projects" / "-workspace"
+    project.mkdir(parents=True)
+    (project / "a.jsonl").write_text("{}")
+    os.utime(project / "a.jsonl", (time.time() - 100, time.time() - 100))
+    (project / f"{SID}.jsonl").write_text("{}")
+    assert TOOLS["claude"].find_session_id(tmp_path) == SID
+    assert TOOLS["claude"].find_session_id(tmp_path / "empty") is None
+    assert TOOLS["aider"].find_session_id(tmp_path) is None
+
+
+def test_credentials_copy_only_essentials_and_keep_user_settings(tmp_path):
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / ".credentials.json").write_text('{"t": 1}')
+    (tmp_path / ".claude" / "settings.json").write_text(json.dumps({"permissions": {"allow": ["Bash"]}, "x": 1}))
+    (tmp_path / ".claude" / "history.jsonl").write_text("private")
+    (tmp_path / ".ssh").mkdir()
+    files = TOOLS["claude"].credentials(tmp_path)
+    assert set(files) == {".claude/.credentials.json", ".claude/settings.json", ".claude.json"}
+    settings = json.loads(files[".claude/settings.json"])
+    assert settings == {"permissions": {"allow": ["Bash"], "defaultMode": "bypassPermissions"}, "x": 1}
+    assert json.loads(files[".claude.json"])["hasCompletedOnboarding"] is True
+
+
+def test_credentials_without_host_files_still_allow_sandboxed_use(tmp_path):
+    files = TOOLS["claude"].credentials(tmp_path)
+    assert ".claude/.credentials.json" not in files
+    assert json.loads(files[".claude/settings.json"]) == {"permissions": {"defaultMode": "bypassPermissions"}}
+
+
+def test_api_key_tools_copy_no_files(tmp_path):
+    for name in ("aider", "codex", "gemini", "opencode"):
+        assert TOOLS[name].credentials(tmp_path) == {}
+        assert TOOLS[name].env_vars
+
+
+@pytest.mark.parametrize("current, wanted, merged", [
+    ({}, {"a": 1}, {"a": 1}),
+    ({"a": {"b": 1}}, {"a": {"c": 2}}, {"a": {"b": 1, "c": 2}}),
+    ({"a": 1}, {"a": {"c": 2}}, {"a": {"c": 2}}),
+    ({"a": {"b": 1}, "k": 0}, {"a": {"b": 2}}, {"a": {"b": 2}, "k": 0}),
+])
+def test_merge_settings(current, wanted, merged):
+    assert merge_settings(current, wanted) == merged
