@@ -15,16 +15,18 @@ import hashlib
 import ipaddress
 import re
 import shlex
+import signal
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from coi import __version__, bootstrap, naming
-from coi.errors import CoiError, ConflictError, NotFoundError, UsageError
+from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
 from coi.wait import wait_for
 
 Log = Callable[[str], None]
@@ -83,6 +85,20 @@ _FINALIZE = (
 
 class BuildError(CoiError):
     """A build step failed; the message names the step and the log file."""
+
+
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl+C while the daemon creates a container or an image, so that
+    what must be cleaned up afterwards is known; it takes effect right after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # --- bases -------------------------------------------------------------------
@@ -356,8 +372,9 @@ class _Build:
         return base
 
     def _create(self, base: Base) -> None:
-        self.client.create_instance(self.builder, source=base.source(), config=CONTAINER_CONFIG,
-                                    profiles=PROFILES, start=True)
+        with _signals_deferred():
+            self.client.create_instance(self.builder, source=base.source(), config=CONTAINER_CONFIG,
+                                        profiles=PROFILES, start=True)
 
     def wait_network(self) -> None:
         """DHCP on eth0, then names resolve; repair a dead loopback resolver."""
@@ -390,11 +407,14 @@ class _Build:
     def _resolves(self, *, timeout: float, give_up_on_dead_stub: bool = False) -> bool:
         """Poll ``getent hosts``; with ``give_up_on_dead_stub``, stop early when no stub runs."""
         def check() -> str | None:
-            code, _ = self.capture(["getent", "hosts", DNS_PROBE])
-            if code == 0:
-                return "ok"
-            if give_up_on_dead_stub and self._stub_is_dead():
-                return "dead"
+            try:
+                code, _ = self.capture(["getent", "hosts", DNS_PROBE])
+                if code == 0:
+                    return "ok"
+                if give_up_on_dead_stub and self._stub_is_dead():
+                    return "dead"
+            except OperationFailedError:
+                pass  # init still settling ("Failed to retrieve PID..."): ask again
             return None
 
         try:
@@ -422,7 +442,9 @@ class _Build:
         except CoiError:
             self.client.stop(self.builder, force=True)
         props = {**properties, "coi.build_id": self.build_id, "description": description}
-        fingerprint = self.client.publish(self.builder, properties=props, compression="none")
+        self.say("Publishing (Ctrl+C takes effect when the daemon has finished)")
+        with _signals_deferred():
+            fingerprint = self.client.publish(self.builder, properties=props, compression="none")
         try:
             _point_alias(self.client, self.alias, fingerprint, replace=replace, description=description)
         except BaseException:
@@ -445,8 +467,9 @@ class _Build:
         self.say("Unpacking the image on the storage pool (makes the first launch fast)")
         name = f"{self.builder}-unpack"
         try:
-            self.client.create_instance(name, source={"type": "image", "fingerprint": fingerprint},
-                                        config=CONTAINER_CONFIG, profiles=PROFILES)
+            with _signals_deferred():
+                self.client.create_instance(name, source={"type": "image", "fingerprint": fingerprint},
+                                            config=CONTAINER_CONFIG, profiles=PROFILES)
         except CoiError as exc:
             self.say(f"Warning: could not unpack the image ahead of time ({exc.message}); "
                      "the first launch will do it")

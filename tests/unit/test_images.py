@@ -34,6 +34,7 @@ class FakeIncus:
         self.fail_step: str | None = None  # a command word whose step exits 1
         self.interrupt_step: str | None = None
         self.publish_error: Exception | None = None
+        self.during_publish: Any = None  # called while the daemon "publishes"
         self.resolver_broken = False  # getent fails until resolv.conf is rewritten
         self.resolv_conf = "nameserver 10.0.0.1\n"
         self._fp = (f"{i:064x}" for i in itertools.count(1))
@@ -93,6 +94,8 @@ class FakeIncus:
         self.calls.append(("publish", name))
         if self.publish_error:
             raise self.publish_error
+        if self.during_publish:
+            self.during_publish()
         assert self.instances_by_name[name]["status"] == "Stopped"
         fp = next(self._fp)
         self.images_by_fp[fp] = {"fingerprint": fp, "aliases": [], "size": 4096,
@@ -560,3 +563,17 @@ def test_new_image_is_unpacked_once_so_the_first_launch_is_fast(fake, config, sc
     assert [c[2] for c in unpack] == [{"type": "image", "fingerprint": result["fingerprint"]}]
     assert ("delete", unpack[0][1]) in fake.calls and fake.instances_by_name == {}
     assert any("Unpacking the image" in l for l in lines)
+
+
+def test_ctrl_c_during_publish_waits_for_the_image_then_deletes_it(fake, config, script):
+    import os
+    import signal
+
+    fake.during_publish = lambda: os.kill(os.getpid(), signal.SIGINT)  # held until publish returns
+    before = set(fake.images_by_fp)
+    with pytest.raises(KeyboardInterrupt):
+        _build(fake, config, script)
+    published = [c for c in fake.calls if c[0] == "publish"]
+    assert len(published) == 1
+    assert set(fake.images_by_fp) == before  # the unnamed new image was removed again
+    assert fake.instances_by_name == {} and not fake.image_exists("coi-test-x")
