@@ -48,6 +48,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("defaults.image", "str", "coi", env="COI_IMAGE"),
     Key("defaults.persistent", "bool", False, env="COI_PERSISTENT"),
     Key("defaults.max_slots", "int", 10, env="COI_MAX_SLOTS", bounds=(1, 99)),
+    Key("defaults.profile", "str", "", env="COI_PROFILE"),  # profile applied without --profile
+    # Honoured only from /etc or the user's own file: lets <workspace>/.coi.toml
+    # weaken network isolation and mount host paths outside the workspace.
+    Key("defaults.trust_workspace_config", "bool", False),
     Key("tool.name", "str", "claude", env="COI_TOOL", choices=TOOLS),
     Key("tool.binary", "str", "", env="COI_TOOL_BINARY"),
     Key("tool.env_passthrough", "strlist", []),
@@ -63,6 +67,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("network.block_private_networks", "bool", True),
     Key("network.block_metadata_endpoint", "bool", True),
     Key("network.allow_local_network_access", "bool", False),
+    Key("network.privileged_command", "strlist", []),  # e.g. ["sudo", "-n"]: how coi runs nft when not root
     Key("network.logging.enabled", "bool", False),
     Key("network.logging.path", "path?", ""),  # empty: <sessions_dir>/logs/network.log
     Key("mounts.default", "mounts", []),
@@ -110,6 +115,8 @@ class Defaults:
     image: str
     persistent: bool
     max_slots: int
+    profile: str
+    trust_workspace_config: bool
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,7 @@ class Network:
     block_metadata_endpoint: bool
     allow_local_network_access: bool
     logging: NetworkLogging
+    privileged_command: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,6 +226,8 @@ class LoadedConfig:
     origins: dict[str, str]  # dotted key -> "default", a file path, "env COI_X", "flag --x"
     warnings: list[str]
     files: list[tuple[Path, bool]]  # config files consulted, lowest first, and whether they exist
+    profile: str | None = None  # the profile applied, if any
+    environment: Mapping[str, str] = field(default_factory=dict)  # the profile's environment
 
 
 # --- kinds of values ---------------------------------------------------------
@@ -475,17 +485,105 @@ def load_config(
     """
     files = config_files(workspace=workspace, env=env, system_file=system_file, user_file=user_file)
     warnings: list[str] = []
-    layers = [
-        _default_layer(env),
-        *(_file_layer(path, env, warnings) for path, exists in files if exists),
-        _env_layer(env),
-        _flag_layer(flags, env),
-    ]
-    merged = {key: entry for layer in layers for key, entry in layer.items()}
+    layers = [_default_layer(env)]
+    for path, exists in files:
+        if not exists:
+            continue
+        layer = _file_layer(path, env, warnings)
+        if workspace is not None and path == workspace / WORKSPACE_FILE:
+            layer = untrusted_layer(layer, _merge(layers), workspace=workspace, warnings=warnings)
+        layers.append(layer)
+    env_layer, flag_layer = _env_layer(env), _flag_layer(flags, env)
+    below = _merge([*layers, env_layer, flag_layer])
+    profile = below.get("defaults.profile", ("", ""))[0]
+    environment: dict[str, str] = {}
+    if profile:
+        profile_layer, environment = _profile_layer(profile, below)
+        layers.append(profile_layer)
+    merged = _merge([*layers, env_layer, flag_layer])
     merged = dict(sorted(merged.items(), key=lambda item: _sort_key(item[0])))
     values = {key: value for key, (value, _) in merged.items()}
     origins = {key: origin for key, (_, origin) in merged.items()}
-    return LoadedConfig(config=_build_config(values), values=values, origins=origins, warnings=warnings, files=files)
+    return LoadedConfig(config=_build_config(values), values=values, origins=origins, warnings=warnings,
+                        files=files, profile=profile or None, environment=environment)
+
+
+def _merge(layers: Iterable[Layer]) -> Layer:
+    return {key: entry for layer in layers for key, entry in layer.items()}
+
+
+# Where each profile field lands among the top-level keys.
+_PROFILE_TARGETS = {
+    "image": "defaults.image", "persistent": "defaults.persistent", "tool": "tool.name",
+    "mounts": "mounts.default", "network.mode": "network.mode",
+    "network.allowed_domains": "network.allowed_domains", "limits.cpu": "limits.cpu",
+    "limits.memory": "limits.memory", "limits.processes": "limits.processes",
+}
+
+
+def _profile_layer(name: str, merged: Layer) -> tuple[Layer, dict[str, str]]:
+    """``[profiles.NAME]`` as a layer over the config files, plus its environment."""
+    prefix = f"profiles.{name}."
+    own = {key[len(prefix):]: entry for key, entry in merged.items() if key.startswith(prefix)}
+    if not own:
+        defined = sorted({key.split(".")[1] for key in merged if key.startswith("profiles.")})
+        raise ConfigError(f"unknown profile {name!r}",
+                          "defined profiles: " + ", ".join(defined) if defined else "no profiles are defined")
+    label = f"profile {name}"
+    layer = {_PROFILE_TARGETS[rest]: (value, label) for rest, (value, _) in own.items() if rest in _PROFILE_TARGETS}
+    environment = dict(own.get("environment", ({}, ""))[0])
+    return layer, environment
+
+
+_MODE_STRENGTH = {"open": 0, "restricted": 1, "allowlist": 2}
+
+
+def untrusted_layer(layer: Layer, below: Layer, *, workspace: Path, warnings: list[str]) -> Layer:
+    """What a workspace's own ``.coi.toml`` may set: the project may be untrusted.
+
+    It may choose image, profile, environment, limits and mounts inside the
+    workspace; it may make network isolation stricter, never weaker, and may
+    not mount host paths outside the workspace, unless the user's own config
+    sets ``trust_workspace_config``.
+    """
+    if below.get("defaults.trust_workspace_config", (False, ""))[0]:
+        return layer
+    kept: Layer = {}
+    for key, (value, origin) in layer.items():
+        reason = _untrusted_reason(key, value, below, workspace)
+        if reason is None:
+            kept[key] = (value, origin)
+        else:
+            warnings.append(f"{origin}: ignored {key}: {reason} "
+                            "(set trust_workspace_config = true in your own config to allow it)")
+    return kept
+
+
+def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> str | None:
+    if key == "defaults.trust_workspace_config":
+        return "only your own config can grant trust"
+    if key.endswith("network.mode"):
+        base = below.get("network.mode", ("restricted", ""))[0]
+        if _MODE_STRENGTH[value] < _MODE_STRENGTH[base]:
+            return f"a workspace file cannot weaken network isolation ({base} -> {value})"
+    elif key.endswith("allowed_domains"):
+        base = set(below.get("network.allowed_domains", ((), ""))[0])
+        if not set(value) <= base:
+            return "a workspace file cannot add domains to the network allowlist"
+    elif key in ("network.block_private_networks", "network.block_metadata_endpoint") and not value:
+        return "a workspace file cannot lift a network block"
+    elif key == "network.allow_local_network_access" and value:
+        return "a workspace file cannot open the local network"
+    elif key.endswith("mounts") or key == "mounts.default":
+        outside = [str(m.host) for m in value if not _inside(m.host, workspace)]
+        if outside:
+            return f"a workspace file cannot mount host paths outside the workspace ({', '.join(outside)})"
+    return None
+
+
+def _inside(path: Path, workspace: Path) -> bool:
+    resolved, root = Path(os.path.realpath(path)), Path(os.path.realpath(workspace))
+    return resolved == root or root in resolved.parents
 
 
 def default_config(*, env: Mapping[str, str]) -> Config:

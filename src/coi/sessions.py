@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -88,6 +89,33 @@ def check_mounts(mounts: list[Mount], *, storage: bool) -> None:
         taken.append(path)
 
 
+_MEMORY = re.compile(r"\d+(\.\d+)?(B|kB|MB|GB|TB|KiB|MiB|GiB|TiB)?|\d{1,3}%")
+_CPUS = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def limits_config(*, cpu: str, memory: str, processes: int, host_cpus: int | None = None) -> dict[str, str]:
+    """Incus limits from ``[limits]``; a bad value is refused before anything exists."""
+    out: dict[str, str] = {}
+    if cpu:
+        if not _CPUS.fullmatch(cpu) or (cpu.isdigit() and int(cpu) < 1):
+            raise UsageError(f"limits.cpu = {cpu!r} is not a CPU count or set",
+                             'use a count such as "2", or CPU numbers such as "0-1" or "0,2"')
+        cores = host_cpus or os.cpu_count() or 1
+        if cpu.isdigit() and int(cpu) > cores:
+            raise UsageError(f"limits.cpu = {cpu} is more than this host's {cores} CPUs")
+        out["limits.cpu"] = cpu
+    if memory:
+        if not _MEMORY.fullmatch(memory) or memory.startswith("0"):
+            raise UsageError(f"limits.memory = {memory!r} is not a memory size",
+                             'use a size such as "4GiB" or "512MiB", or a share such as "50%"')
+        out["limits.memory"] = memory
+    if processes < 0:
+        raise UsageError(f"limits.processes = {processes} must be 0 (unlimited) or more")
+    if processes:
+        out["limits.processes"] = str(processes)
+    return out
+
+
 def terminal_type(term: str | None) -> str:
     """A TERM the container knows: unusual host values fall back to xterm-256color."""
     return term if term in KNOWN_TERMS else "xterm-256color"
@@ -103,7 +131,8 @@ def agent_environment(*, term: str | None, extra: Mapping[str, str]) -> dict[str
 
 def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, persistent: bool,
                    tool: str, mounts: list[Mount], storage: Path | None, host_uid: int, host_gid: int,
-                   code_uid: int, shift: bool, base_config: Mapping[str, str]) -> tuple[dict, dict]:
+                   code_uid: int, shift: bool, base_config: Mapping[str, str],
+                   profile: str | None = None) -> tuple[dict, dict]:
     """(config, devices) of a session container.
 
     Workspace ownership: with ``shift`` (idmapped mounts, host uid == code uid)
@@ -116,6 +145,8 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
         f"{KEY}persistent": "true" if persistent else "false", f"{KEY}tool": tool, f"{KEY}image": image,
         f"{KEY}created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+    if profile:
+        config[f"{KEY}profile"] = profile
     if not shift:
         config["raw.idmap"] = f"uid {host_uid} {code_uid}\ngid {host_gid} {code_uid}"
     disk = {"type": "disk", **({"shift": "true"} if shift else {})}
@@ -237,8 +268,9 @@ class SessionRequest:
     host_gid: int
     shift: bool
     lock_dir: Path
-    base_config: Mapping[str, str]
+    base_config: Mapping[str, str]  # Incus config every session container gets (limits included)
     session_id: str | None = None  # keep this id (resume)
+    profile: str | None = None
 
 
 @dataclass
@@ -305,7 +337,7 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
             image=req.image, workspace=req.workspace, slot=slot, session_id=session_id,
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
             host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
-            base_config=req.base_config)
+            base_config=req.base_config, profile=req.profile)
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)
         try:

@@ -119,7 +119,7 @@ def test_each_layer_overrides_the_ones_below(layers: Layers, top: str) -> None:
 )
 def test_explicit_false_and_zero_are_set_values(layers, key, low_layer, high_layer, env, expected) -> None:
     layers.write("system", low_layer)
-    layers.write("workspace", high_layer)
+    layers.write("user", high_layer)
     loaded = layers.load(env=env)
     assert loaded.values[key] == expected
     section, name = key.split(".")
@@ -386,7 +386,8 @@ def test_cli_config_show_json(tmp_path: Path) -> None:
     result = _coi(tmp_path, "config", "show", "--format", "json", "-w", str(ws), COI_MAX_SLOTS="4")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["config"]["defaults"] == {"image": "ws-image", "persistent": True, "max_slots": 4}
+    assert data["config"]["defaults"] == {"image": "ws-image", "persistent": True, "max_slots": 4, "profile": "",
+                                          "trust_workspace_config": False}
     assert data["origins"]["defaults.image"] == str(ws / ".coi.toml")
     assert data["origins"]["defaults.persistent"] == str(user_file)
     assert data["origins"]["defaults.max_slots"] == "env COI_MAX_SLOTS"
@@ -414,3 +415,89 @@ def test_cli_config_path(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("/etc/coi/config.toml (")
     assert lines[1:] == [f"{user_file} (found)", f"{ws / '.coi.toml'} (not found)"]
+
+
+# --- profiles and the untrusted workspace file ----------------------------------
+
+PROFILES = """
+[profiles.rust]
+image = "coi-rust"
+persistent = true
+environment = { RUST_BACKTRACE = "1" }
+network = { mode = "allowlist", allowed_domains = ["crates.io"] }
+limits = { cpu = "2", memory = "4GiB", processes = 500 }
+
+[profiles.light]
+tool = "aider"
+"""
+
+
+@pytest.mark.parametrize(("profile_from", "env", "expected_image", "origin"), [
+    ("flag", {}, "coi-rust", "profile rust"),
+    ("config", {}, "coi-rust", "profile rust"),
+    ("flag", {"COI_IMAGE": "env-image"}, "env-image", "env COI_IMAGE"),  # env is above profiles
+])
+def test_profile_applies_between_files_and_flags(layers, profile_from, env, expected_image, origin) -> None:
+    layers.write("user", PROFILES + ('\n[defaults]\nprofile = "rust"\n' if profile_from == "config" else ""))
+    layers.write("workspace", '[defaults]\nimage = "ws-image"\n')
+    flags = {"defaults.profile": ("--profile", "rust")} if profile_from == "flag" else {}
+    loaded = layers.load(env=env, flags=flags)
+    cfg = loaded.config
+    assert loaded.profile == "rust" and loaded.environment == {"RUST_BACKTRACE": "1"}
+    assert (cfg.defaults.image, loaded.origins["defaults.image"]) == (expected_image, origin)
+    assert cfg.defaults.persistent is True and cfg.network.mode == "allowlist"
+    assert cfg.network.allowed_domains == ("crates.io",)
+    assert (cfg.limits.cpu, cfg.limits.memory, cfg.limits.processes) == ("2", "4GiB", 500)
+
+
+def test_flags_override_the_profile(layers) -> None:
+    layers.write("user", PROFILES)
+    loaded = layers.load(flags={"defaults.profile": ("--profile", "rust"), "defaults.image": ("--image", "mine")})
+    assert loaded.config.defaults.image == "mine" and loaded.config.defaults.persistent is True
+
+
+def test_unknown_profile_lists_the_defined_ones(layers) -> None:
+    layers.write("user", PROFILES)
+    with pytest.raises(ConfigError) as err:
+        layers.load(flags={"defaults.profile": ("--profile", "nope")})
+    assert "unknown profile 'nope'" in err.value.message and "light, rust" in err.value.hint
+
+
+@pytest.mark.parametrize(("user", "workspace", "key", "expected", "ignored"), [
+    ("", '[network]\nmode = "open"', "network.mode", "restricted", True),
+    ("", '[network]\nmode = "allowlist"', "network.mode", "allowlist", False),  # stricter is fine
+    ('[network]\nmode = "open"', '[network]\nmode = "restricted"', "network.mode", "restricted", False),
+    ('[network]\nallowed_domains = ["a.org"]', '[network]\nallowed_domains = ["a.org", "evil.org"]',
+     "network.allowed_domains", ("a.org",), True),
+    ('[network]\nallowed_domains = ["a.org", "b.org"]', '[network]\nallowed_domains = ["a.org"]',
+     "network.allowed_domains", ("a.org",), False),
+    ("", "[network]\nblock_private_networks = false", "network.block_private_networks", True, True),
+    ("", "[network]\nallow_local_network_access = true", "network.allow_local_network_access", False, True),
+    ("", "[defaults]\ntrust_workspace_config = true", "defaults.trust_workspace_config", False, True),
+    ("", '[defaults]\nimage = "ws-image"', "defaults.image", "ws-image", False),
+    ("", "[limits]\nmemory = \"1GiB\"", "limits.memory", "1GiB", False),
+    ("[defaults]\ntrust_workspace_config = true", '[network]\nmode = "open"', "network.mode", "open", False),
+])
+def test_untrusted_workspace_cannot_weaken_isolation(layers, user, workspace, key, expected, ignored) -> None:
+    layers.write("user", user)
+    layers.write("workspace", workspace)
+    loaded = layers.load()
+    assert loaded.values[key] == expected
+    assert any(key in w and "ignored" in w for w in loaded.warnings) is ignored
+
+
+def test_untrusted_workspace_mounts_stay_inside(layers, tmp_path) -> None:
+    inside = layers.ws_file.parent / "notes"
+    layers.write("workspace", f'[[mounts.default]]\nhost = "{inside}"\ncontainer = "/notes"\n'
+                              '[[mounts.default]]\nhost = "/etc"\ncontainer = "/hostetc"\n')
+    loaded = layers.load()
+    assert loaded.config.mounts.default == ()
+    assert any("outside the workspace (/etc)" in w for w in loaded.warnings)
+    layers.write("workspace", f'[[mounts.default]]\nhost = "{inside}"\ncontainer = "/notes"\n')
+    assert [m.container for m in layers.load().config.mounts.default] == ["/notes"]
+
+
+def test_workspace_profiles_get_the_same_rules(layers) -> None:
+    layers.write("workspace", '[profiles.ws]\nimage = "x"\nnetwork = { mode = "open" }\n[defaults]\nprofile = "ws"\n')
+    loaded = layers.load()
+    assert loaded.config.defaults.image == "x" and loaded.config.network.mode == "restricted"

@@ -23,6 +23,7 @@ FLAG_KEYS = {
     "image": ("defaults.image", "--image"),
     "persistent": ("defaults.persistent", "--persistent"),
     "network": ("network.mode", "--network"),
+    "profile": ("defaults.profile", "--profile"),
 }
 
 
@@ -55,6 +56,11 @@ class Context:
                     flag_values[key] = (flag, value)
         ws = Path(os.path.abspath(os.path.expanduser(workspace or os.getcwd())))
         return cls(ui=UI(quiet=quiet, verbose=verbose), workspace=ws, flag_values=flag_values)
+
+    def set_flag(self, key: str, label: str, value: Any) -> None:
+        """Set a config value as if given on the command line (config is loaded again)."""
+        self.flag_values[key] = (label, value)
+        self.__dict__.pop("loaded_config", None)
 
     @cached_property
     def loaded_config(self) -> LoadedConfig:

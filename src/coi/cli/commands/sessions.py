@@ -24,7 +24,9 @@ def _request(ctx: Context, *, slot: int, env: list[str], mount: list[str], stora
 
     cfg = ctx.config
     extra_env = {k: os.environ[k] for k in cfg.tool.env_passthrough if k in os.environ}
+    extra_env.update(ctx.loaded_config.environment)  # the profile's
     extra_env.update(sessions.parse_env(env))
+    limits = sessions.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
     mounts = list(cfg.mounts.default) + [sessions.parse_mount(m, cwd=Path.cwd()) for m in mount]
     storage_path = Path(os.path.abspath(os.path.expanduser(storage))) if storage else None
     sessions.check_mounts(mounts, storage=storage_path is not None)
@@ -39,8 +41,9 @@ def _request(ctx: Context, *, slot: int, env: list[str], mount: list[str], stora
         image=cfg.defaults.image, env=extra_env, mounts=mounts, storage=storage_path,
         tool=get_tool(cfg.tool.name), binary=cfg.tool.binary, max_slots=cfg.defaults.max_slots,
         prefix=_prefix(), code_uid=cfg.incus.code_uid, host_uid=os.getuid(), host_gid=os.getgid(),
-        shift=shift, lock_dir=cfg.paths.sessions_dir / "locks", base_config=sessions.CONTAINER_CONFIG,
-        session_id=session_id)
+        shift=shift, lock_dir=cfg.paths.sessions_dir / "locks",
+        base_config={**sessions.CONTAINER_CONFIG, **limits}, session_id=session_id,
+        profile=ctx.loaded_config.profile)
 
 
 def _use_shift(ctx: Context) -> bool:
@@ -54,7 +57,7 @@ def _use_shift(ctx: Context) -> bool:
 
 # ---- shell -------------------------------------------------------------------
 
-def shell(ctx: Context, *, slot: int = 0, resume: str | None = None, profile: str | None = None,
+def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
           env: list[str], mount: list[str], storage: str | None = None, background: bool = False,
           debug: bool = False, tmux: bool = True, extra: list[str]) -> int:
     from coi import sessions
@@ -72,6 +75,8 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None, profile: st
                                    session_id=None if resume == "latest" else resume, workspace=ctx.workspace)
         if persistent is None:
             persistent = bool(saved.metadata.get("persistent"))
+        if saved.metadata.get("profile") and "defaults.profile" not in ctx.flag_values:
+            ctx.set_flag("defaults.profile", "the resumed session", saved.metadata["profile"])
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage,
                    session_id=saved.session_id if saved else None, persistent=persistent)
     with sessions.interruptible():
@@ -194,7 +199,7 @@ def end_session(ctx: Context, name: str, *, inst: dict[str, Any] | None = None) 
                                "session_id": session_id, "container_name": name, "persistent": persistent,
                                "workspace": cfg.get(f"{key}workspace", ""), "tool": tool,
                                "slot": int(slot) if slot.isdigit() else None,
-                               "image": cfg.get(f"{key}image", "")})
+                               "image": cfg.get(f"{key}image", ""), "profile": cfg.get(f"{key}profile")})
         ctx.ui.info("Session data saved")
     if not persistent:
         sessions.remove_container(client, name)
@@ -202,7 +207,7 @@ def end_session(ctx: Context, name: str, *, inst: dict[str, Any] | None = None) 
 
 # ---- run ---------------------------------------------------------------------
 
-def run(ctx: Context, *, slot: int = 0, profile: str | None = None, env: list[str], mount: list[str],
+def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         storage: str | None = None, capture: bool = False, timeout: float = 0, command: list[str]) -> int:
     import subprocess
 
