@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
             "  images:    build, image\n"
             "  low-level: container, file, tmux\n"
-            "  host:      setup, doctor, config, version\n\n"
+            "  host:      setup, doctor, config, completion, version\n\n"
             "example:\n  coi shell            # Claude Code in a container, on the current directory"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- host ----
     _command(sub, "version", "host:version", "print the version", "coi version")
+
+    p = _command(sub, "completion", "host:completion", "print a shell completion script",
+                 'eval "$(coi completion bash)"    # or: coi completion fish | source')
+    p.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="bash, zsh or fish")
+    p = sub.add_parser("__complete")  # for the completion scripts; not listed
+    p.set_defaults(handler="host:complete")
+    p.add_argument("what", choices=["containers", "sessions"])
 
     p = _command(sub, "setup", "host:setup",
                  "make this host ready for coi (run as root; safe to repeat)", "sudo coi setup")

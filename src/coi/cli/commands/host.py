@@ -42,3 +42,26 @@ def doctor(ctx: Context, *, format: str = "text") -> int:
 
     render_checks(ctx.ui, checks, format=format)
     return 1 if any(c.status == "fail" and c.blocking for c in checks) else 0
+
+
+def completion(ctx: Context, *, shell: str) -> int:
+    from coi.cli.completion import SHELLS
+    from coi.cli.parser import build_parser
+
+    ctx.ui.out(SHELLS[shell](build_parser()).rstrip("\n"))
+    return 0
+
+
+def complete(ctx: Context, *, what: str) -> int:
+    """Live words for completion: coi container names or saved session ids."""
+    if what == "containers":
+        from coi import naming, sessions
+
+        for c in sessions.list_containers(ctx.incus, naming.container_prefix(), with_state=False):
+            ctx.ui.out(c.name)
+    else:
+        from coi import state
+
+        for s in state.saved_sessions(ctx.config.paths.sessions_dir):
+            ctx.ui.out(s.session_id)
+    return 0

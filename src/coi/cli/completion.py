@@ -1,0 +1,101 @@
+"""Shell completion for bash, zsh and fish, generated from the argparse tree.
+
+Static words (commands, flags) are written into the script; container names
+and saved session ids come live from ``coi __complete containers|sessions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# Arguments that take a container name or a saved session id.
+CONTAINER_ARGS = {"name", "names", "container"}
+SESSION_ARGS = {"session_id"}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps no public accessor for these
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def command_table(parser: argparse.ArgumentParser) -> dict[str, dict[str, str]]:
+    """``"shell"`` / ``"image list"`` -> {"flags": "...", "subs": "...", "dynamic": "containers|sessions|"}."""
+    table: dict[str, dict[str, str]] = {}
+
+    def visit(prefix: str, p: argparse.ArgumentParser) -> None:
+        subs = _subparsers(p)
+        flags = sorted(o for a in p._actions for o in a.option_strings if o.startswith("--"))
+        dests = {a.dest for a in p._actions if not a.option_strings}
+        dynamic = "containers" if dests & CONTAINER_ARGS else "sessions" if dests & SESSION_ARGS else ""
+        table[prefix] = {"flags": " ".join(flags), "subs": " ".join(sorted(subs)), "dynamic": dynamic}
+        for name, sub in subs.items():
+            visit(f"{prefix} {name}".strip(), sub)
+
+    visit("", parser)
+    for v in table.values():  # hidden commands (``__complete``) are not offered
+        v["subs"] = " ".join(w for w in v["subs"].split() if not w.startswith("__"))
+    return {k: v for k, v in table.items() if not k.startswith("__")}
+
+
+def bash(parser: argparse.ArgumentParser) -> str:
+    table = command_table(parser)
+
+    def array(name: str, field: str) -> str:
+        items = " ".join(f'["{key or "_"}"]="{v[field]}"' for key, v in table.items())
+        return f"declare -gA {name}=( {items} )"
+
+    return f"""# coi completion for bash: eval "$(coi completion bash)"
+{array("_coi_subs", "subs")}
+{array("_coi_flags", "flags")}
+{array("_coi_dyn", "dynamic")}
+_coi() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" path="" next w i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        w="${{COMP_WORDS[i]}}"
+        [[ $w == -* ]] && continue
+        next="${{path:+$path }}$w"
+        [[ -n "${{_coi_subs[$next]+set}}" ]] && path="$next"
+    done
+    local key="${{path:-_}}"
+    if [[ $cur == --resume=* || $cur == --continue=* ]]; then
+        COMPREPLY=( $(compgen -P "${{cur%%=*}}=" -W "$(coi __complete sessions 2>/dev/null)" -- "${{cur#*=}}") )
+    elif [[ $cur == -* ]]; then
+        COMPREPLY=( $(compgen -W "${{_coi_flags[$key]}}" -- "$cur") )
+    else
+        local words="${{_coi_subs[$key]}}"
+        [[ -n "${{_coi_dyn[$key]}}" ]] && words="$words $(coi __complete ${{_coi_dyn[$key]}} 2>/dev/null)"
+        COMPREPLY=( $(compgen -W "$words" -- "$cur") )
+    fi
+}}
+complete -o default -F _coi coi
+"""
+
+
+def zsh(parser: argparse.ArgumentParser) -> str:
+    # zsh runs bash completion functions through bashcompinit.
+    return ("# coi completion for zsh: eval \"$(coi completion zsh)\"\n"
+            "autoload -U +X bashcompinit && bashcompinit\n" + bash(parser))
+
+
+def fish(parser: argparse.ArgumentParser) -> str:
+    table = command_table(parser)
+    lines = ["# coi completion for fish: coi completion fish | source", "complete -c coi -f"]
+    top = table[""]
+    lines.append(f"complete -c coi -n '__fish_use_subcommand' -a '{top['subs']}'")
+    for key, v in table.items():
+        if not key:
+            continue
+        words = key.split()
+        cond = " && ".join(f"__fish_seen_subcommand_from {w}" for w in words)
+        if v["subs"]:
+            lines.append(f"complete -c coi -n '{cond}' -a '{v['subs']}'")
+        for flag in v["flags"].split():
+            lines.append(f"complete -c coi -n '{cond}' -l {flag[2:]}")
+        if v["dynamic"]:
+            lines.append(f"complete -c coi -n '{cond}' -a '(coi __complete {v['dynamic']} 2>/dev/null)'")
+    return "\n".join(lines) + "\n"
+
+
+SHELLS = {"bash": bash, "zsh": zsh, "fish": fish}

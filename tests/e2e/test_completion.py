@@ -1,0 +1,38 @@
+"""Shell completion scripts load and offer real container names and session ids."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def complete(user, words: list[str]) -> set[str]:
+    script = ('eval "$(coi completion bash)"; COMP_WORDS=(' + " ".join(f"'{w}'" for w in words) + ');'
+              f' COMP_CWORD={len(words) - 1}; _coi; printf "%s\\n" "${{COMPREPLY[@]}}"')
+    proc = subprocess.run(user.argv(["bash", "-c", script]), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_bash_completion_offers_commands_flags_and_live_names(session_user, workspace):
+    assert {"shell", "run", "attach", "image", "container"} <= complete(session_user, ["coi", ""])
+    assert {"list", "cleanup"} <= complete(session_user, ["coi", "image", ""])
+    assert "--persistent" in complete(session_user, ["coi", "shell", "--pers"])
+    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
+    name = next(l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    assert name in complete(session_user, ["coi", "attach", ""])
+    assert name in complete(session_user, ["coi", "tmux", "send", ""])
+    assert session_user.run(["shutdown", name, "--timeout", "20"]).returncode == 0
+    saved = session_user.run(["__complete", "sessions"]).stdout.split()
+    assert len(saved) == 1
+    assert f"--resume={saved[0]}" in complete(session_user, ["coi", "shell", "--resume="])
+    assert saved[0] in complete(session_user, ["coi", "info", ""])
+
+
+@pytest.mark.parametrize("shell, marker", [("zsh", "bashcompinit"), ("fish", "complete -c coi")])
+def test_zsh_and_fish_scripts(session_user, shell, marker):
+    proc = session_user.run(["completion", shell])
+    assert proc.returncode == 0 and marker in proc.stdout
