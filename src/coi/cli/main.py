@@ -51,6 +51,14 @@ def _run(args: list[str]) -> int:
     except KeyboardInterrupt:
         ctx.ui.error("interrupted")
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        ctx.ui.error(f"unexpected failure: {exc.__class__.__name__}: {exc}",
+                     None if debug else "run again with --debug-traceback (or COI_DEBUG=1) and report it")
+        return 1
     except BrokenPipeError:
         # Output piped into something that closed early (``coi list | head``).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

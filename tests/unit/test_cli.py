@@ -1,0 +1,67 @@
+"""The CLI's top level: parsing, errors without tracebacks, exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from coi.cli import main as cli_main
+from coi.cli.main import _parse, main
+from coi.cli.parser import build_parser, normalise
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("args, command", [
+    (["container", "exec", "X", "--user", "1000", "--", "sh", "-c", "id"], ["sh", "-c", "id"]),
+    (["run", "--", "sh", "-c", "id"], ["sh", "-c", "id"]),
+    (["run", "make", "--", "x"], ["make", "--", "x"]),
+    (["run", "--slot", "2", "--", "a", "--", "b"], ["a", "--", "b"]),
+    (["run", "make", "test"], ["make", "test"]),
+])
+def test_commands_after_double_dash_are_verbatim(args, command):
+    assert _parse(build_parser(), args, normalise).command == command
+
+
+@pytest.mark.parametrize("args, resume", [
+    (["shell", "--resume"], "latest"), (["shell", "--continue"], "latest"),
+    (["shell", "--resume=abc"], "abc"), (["shell"], None),
+])
+def test_resume_needs_equals_for_an_id(args, resume):
+    assert _parse(build_parser(), args, normalise).resume == resume
+
+
+def test_version_fast_path(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("coi ")
+
+
+def test_unexpected_failures_are_one_line(monkeypatch, capsys):
+    def boom(ref):
+        raise OSError(5, "disk on fire")
+    monkeypatch.setattr(cli_main, "_resolve", boom)
+    assert main(["doctor"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Error: unexpected failure: OSError" in err and "--debug-traceback" in err
+    monkeypatch.setenv("COI_DEBUG", "1")
+    assert main(["doctor"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+    assert "Error: argument COMMAND: invalid choice" in capsys.readouterr().err
+
+
+def test_every_command_has_help_with_an_example():
+    parser = build_parser()
+    from coi.cli.completion import command_table
+    for path in command_table(parser):
+        if not path:
+            continue
+        p = parser
+        for word in path.split():
+            p = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction").choices[word]
+        text = p.format_help()
+        assert "example:" in text and p.description, path
