@@ -184,3 +184,11 @@ def test_persist_turns_ephemeral_persistent(session_user, workspace, incus):
     assert incus.instance(name)["config"]["user.coi.persistent"] == "true"
     assert session_user.run(["shutdown", name, "--timeout", "20"]).returncode == 0
     assert incus.instance(name)["status"] == "Stopped"
+
+
+def test_storage_is_persistent_across_sessions(session_user, workspace):
+    for cmd in ("echo kept > /storage/f", "cat /storage/f"):
+        proc = session_user.run(["run", "--storage", "--", "sh", "-c", cmd], cwd=workspace)
+        assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "kept\n"
+    assert list((session_user.home / ".coi" / "storage").glob("*/f"))

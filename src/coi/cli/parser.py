@@ -63,7 +63,9 @@ def _session_flags(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
                    help="environment variable for the agent (repeatable)")
     p.add_argument("--mount", action="append", default=[], metavar="HOST:CONTAINER",
                    help="extra bind mount (repeatable)")
-    p.add_argument("--storage", metavar="PATH", help="persistent host directory mounted at /storage")
+    p.add_argument("--storage", metavar="PATH", nargs="?", const="",
+                   help="persistent host directory mounted at /storage "
+                        "(alone: a directory of this workspace under [paths] storage_dir)")
     p.add_argument("--network", choices=["restricted", "allowlist", "open"], default=None,
                    help="network mode (default: [network] mode, 'restricted')")
 

@@ -28,7 +28,10 @@ def _request(ctx: Context, *, slot: int, env: list[str], mount: list[str], stora
     extra_env.update(sessions.parse_env(env))
     limits = sessions.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
     mounts = list(cfg.mounts.default) + [sessions.parse_mount(m, cwd=Path.cwd()) for m in mount]
-    storage_path = Path(os.path.abspath(os.path.expanduser(storage))) if storage else None
+    if storage == "":  # --storage alone
+        storage_path: Path | None = cfg.paths.storage_dir / naming.workspace_hash(str(ctx.workspace))
+    else:
+        storage_path = Path(os.path.abspath(os.path.expanduser(storage))) if storage else None
     sessions.check_mounts(mounts, storage=storage_path is not None)
     if not ctx.workspace.is_dir():
         raise NotFoundError(f"workspace {ctx.workspace} is not a directory")
