@@ -28,7 +28,8 @@ def _run(args: list[str]) -> int:
     from coi.cli.parser import build_parser, normalise
     from coi.errors import CoiError
 
-    parser = build_parser()
+    command = next((a for a in args if not a.startswith("-")), None)
+    parser = build_parser(only=command)
     ns = _parse(parser, args, normalise)  # exits 2 on usage errors
     kwargs = dict(vars(ns))
     handler_ref = kwargs.pop("handler", None)

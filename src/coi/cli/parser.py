@@ -10,6 +10,12 @@ import argparse
 
 from coi import __version__
 
+# argparse looks each of its messages up in gettext catalogues, and a failed
+# lookup is not cached: ~140 file searches per parser build (20 ms). coi's
+# messages are English; take argparse's words as they are.
+argparse._ = lambda message: message  # type: ignore[attr-defined]
+argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with coi's one-line error format (exit code 2)."""
@@ -33,7 +39,23 @@ def _workspace(p: argparse.ArgumentParser) -> None:
                    help="workspace directory (default: current directory)")
 
 
+class _Skipped:
+    """Stands in for the parsers of commands not being run: takes any call, builds nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self
+
+
+_SKIPPED = _Skipped()
+_ONLY: list[str | None] = [None]  # the command being run; None builds every parser
+
+
 def _command(sub, name: str, handler: str, summary: str, example: str, **kw) -> argparse.ArgumentParser:
+    if sub is _SKIPPED:
+        return _SKIPPED  # type: ignore[return-value]
+    if getattr(sub, "_coi_top", False) and _ONLY[0] not in (None, name):
+        sub.add_parser(name, help=summary)  # listed, but its flags are not built
+        return _SKIPPED  # type: ignore[return-value]
     p = sub.add_parser(
         name,
         help=summary,
@@ -81,7 +103,10 @@ def normalise(args: list[str]) -> list[str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole tree, or with ``only`` just that command's sub-parser in full
+    (the others are listed by name: building them all costs more than running ``coi list``)."""
+    _ONLY[0] = only
     parser = _Parser(
         prog="coi",
         description="Run AI coding agents inside isolated Incus system containers.",
@@ -98,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--version", action="version", version=f"coi {__version__}")
     _common(parser)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    sub._coi_top = True  # type: ignore[attr-defined]
 
     # ---- sessions ----
     p = _command(sub, "shell", "sessions:shell", "start an agent session in a container (tmux inside)",
@@ -257,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "completion", "host:completion", "print a shell completion script",
                  'eval "$(coi completion bash)"    # or: coi completion fish | source')
     p.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="bash, zsh or fish")
-    p = sub.add_parser("__complete")  # for the completion scripts; not listed
-    p.set_defaults(handler="host:complete")
-    p.add_argument("what", choices=["containers", "sessions"])
+    if _ONLY[0] in (None, "__complete"):
+        p = sub.add_parser("__complete")  # for the completion scripts; not listed
+        p.set_defaults(handler="host:complete")
+        p.add_argument("what", choices=["containers", "sessions"])
 
     p = _command(sub, "setup", "host:setup",
                  "make this host ready for coi (run as root; safe to repeat)", "sudo coi setup")
