@@ -64,6 +64,15 @@ def check_nftables() -> Check:
     return Check("nftables", "ok", detail, blocking=False)
 
 
+def check_network(config) -> Check:
+    """Which backend enforces network isolation for this user (nothing is changed)."""
+    from coi import network
+
+    report = network.backend_report(config.network, sessions_dir=config.paths.sessions_dir)
+    return Check("network isolation", report.status, f"{report.backend}: {report.detail}", report.hint,
+                 blocking=False)
+
+
 def _subids() -> Check:
     bad = [p for p in ("/etc/subuid", "/etc/subgid")
            if not (Path(p).exists() and root_subid_ok(Path(p).read_text()))]
@@ -104,6 +113,7 @@ def run_checks(config, *, socket_env: Mapping[str, str] | None = None,
         checks.append(Check("storage, bridge, profile, image", "skip", "daemon not reachable", blocking=False))
     checks.append(_subids())
     checks.append(check_nftables())
+    checks.append(check_network(config))
     has_tmux = shutil.which("tmux") is not None
     checks.append(Check("tmux", "ok" if has_tmux else "warn",
                         "tmux installed on the host" if has_tmux else "tmux is not installed on the host",

@@ -587,6 +587,16 @@ class Incus:
             self.update_image_properties(fingerprint, properties)
         return fingerprint
 
+    # ---- network isolation helpers -------------------------------------------
+
+    def put_network_acl(self, name: str, *, egress: list[dict[str, str]],
+                        ingress: list[dict[str, str]], description: str = "") -> None:
+        """Replace an ACL's rules (NotFoundError when it does not exist)."""
+        self.call("PUT", f"/1.0/network-acls/{quote(name, safe='')}", f"network ACL {name}",
+                  json_body={"egress": egress, "ingress": ingress, "description": description,
+                             "config": {}})
+
+
 def _walk_local(local: Path, remote: PurePosixPath) -> Iterator[tuple[Path, PurePosixPath]]:
     """Pairs (host path, container path), parents before children."""
     yield local, remote

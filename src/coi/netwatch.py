@@ -1,0 +1,193 @@
+"""The network watcher: one detached process per filtered container.
+
+Started by ``coi.network.apply`` (``python -m coi.netwatch CONTAINER SESSIONS_DIR``)
+in its own session, so it outlives ``coi shell --background``. It
+
+* re-resolves the allowlist every refresh interval and replaces the nft set
+  (or the Incus ACL) when the addresses changed; a failed lookup keeps the last
+  good addresses;
+* re-applies the rules when the container came back from a restart with a new
+  host interface or address;
+* writes blocked connection attempts to the network log when logging is on;
+* removes the rules and exits when the container is deleted, or stays stopped
+  longer than a reboot takes (a poweroff from inside while coi is not attached).
+
+It exits quietly on SIGTERM: ``apply`` and ``remove`` stop it that way.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from coi import network
+from coi.errors import CoiError, NotFoundError
+
+POLL_SECONDS = 0.5  # how often the container's state is read (one local REST call)
+STOPPED_GRACE = 5.0  # a reboot from inside shows "Stopped" for about half a second
+
+
+def _say(message: str) -> None:
+    print(time.strftime("%Y-%m-%dT%H:%M:%S"), message, flush=True)
+
+
+class Watcher:
+    def __init__(self, container: str, sessions_dir: Path, client: Any) -> None:
+        self.container = container
+        self.sessions_dir = sessions_dir
+        self.store = network.Store(sessions_dir)
+        self.client = client
+        self.stop = threading.Event()
+        self.monitor: subprocess.Popen[str] | None = None
+
+    def record(self) -> dict[str, Any] | None:
+        return self.store.record(self.container)
+
+    def run(self) -> int:
+        record = self.record()
+        if not record:
+            return 0
+        policy = network.NetworkPolicy.from_json(record["policy"])
+        if policy.log_blocked:
+            self._start_monitor(policy)
+        next_refresh = time.monotonic() + policy.refresh_seconds
+        stopped_since: float | None = None
+        try:
+            while not self.stop.is_set():
+                record = self.record()
+                if not record:
+                    return 0  # removed by coi meanwhile
+                try:
+                    state = self.client.instance_state(self.container)
+                except NotFoundError:
+                    _say(f"{self.container} is gone: removing its rules")
+                    self._remove()
+                    return 0
+                except CoiError as exc:
+                    _say(f"reading the state of {self.container} failed: {exc.message}")
+                    state = None
+                if state is not None:
+                    if state.get("status") in ("Stopped", "Error"):
+                        stopped_since = stopped_since or time.monotonic()
+                        if time.monotonic() - stopped_since >= STOPPED_GRACE:
+                            _say(f"{self.container} stopped: removing its rules")
+                            self._remove()
+                            return 0
+                    elif state.get("status") == "Running":
+                        stopped_since = None
+                        self._follow_restart(record, policy, state)
+                        if policy.mode == "allowlist" and time.monotonic() >= next_refresh:
+                            self._refresh(policy)
+                            next_refresh = time.monotonic() + policy.refresh_seconds
+                wait = POLL_SECONDS
+                if policy.mode == "allowlist":
+                    wait = max(0.05, min(wait, next_refresh - time.monotonic()))
+                self.stop.wait(wait)
+            return 0
+        finally:
+            if self.monitor is not None:
+                self.monitor.terminate()
+
+    def _remove(self) -> None:
+        try:
+            network.remove(self.container, sessions_dir=self.sessions_dir, client=self.client)
+        except CoiError as exc:
+            _say(f"removing the rules of {self.container} failed: {exc.message}")
+
+    def _follow_restart(self, record: dict[str, Any], policy: network.NetworkPolicy,
+                        state: dict[str, Any]) -> None:
+        """A restart gives a new host interface (and maybe address): re-key the rules."""
+        old = record.get("attachment") or {}
+        nic = (state.get("network") or {}).get(old.get("nic", "eth0")) or {}
+        if not nic.get("host_name") or nic.get("host_name") == old.get("veth"):
+            return
+        _say(f"{self.container} has a new interface {nic['host_name']}: re-applying its rules")
+        try:
+            att = network.find_attachment(self.client, self.container)
+            backend = self._backend(record, policy)
+            if isinstance(backend, network.NftBackend):
+                backend.apply(att, policy, record.get("addresses") or [])
+            record["attachment"] = network.asdict(att)
+            self.store.save_record(self.container, record)
+        except (CoiError, network.BackendUnavailable) as exc:
+            _say(f"re-applying the rules of {self.container} failed: {exc}")
+
+    def _backend(self, record: dict[str, Any], policy: network.NetworkPolicy) -> Any:
+        if record.get("backend") == network.AclBackend.name:
+            return network.AclBackend(self.client)
+        return network.NftBackend(policy.privileged_command)
+
+    def _refresh(self, policy: network.NetworkPolicy) -> None:
+        record = self.record()
+        if not record:
+            return
+        att = network.Attachment(**record["attachment"])
+        cache = self.store.dns_cache()
+        result = network.resolve_allowed(policy.allowed, server=network.resolver_for(policy, att), cache=cache)
+        self.store.save_dns_cache(cache)
+        for entry in result.stale + list(result.failed):
+            _say(f"refresh: {entry} did not resolve; keeping its last known addresses")
+        if not result.addresses or result.addresses == record.get("addresses"):
+            return
+        try:
+            backend = self._backend(record, policy)
+            if isinstance(backend, network.AclBackend):
+                backend.update_allowed(self.container, result.addresses, att, policy)
+            else:
+                backend.update_allowed(self.container, result.addresses)
+        except (CoiError, network.BackendUnavailable) as exc:
+            _say(f"refresh of {self.container} failed: {exc}")
+            return
+        record["addresses"] = result.addresses
+        self.store.save_record(self.container, record)
+        _say(f"refresh: {self.container} may now reach {', '.join(result.addresses)}")
+
+    def _start_monitor(self, policy: network.NetworkPolicy) -> None:
+        """``nft monitor trace``: the deny chains set nftrace, so refused packets show up here."""
+        try:
+            argv = network.NftBackend(policy.privileged_command).monitor_argv()
+        except network.BackendUnavailable as exc:
+            _say(f"logging of blocked connections is off: {exc}")
+            return
+        path = network.log_file(policy, self.sessions_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.monitor = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                        stdin=subprocess.DEVNULL)
+
+        def pump() -> None:
+            assert self.monitor is not None and self.monitor.stdout is not None
+            for line in self.monitor.stdout:
+                parsed = network.parse_trace(line)
+                if parsed and parsed[0] == self.container:
+                    with open(path, "a") as fh:
+                        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {parsed[0]} blocked {parsed[1]}\n")
+
+        threading.Thread(target=pump, daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m coi.netwatch CONTAINER SESSIONS_DIR", file=sys.stderr)
+        return 2
+    container, sessions_dir = args[0], Path(args[1])
+    from coi.incus import Incus
+
+    record = network.Store(sessions_dir).record(container) or {}
+    client = Incus.from_environment(project=record.get("project", "default"))
+    watcher = Watcher(container, sessions_dir, client)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: watcher.stop.set())
+    try:
+        return watcher.run()
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
