@@ -222,3 +222,252 @@ def coi_image(incus, base_image):
             mp.setenv("COI_CONTAINER_PREFIX", TEST_PREFIX)  # the builder is a coi-test- container
             build_coi(incus, force=True, tools=tools, config=config, log=print)
     return COI_ALIAS
+
+
+# ---- network isolation: test hosts in network namespaces, sudo for nft --------------
+#
+# Tests send traffic only to loopback, to their own containers and to hosts in
+# network namespaces they create here (a veth pair routed from the host), plus
+# the package registries by name. Every namespace, link, process, nft chain and
+# sudoers file made here is removed again, also after failures.
+
+import sys  # noqa: E402 - this block is appended to the fixtures above
+
+SUDOERS_FILE = Path("/etc/sudoers.d/coi-tester-nft")
+
+# A tiny DNS server for the tests: answers A queries from a JSON file
+# {"name": "1.2.3.4"} read on every query, NXDOMAIN for anything else.
+_FAKE_DNS = r'''
+import json, socket, struct, sys
+addr, port, answers = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((addr, port))
+while True:
+    data, peer = sock.recvfrom(512)
+    qid, flags, qd = struct.unpack("!HHH", data[:6])
+    pos, labels = 12, []
+    while data[pos]:
+        labels.append(data[pos + 1:pos + 1 + data[pos]].decode()); pos += 1 + data[pos]
+    question = data[12:pos + 5]
+    name = ".".join(labels).lower()
+    try:
+        table = json.load(open(answers))
+    except (OSError, ValueError):
+        table = {}
+    ips = table.get(name) or []
+    ips = [ips] if isinstance(ips, str) else ips
+    head = struct.pack("!HHHHHH", qid, 0x8180 if ips else 0x8183, 1, len(ips), 0, 0)
+    body = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 1, 4) + socket.inet_aton(ip) for ip in ips)
+    sock.sendto(head + question + body, peer)
+'''
+
+
+@dataclass
+class NetHost:
+    """A test host in its own network namespace, routed from the host."""
+
+    netns: str
+    address: str  # inside the namespace
+    host_side: str  # the host's end of the veth pair
+    port: int  # its HTTP (or DNS) port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}/"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def _subnet_in_use(subnet: str) -> bool:
+    """Whether any route or address on the host overlaps ``subnet`` (read only)."""
+    import ipaddress
+    import json as _json
+
+    net = ipaddress.ip_network(subnet)
+    routes = _json.loads(subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"],
+                                        capture_output=True, text=True).stdout or "[]")
+    for route in routes:
+        dst = route.get("dst", "")
+        if dst in ("default", ""):
+            continue
+        try:
+            if ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False).overlaps(net):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def wait_port(address: str, port: int, *, udp_probe: bytes | None = None, timeout: float = 15) -> None:
+    import socket
+
+    from coi.wait import wait_for
+
+    def ready() -> bool:
+        try:
+            if udp_probe is None:
+                with socket.create_connection((address, port), timeout=0.5):
+                    return True
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(0.3)
+                sock.sendto(udp_probe, (address, port))
+                return bool(sock.recv(512))
+        except OSError:
+            return False
+    wait_for(ready, timeout=timeout, what=f"a test server on {address}:{port}")
+
+
+class NetLab:
+    """Creates network-namespace test hosts and host-side servers; ``close`` removes them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.namespaces: list[str] = []
+        self.links: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def host(self, label: str, subnet: str, *, dns_answers: Path | None = None) -> NetHost:
+        """A namespace on ``subnet`` (a /30: host end first, test host second) running an
+        HTTP server, or the fake DNS server on port 53 when ``dns_answers`` is given."""
+        import ipaddress
+
+        if _subnet_in_use(subnet):
+            pytest.skip(f"{subnet} is in use on this host; the test host cannot be routed safely")
+        net = ipaddress.ip_network(subnet)
+        host_side, inside = (str(a) for a in list(net.hosts())[:2])
+        tag = uuid.uuid4().hex[:6]
+        ns, outer, inner = f"{TEST_PREFIX}{label}-{tag}", f"ctn{tag}h", f"ctn{tag}n"
+        _ip("netns", "add", ns)
+        self.namespaces.append(ns)
+        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        self.links.append(outer)
+        _ip("link", "set", inner, "netns", ns)
+        _ip("addr", "add", f"{host_side}/{net.prefixlen}", "dev", outer)
+        _ip("link", "set", outer, "up")
+        for args in (["addr", "add", f"{inside}/{net.prefixlen}", "dev", inner], ["link", "set", inner, "up"],
+                     ["link", "set", "lo", "up"], ["route", "add", "default", "via", host_side]):
+            _ip("netns", "exec", ns, "ip", *args)
+        if dns_answers is not None:
+            script = self.workdir / "fake_dns.py"
+            script.write_text(_FAKE_DNS)
+            self._spawn(["ip", "netns", "exec", ns, sys.executable, str(script), inside, "53", str(dns_answers)])
+            wait_port(inside, 53, udp_probe=bytes(12) + b"\x00\x00\x01\x00\x01")
+            return NetHost(ns, inside, host_side, 53)
+        port = 8000
+        self._spawn(["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", str(port), "--bind", inside])
+        wait_port(inside, port)
+        return NetHost(ns, inside, host_side, port)
+
+    def http_on_host(self, address: str) -> int:
+        """An HTTP server in the host's own namespace, bound to ``address``; returns its port."""
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind((address, 0))
+            port = sock.getsockname()[1]
+        self._spawn([sys.executable, "-m", "http.server", str(port), "--bind", address])
+        wait_port(address, port)
+        return port
+
+    def _spawn(self, argv: list[str]) -> None:
+        serve = self.workdir / "www"
+        serve.mkdir(exist_ok=True)
+        self.procs.append(subprocess.Popen(argv, cwd=serve, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for link in self.links:  # gone with the namespace's peer; this is only a safety net
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+
+
+def remove_test_network_rules() -> None:
+    """Remove coi-test- containers' chains from coi's nft tables and stop their watchers."""
+    import json as _json
+
+    from coi import network
+
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"coi.netwatch" in argv and any(a.startswith(TEST_PREFIX.encode()) for a in argv):
+                try:
+                    os.kill(int(pid), 9)
+                except OSError:
+                    pass
+    proc = subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return
+    for name in network.containers_in_ruleset(_json.loads(proc.stdout or "{}")):
+        if name.startswith(TEST_PREFIX):
+            subprocess.run(["nft", "-f", "-"], input=network.nft_remove_script(name), text=True,
+                           capture_output=True)
+    for acl in subprocess.run(["incus", "network", "acl", "list", "-f", "csv"], capture_output=True,
+                              text=True).stdout.splitlines():
+        name = acl.split(",", 1)[0]
+        if name.startswith(TEST_PREFIX):
+            subprocess.run(["incus", "network", "acl", "delete", name], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def nft_sudo(coi_user):
+    """sudo for the test user, limited to nft (installed when missing); removed at the end."""
+    if shutil.which("sudo") is None:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "sudo"]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+            subprocess.run(install, env=env, check=True, capture_output=True)
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    SUDOERS_FILE.write_text(f"{coi_user.name} ALL=(root) NOPASSWD: {nft}\n")
+    SUDOERS_FILE.chmod(0o440)
+    try:
+        subprocess.run(["visudo", "-cf", str(SUDOERS_FILE)], check=True, capture_output=True)
+        yield ["sudo", "-n"]
+    finally:
+        SUDOERS_FILE.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def net_user(session_user, nft_sudo):
+    """The session user, allowed to run nft through 'sudo -n' (privileged_command)."""
+    path = session_user.home / ".config" / "coi" / "config.toml"
+    path.write_text(path.read_text() + '\n[network]\nprivileged_command = ["sudo", "-n"]\n')
+    yield session_user
+    remove_test_network_rules()
+
+
+@pytest.fixture(scope="module")
+def net_lab(incus, tmp_path_factory):
+    """Test hosts: two private ones, a metadata one (169.254.169.254), a fake DNS server on a
+    documentation address (198.51.100.54) standing in for a public one,
+    an HTTP server on the bridge gateway. All removed at the end, with any test rules."""
+    from coi.host import COI_NETWORK
+
+    lab = NetLab(tmp_path_factory.mktemp("netlab"))
+    try:
+        import ipaddress
+
+        gateway = str(ipaddress.ip_interface(incus.network(COI_NETWORK)["config"]["ipv4.address"]).ip)
+        answers = lab.workdir / "dns-answers.json"
+        answers.write_text("{}")
+        hosts = {
+            "private": lab.host("private", "192.168.250.0/30"),
+            "private2": lab.host("private2", "192.168.251.0/30"),
+            "metadata": lab.host("metadata", "169.254.169.252/30"),
+            "dns": lab.host("dns", "198.51.100.52/30", dns_answers=answers),
+        }
+        yield {"lab": lab, "gateway": gateway, "gateway_port": lab.http_on_host(gateway),
+               "answers": answers, **hosts}
+    finally:
+        lab.close()
+        remove_test_network_rules()

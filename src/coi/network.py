@@ -465,11 +465,11 @@ def parse_dns_answer(data: bytes, name: str = "") -> list[str]:
             pos = _skip_name(data, pos)
             rtype, rclass, _, length = struct.unpack("!HHIH", data[pos:pos + 10])
             pos += 10
+            if pos + length > len(data):
+                raise ResolveError(f"{name}: truncated answer")
             if rtype == 1 and rclass == 1 and length == 4:
                 found.append(socket.inet_ntoa(data[pos:pos + 4]))
             pos += length
-        if pos > len(data):
-            raise ResolveError(f"{name}: truncated answer")
         return found
     except (struct.error, IndexError):
         raise ResolveError(f"{name}: malformed answer") from None

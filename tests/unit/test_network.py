@@ -1,0 +1,492 @@
+"""Network isolation: policies, rule generation, DNS parsing and the backend choice, without a daemon."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from coi import network
+from coi.config import default_config
+from coi.errors import CoiError, NotFoundError, OperationFailedError
+
+ATT = network.Attachment(container="coi-abc12345-1", nic="eth0", bridge="coibr0", veth="veth1234abcd",
+                         ipv4="10.195.0.23", gateway="10.195.0.1", subnet="10.195.0.0/24")
+
+
+def net_config(**changes):
+    return replace(default_config(env={"HOME": "/home/u"}).network, **changes)
+
+
+# ---- plan -----------------------------------------------------------------------------------
+
+PRIVATE = network.PRIVATE_RANGES
+META = network.METADATA_RANGES
+
+
+@pytest.mark.parametrize("changes, override, mode, blocked", [
+    ({}, None, "restricted", PRIVATE + META),
+    ({"mode": "open"}, None, "open", ()),
+    ({"mode": "open"}, "restricted", "restricted", PRIVATE + META),
+    ({"allow_local_network_access": True}, None, "restricted", META),
+    ({"block_private_networks": False}, None, "restricted", META),
+    ({"block_metadata_endpoint": False}, None, "restricted", PRIVATE),
+    ({"block_private_networks": False, "block_metadata_endpoint": False}, None, "restricted", ()),
+    ({"allowed_domains": ("a.example",)}, "allowlist", "allowlist", ()),
+])
+def test_plan_modes_and_blocks(changes, override, mode, blocked):
+    policy = network.plan(net_config(**changes), override, env={})
+    assert (policy.mode, policy.blocked) == (mode, blocked)
+
+
+def test_plan_allowlist_entries_are_checked_normalised_and_deduplicated():
+    policy = network.plan(net_config(allowed_domains=("Deb.Debian.org.", "deb.debian.org", "192.0.2.7",
+                                                      "198.51.100.9/24", "_srv.example")), "allowlist", env={})
+    assert policy.allowed == ("deb.debian.org", "192.0.2.7/32", "198.51.100.0/24", "_srv.example")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("*.example.com", "wildcards are not supported"),
+    ("exa mple.com", "not a domain name or an IPv4 address"),
+    ("300.1.2.3", "not a domain name or an IPv4 address"),
+    ("2001:db8::1", "not a domain name or an IPv4 address"),
+    ("-bad.example", "not a domain name or an IPv4 address"),
+    ("a" * 64 + ".example", "not a domain name or an IPv4 address"),
+])
+def test_plan_refuses_bad_allowlist_entries(entry, message):
+    with pytest.raises(CoiError, match=message):
+        network.plan(net_config(allowed_domains=(entry,)), "allowlist", env={})
+
+
+def test_plan_allowlist_needs_entries_and_unknown_modes_are_refused():
+    with pytest.raises(CoiError, match="needs at least one entry"):
+        network.plan(net_config(), "allowlist", env={})
+    with pytest.raises(CoiError, match="unknown network mode"):
+        network.plan(net_config(), "closed", env={})
+
+
+@pytest.mark.parametrize("env, refresh, resolver", [
+    ({}, 30 * 60, None),
+    ({"COI_NETWORK_REFRESH_SECONDS": "2"}, 2, None),
+    ({"COI_NETWORK_REFRESH_SECONDS": "0"}, 1, None),
+    ({"COI_NETWORK_RESOLVER": "127.0.0.1:5353"}, 30 * 60, "127.0.0.1:5353"),
+    ({"COI_NETWORK_RESOLVER": "10.0.0.53"}, 30 * 60, "10.0.0.53:53"),
+])
+def test_plan_refresh_interval_and_resolver_from_the_environment(env, refresh, resolver):
+    policy = network.plan(net_config(allowed_domains=("a.example",)), "allowlist", env=env)
+    assert (policy.refresh_seconds, policy.resolver) == (refresh, resolver)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"COI_NETWORK_REFRESH_SECONDS": "soon"}, "not a whole number"),
+    ({"COI_NETWORK_RESOLVER": "dns.example:53"}, "is not IPV4"),
+])
+def test_plan_refuses_bad_environment_values(env, message):
+    with pytest.raises(CoiError, match=message):
+        network.plan(net_config(), None, env=env)
+
+
+def test_plan_carries_privileged_command_and_logging_and_round_trips():
+    cfg = net_config(privileged_command=("sudo", "-n"),
+                     logging=replace(net_config().logging, enabled=True, path=Path("/tmp/n.log")))
+    policy = network.plan(cfg, None, env={})
+    assert policy.privileged_command == ("sudo", "-n")
+    assert (policy.log_blocked, policy.log_path) == (True, "/tmp/n.log")
+    assert network.NetworkPolicy.from_json(policy.to_json()) == policy
+    assert network.plan(cfg, "open", env={}).log_blocked is False
+
+
+# ---- nftables rules ----------------------------------------------------------------------------
+
+
+def rules(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("add rule")]
+
+
+def test_restricted_ruleset():
+    script = network.nft_apply_script(ATT, network.plan(net_config(), None, env={}))
+    t, c = "coi", ATT.container
+    assert rules(script) == [
+        f"add rule inet {t} {c}.deny meta l4proto tcp reject with tcp reset",
+        f"add rule inet {t} {c}.deny reject with icmpx admin-prohibited",
+        f"add rule inet {t} {c}.host ip saddr 10.195.0.23 ct state established,related accept",
+        f"add rule inet {t} {c}.host ip saddr 10.195.0.23 udp dport 67 accept",
+        f"add rule inet {t} {c}.host ip saddr 10.195.0.23 ip daddr 10.195.0.1 meta l4proto {{ tcp, udp }} th dport 53 accept",
+        f"add rule inet {t} {c}.host ip saddr 10.195.0.23 goto {c}.deny",
+        f"add rule inet {t} {c}.out ip saddr 10.195.0.0/24 ip daddr 10.195.0.23 goto {c}.deny",
+        f"add rule inet {t} {c}.out ip saddr 10.195.0.23 ip daddr 10.195.0.0/24 goto {c}.deny",
+        f"add rule inet {t} {c}.out ip saddr 10.195.0.23 ip daddr {{ 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, "
+        f"100.64.0.0/10, 169.254.0.0/16 }} goto {c}.deny",
+        f'add rule bridge {t} {c}.spoof iifname "veth1234abcd" ether type != {{ ip, arp }} drop',
+        f'add rule bridge {t} {c}.spoof iifname "veth1234abcd" ether type ip ip saddr != {{ 10.195.0.23, 0.0.0.0 }} drop',
+        f'add rule bridge {t} {c}.spoof iifname "veth1234abcd" ether type arp arp saddr ip != {{ 10.195.0.23, 0.0.0.0 }} drop',
+        f'add rule bridge {t} {c}.ports iifname "veth1234abcd" ether type != arp drop',
+        f'add rule bridge {t} {c}.ports oifname "veth1234abcd" ether type != arp drop',
+    ]
+    assert f"add chain inet {t} {c}.host {{ type filter hook input priority filter; policy accept; }}" in script
+    assert f"add chain inet {t} {c}.out {{ type filter hook forward priority filter; policy accept; }}" in script
+    # br_netfilter runs at bridge priority 0: the bridge backstop comes after the inet refusal
+    assert f"add chain bridge {t} {c}.ports {{ type filter hook forward priority 100; policy accept; }}" in script
+
+
+def test_restricted_without_blocks_still_isolates_host_and_bridge():
+    policy = network.plan(net_config(block_private_networks=False, block_metadata_endpoint=False), None, env={})
+    out = [r for r in rules(network.nft_apply_script(ATT, policy)) if ".out " in r]
+    assert out == [f"add rule inet coi {ATT.container}.out ip saddr 10.195.0.0/24 ip daddr 10.195.0.23 goto {ATT.container}.deny",
+                   f"add rule inet coi {ATT.container}.out ip saddr 10.195.0.23 ip daddr 10.195.0.0/24 goto {ATT.container}.deny"]
+
+
+def test_allowlist_ruleset_uses_a_set_of_collapsed_addresses():
+    policy = network.plan(net_config(allowed_domains=("a.example",)), "allowlist", env={})
+    script = network.nft_apply_script(ATT, policy, ["192.0.2.9", "192.0.2.9", "198.51.100.0/24", "198.51.100.7"])
+    c = ATT.container
+    assert f"add set inet coi {c}.allow {{ type ipv4_addr; flags interval; }}" in script
+    assert f"add element inet coi {c}.allow {{ 192.0.2.9, 198.51.100.0/24 }}" in script
+    out = [r for r in rules(script) if ".out " in r]
+    assert out[1:] == [f"add rule inet coi {c}.out ip saddr 10.195.0.23 ip daddr @{c}.allow accept",
+                       f"add rule inet coi {c}.out ip saddr 10.195.0.23 goto {c}.deny"]
+
+
+def test_logging_marks_refused_packets_for_the_trace_monitor():
+    policy = replace(network.plan(net_config(), None, env={}), log_blocked=True)
+    assert rules(network.nft_apply_script(ATT, policy))[0] == f"add rule inet coi {ATT.container}.deny meta nftrace set 1"
+
+
+def test_bridge_rules_use_only_what_the_bridge_family_supports_here():
+    for mode, domains in (("restricted", ()), ("allowlist", ("a.example",))):
+        policy = replace(network.plan(net_config(allowed_domains=domains), mode, env={}), log_blocked=True)
+        bridge = [r for r in rules(network.nft_apply_script(ATT, policy, ["192.0.2.1"])) if " bridge " in r]
+        assert bridge and all(r.endswith(" drop") and " ct " not in r and "reject" not in r for r in bridge)
+
+
+def test_apply_script_replaces_earlier_rules_in_the_same_transaction():
+    script = network.nft_apply_script(ATT, network.plan(net_config(), None, env={}))
+    assert script.startswith(network.nft_remove_script(ATT.container))
+    assert ".fwd" not in script  # 'fwd' is an nft keyword
+
+
+def test_remove_script_works_whether_or_not_the_objects_exist():
+    c = ATT.container
+    lines = network.nft_remove_script(c).splitlines()
+    for family, parts in (("inet", ("out", "host", "deny")), ("bridge", ("spoof", "ports"))):
+        for part in parts:
+            add, flush, delete = (lines.index(f"{verb} chain {family} coi {c}.{part}")
+                                  for verb in ("add", "flush", "delete"))
+            assert add < flush < delete
+    assert lines.index(f"delete set inet coi {c}.allow") > lines.index(f"flush chain inet coi {c}.out")
+
+
+def test_set_script_swaps_the_addresses_atomically():
+    assert network.nft_set_script("coi-x-1", ["192.0.2.2", "192.0.2.1"]) == (
+        "flush set inet coi coi-x-1.allow\nadd element inet coi coi-x-1.allow { 192.0.2.1, 192.0.2.2 }\n")
+    assert network.nft_set_script("coi-x-1", []) == "flush set inet coi coi-x-1.allow\n"
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "coi-", "coi_x", "coi x", "a;b", "coi-" + "x" * 63, 'a"b'])
+def test_names_that_cannot_be_nft_identifiers_are_refused(name):
+    with pytest.raises(CoiError):
+        network.nft_remove_script(name)
+
+
+def test_interface_names_are_checked():
+    with pytest.raises(CoiError):
+        network.nft_apply_script(replace(ATT, veth='x" accept; drop'), network.plan(net_config(), None, env={}))
+
+
+def test_containers_in_ruleset():
+    ruleset = {"nftables": [
+        {"metainfo": {}},
+        {"table": {"family": "inet", "name": "coi"}},
+        {"chain": {"family": "inet", "table": "coi", "name": "coi-a-1.out"}},
+        {"set": {"family": "inet", "table": "coi", "name": "coi-b-2.allow"}},
+        {"chain": {"family": "bridge", "table": "coi", "name": "coi-c-3.ports"}},
+        {"chain": {"family": "inet", "table": "coi", "name": "coi-d-4.other"}},
+        {"chain": {"family": "inet", "table": "incus", "name": "coi-e-5.out"}},
+        {"rule": {"family": "inet", "table": "coi", "chain": "coi-f-6.out"}},
+    ]}
+    assert network.containers_in_ruleset(ruleset) == {"coi-a-1", "coi-b-2", "coi-c-3"}
+
+
+# ---- Incus ACL rules ------------------------------------------------------------------------------
+
+def test_acl_spec_restricted():
+    egress, ingress, nic = network.acl_spec(ATT, network.plan(net_config(), None, env={}))
+    assert [(r["action"], r["destination"]) for r in egress] == [
+        ("reject", "10.195.0.0/24"),
+        ("reject", ",".join(PRIVATE + META)),
+        ("reject", "::/0"),
+    ]
+    assert ingress == [{"action": "drop", "state": "enabled", "source": "10.195.0.2-10.195.0.254",
+                        "description": "no connections from other containers on the bridge"}]
+    assert nic == {"security.acls": ATT.container, "security.acls.default.egress.action": "allow",
+                   "security.acls.default.ingress.action": "allow"}
+
+
+def test_acl_spec_allowlist():
+    policy = network.plan(net_config(allowed_domains=("a.example",)), "allowlist", env={})
+    egress, _, nic = network.acl_spec(ATT, policy, ["192.0.2.5", "192.0.2.5", "198.51.100.0/24"])
+    assert [(r["action"], r["destination"]) for r in egress] == [("allow", "192.0.2.5,198.51.100.0/24")]
+    assert nic["security.acls.default.egress.action"] == "reject"
+
+
+@pytest.mark.parametrize("subnet, gateway, ranges", [
+    ("10.195.0.0/24", "10.195.0.1", "10.195.0.2-10.195.0.254"),
+    ("10.195.0.0/24", "10.195.0.254", "10.195.0.1-10.195.0.253"),
+    ("10.195.0.0/24", "10.195.0.100", "10.195.0.1-10.195.0.99,10.195.0.101-10.195.0.254"),
+    ("10.9.0.0/30", "10.9.0.1", "10.9.0.2"),
+])
+def test_acl_ranges_leave_out_the_gateway(subnet, gateway, ranges):
+    assert network._range_without(subnet, gateway) == ranges
+
+
+# ---- DNS ----------------------------------------------------------------------------------------------
+
+def dns_reply(qid=7, rcode=0, answers=(), name=b"\x01a\x07example\x00"):
+    head = struct.pack("!HHHHHH", qid, 0x8180 | rcode, 1, len(answers), 0, 0)
+    body = b"".join(answers)
+    return head + name + b"\x00\x01\x00\x01" + body
+
+
+def a_record(ip: str) -> bytes:
+    return b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
+
+
+def cname_record(target: bytes) -> bytes:
+    return b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(target)) + target
+
+
+@pytest.mark.parametrize("data, addresses", [
+    (dns_reply(answers=[a_record("192.0.2.1")]), ["192.0.2.1"]),
+    (dns_reply(answers=[cname_record(b"\x01b\xc0\x0e"), a_record("192.0.2.2"), a_record("192.0.2.3")]),
+     ["192.0.2.2", "192.0.2.3"]),
+    (dns_reply(), []),
+])
+def test_parse_dns_answers(data, addresses):
+    assert network.parse_dns_answer(data, "a.example") == addresses
+
+
+@pytest.mark.parametrize("data, message", [
+    (dns_reply(rcode=3), "no such name"),
+    (dns_reply(rcode=2), "DNS error code 2"),
+    (dns_reply(answers=[a_record("192.0.2.1")])[:-2], "truncated|malformed"),
+    (b"\x00\x07", "malformed"),
+])
+def test_parse_dns_errors(data, message):
+    with pytest.raises(network.ResolveError, match=message):
+        network.parse_dns_answer(data, "a.example")
+
+
+def test_dns_query_against_a_local_server():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        import threading
+
+        def answer():
+            data, peer = server.recvfrom(512)
+            qid = data[:2]
+            server.sendto(b"\x99\x99" + dns_reply()[2:], peer)  # a stray answer with another id is ignored
+            server.sendto(qid + dns_reply(answers=[a_record("192.0.2.44")])[2:], peer)
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert network.dns_query_a("a.example", server.getsockname(), timeout=2) == ["192.0.2.44"]
+        thread.join()
+
+
+def test_dns_query_timeout_is_a_resolve_error():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        with pytest.raises(network.ResolveError, match="no answer"):
+            network.dns_query_a("a.example", silent.getsockname(), timeout=0.1)
+
+
+def test_resolve_keeps_cached_addresses_reports_failures_and_merges_duplicates():
+    answers = {"up.example": ["192.0.2.1", "192.0.2.1"], "same.example": ["192.0.2.1"]}
+
+    def query(name, server):
+        if name in answers:
+            return answers[name]
+        raise network.ResolveError(f"{name}: no such name")
+
+    cache = {"flaky.example": {"addresses": ["198.51.100.7"]}}
+    result = network.resolve_allowed(["up.example", "same.example", "flaky.example", "never.example", "203.0.113.0/24"],
+                                     server=("127.0.0.1", 53), cache=cache, query=query)
+    assert result.addresses == ["192.0.2.1", "198.51.100.7", "203.0.113.0/24"]
+    assert result.stale == ["flaky.example"]
+    assert list(result.failed) == ["never.example"]
+    assert cache["up.example"]["addresses"] == ["192.0.2.1"]
+
+
+def test_resolver_defaults_to_the_bridge_dns():
+    policy = network.plan(net_config(allowed_domains=("a.example",)), "allowlist", env={})
+    assert network.resolver_for(policy, ATT) == ("10.195.0.1", 53)
+    assert network.resolver_for(replace(policy, resolver="127.0.0.1:5353"), ATT) == ("127.0.0.1", 5353)
+
+
+# ---- the log ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, parsed", [
+    ('trace id 1f2e inet coi coi-a-1.deny packet: iif "coibr0" ether saddr 00:16:3e:00:00:01 ip saddr 10.195.0.5 '
+     'ip daddr 192.168.250.2 ip dscp cs0 ip protocol tcp tcp sport 40000 tcp dport 8000 tcp flags == syn',
+     ("coi-a-1", "tcp 10.195.0.5 -> 192.168.250.2:8000")),
+    ('trace id 1f2e inet coi coi-a-1.deny packet: iif "coibr0" ip saddr 10.195.0.5 ip daddr 198.51.100.54 '
+     'ip protocol udp udp sport 5000 udp dport 53',
+     ("coi-a-1", "udp 10.195.0.5 -> 198.51.100.54:53")),
+    ('trace id 1f2e inet coi coi-a-1.deny rule meta l4proto tcp reject with tcp reset (verdict drop)', None),
+    ('trace id 1f2e inet incus fwd.coibr0 packet: iif "coibr0"', None),
+])
+def test_parse_trace(line, parsed):
+    assert network.parse_trace(line) == parsed
+
+
+# ---- the backend choice -----------------------------------------------------------------------------------
+
+class StubIncus:
+    """Just enough of the Incus client for apply(): one running container on coibr0."""
+
+    project = "default"
+    path = "/nonexistent/unix.socket"
+
+    def __init__(self, *, acl_error: str | None = None) -> None:
+        self.acl_error = acl_error
+        self.acls: dict[str, dict] = {}
+        self.updates: list[dict] = []
+
+    def instance(self, name):
+        return {"name": name, "config": {}, "devices": {},
+                "expanded_devices": {"eth0": {"type": "nic", "network": "coibr0", "name": "eth0"}}}
+
+    def network(self, name):
+        return {"config": {"ipv4.address": "10.195.0.1/24"}}
+
+    def instance_state(self, name):
+        return {"status": "Running", "network": {"eth0": {"host_name": "veth1234abcd", "addresses": [
+            {"family": "inet", "address": "10.195.0.23", "scope": "global"}]}}}
+
+    def put_network_acl(self, name, **body):
+        if name not in self.acls:
+            raise NotFoundError(name)
+        self.acls[name] = body
+
+    def create_network_acl(self, name, **body):
+        self.acls[name] = body
+
+    def delete_network_acl(self, name):
+        self.acls.pop(name, None)
+
+    def update_instance(self, name, *, devices=None, config=None):
+        self.updates.append(devices)
+        if self.acl_error:
+            raise OperationFailedError(self.acl_error)
+
+
+@pytest.fixture
+def quiet_watcher(monkeypatch):
+    monkeypatch.setattr(network, "_start_watcher", lambda *a, **k: None)
+
+
+@pytest.fixture
+def nft_calls(monkeypatch):
+    calls: list[str] = []
+
+    class FakeNft(network.NftBackend):
+        def __init__(self, privileged_command=()):
+            self.argv, self.via = ["nft"], ""
+
+        def run(self, script, what):
+            calls.append(script)
+
+    monkeypatch.setattr(network, "NftBackend", FakeNft)
+    return calls
+
+
+REFUSED = ('Failed to update device "eth0": Failed adding bridge filter rules ... Error: Could not process rule: '
+           'Protocol error\n\tct state established,related accept')
+
+
+def test_refused_acls_fall_back_to_nftables_once_and_are_remembered(tmp_path, quiet_watcher, nft_calls):
+    client, lines = StubIncus(acl_error=REFUSED), []
+    policy = network.plan(net_config(), None, env={})
+    assert network.apply(client, ATT.container, policy, sessions_dir=tmp_path, log=lines.append) == \
+        "host nftables (inet + bridge)"
+    assert client.acls == {} and len(client.updates) == 1  # tried, refused, the ACL removed again
+    assert "no bridge-family conntrack" in lines[0] and "falling back" in lines[0]
+    assert len(nft_calls) == 1 and "add chain inet coi coi-abc12345-1.out" in nft_calls[0]
+    lines.clear()
+    network.apply(client, ATT.container, policy, sessions_dir=tmp_path, log=lines.append)
+    assert lines == [] and len(client.updates) == 1  # not tried again
+    record = network.Store(tmp_path).record(ATT.container)
+    assert (record["backend"], record["mode"], record["attachment"]["veth"]) == ("nftables", "restricted",
+                                                                                "veth1234abcd")
+
+
+def test_working_acls_are_used(tmp_path, quiet_watcher, nft_calls):
+    client = StubIncus()
+    policy = network.plan(net_config(), None, env={})
+    assert network.apply(client, ATT.container, policy, sessions_dir=tmp_path, log=print) == "Incus network ACLs"
+    assert nft_calls == []
+    assert client.updates[0]["eth0"]["security.acls"] == ATT.container
+    assert client.acls[ATT.container]["description"].startswith(network.ACL_DESCRIPTION)
+
+
+def test_fail_closed_without_any_backend(tmp_path, quiet_watcher, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    client = StubIncus(acl_error=REFUSED)
+    with pytest.raises(CoiError) as err:
+        network.apply(client, ATT.container, network.plan(net_config(), None, env={}), sessions_dir=tmp_path,
+                      log=print)
+    assert "cannot enforce network mode restricted" in err.value.message
+    assert "no bridge-family conntrack" in err.value.message and "privileged_command" in err.value.message
+    assert "--network=open" in err.value.hint
+    assert network.Store(tmp_path).record(ATT.container) is None
+
+
+def test_open_mode_removes_earlier_rules(tmp_path, quiet_watcher, nft_calls):
+    client = StubIncus(acl_error=REFUSED)
+    network.apply(client, ATT.container, network.plan(net_config(), None, env={}), sessions_dir=tmp_path, log=print)
+    nft_calls.clear()
+    assert network.apply(client, ATT.container, network.plan(net_config(), "open", env={}), sessions_dir=tmp_path,
+                         log=print) == "open (no filtering)"
+    assert nft_calls == [network.nft_remove_script(ATT.container)]
+    assert network.Store(tmp_path).record(ATT.container) is None
+
+
+def test_allowlist_with_no_resolvable_name_fails_closed(tmp_path, quiet_watcher, nft_calls, monkeypatch):
+    def nothing(name, server, timeout=2.0):
+        raise network.ResolveError(f"{name}: no such name")
+    monkeypatch.setattr(network, "dns_query_a", nothing)
+    policy = network.plan(net_config(allowed_domains=("gone.example",)), "allowlist", env={})
+    with pytest.raises(CoiError, match="none of the allowed names resolved") as err:
+        network.apply(StubIncus(acl_error=REFUSED), ATT.container, policy, sessions_dir=tmp_path, log=print)
+    assert "--network=open" in err.value.hint
+    assert nft_calls == []
+
+
+def test_stale_rules_for_the_same_address_are_removed(tmp_path, quiet_watcher, nft_calls):
+    store = network.Store(tmp_path)
+    store.save_record("coi-old-1", {"backend": "nftables", "attachment": {"ipv4": ATT.ipv4}, "policy": {"mode": "restricted"}})
+    network.apply(StubIncus(acl_error=REFUSED), ATT.container, network.plan(net_config(), None, env={}),
+                  sessions_dir=tmp_path, log=print)
+    assert network.nft_remove_script("coi-old-1") in nft_calls
+    assert store.record("coi-old-1") is None
+
+
+def test_capabilities_learnt_on_another_kernel_are_probed_again(tmp_path, monkeypatch):
+    store = network.Store(tmp_path)
+    store.save_capability("incus-acl", False, "refused")
+    assert store.capability("incus-acl")["usable"] is False
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", "9.9.9", "#1", "x86_64")))
+    assert store.capability("incus-acl") is None
+
+
+def test_backend_report_without_privileges(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(network.shutil, "which", lambda name: "/usr/sbin/nft")
+    report = network.backend_report(net_config(), sessions_dir=tmp_path)
+    assert report.status == "warn" and "privileged_command" in report.detail
+    network.Store(tmp_path).save_capability("incus-acl", False, "no bridge-family conntrack")
+    report = network.backend_report(net_config(), sessions_dir=tmp_path)
+    assert report.status == "fail" and "--network=open" in report.hint
