@@ -24,40 +24,13 @@ from coi.config import default_config
 from coi.errors import CoiError
 from coi.wait import wait_for
 
-from conftest import TEST_PREFIX, wait_port
+from conftest import NET_PROBE as PROBE, TEST_PREFIX, wait_port
 
 pytestmark = pytest.mark.integration
 
 REGISTRY = "deb.debian.org"
 REGISTRY_URL = f"http://{REGISTRY}/debian/dists/bookworm/Release"
 FAST = 1.5  # seconds: a refused connection fails at once, a dropped one would take the full 3 s timeout
-
-# Runs inside the container: every probe in parallel, 3 s timeouts, one JSON line out.
-PROBE = r'''
-import concurrent.futures, json, socket, sys, time, urllib.request
-def run(item):
-    label, kind, target = item
-    started = time.monotonic()
-    try:
-        if kind == "http":
-            with urllib.request.urlopen(target, timeout=3) as reply:
-                detail = reply.status
-        elif kind == "resolve":
-            detail = sorted({a[4][0] for a in socket.getaddrinfo(target, 80, socket.AF_INET)})
-        else:  # "dns": one UDP query straight to HOST:PORT
-            host, port = target.rsplit(":", 1)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(3)
-                sock.connect((host, int(port)))
-                sock.send(bytes.fromhex("abcd01000001000000000000") + b"\x07example\x03com\x00\x00\x01\x00\x01")
-                detail = len(sock.recv(512))
-        ok = True
-    except Exception as exc:
-        ok, detail = False, f"{type(exc).__name__}: {exc}"
-    return label, {"ok": ok, "detail": detail, "seconds": round(time.monotonic() - started, 2)}
-with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    print(json.dumps(dict(pool.map(run, json.loads(sys.argv[1])))))
-'''
 
 
 def probe(incus, name: str, **targets: tuple[str, str]) -> dict[str, dict]:

@@ -1,0 +1,128 @@
+"""Network isolation through the commands people type: coi shell --network ..., coi run,
+coi kill/shutdown/clean, run as a normal user whose nft goes through 'sudo -n'.
+
+Probes run inside the session container with 'coi container exec --capture'.
+Targets are only the tests' own hosts (net_lab) and the Debian registry by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coi import network
+from coi.wait import wait_for
+
+from conftest import NET_PROBE
+
+pytestmark = pytest.mark.e2e
+
+REGISTRY_URL = "http://deb.debian.org/debian/dists/bookworm/Release"
+
+
+def _wired() -> bool:
+    """Whether the session commands call the network service yet."""
+    import coi.cli.commands.sessions as commands
+
+    return "network.apply" in Path(commands.__file__).read_text()
+
+
+needs_wiring = pytest.mark.skipif(not _wired(), reason="needs CLI wiring (coi.network.apply/remove in the "
+                                                       "session commands)")
+
+
+def chains() -> set[str]:
+    proc = subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True, check=True)
+    return network.containers_in_ruleset(json.loads(proc.stdout))
+
+
+def start(user, workspace, *args: str) -> str:
+    proc = user.run(["shell", "--background", *args], cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    name = next(line.split(": ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("Container: "))
+    return name
+
+
+def probe(user, name: str, **targets: tuple[str, str]) -> dict[str, dict]:
+    items = json.dumps([[label, kind, target] for label, (kind, target) in targets.items()])
+    proc = user.run(["container", "exec", name, "--capture", "--", "python3", "-c", NET_PROBE, items])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["exit_code"] == 0, out
+    return json.loads(out["stdout"])
+
+
+def refused_fast(result: dict) -> bool:
+    return not result["ok"] and result["seconds"] < 1.5
+
+
+@needs_wiring
+def test_shell_restricted_by_default_then_kill_removes_the_rules(net_user, workspace, net_lab):
+    name = start(net_user, workspace)
+    assert name in chains()
+    results = probe(net_user, name, private=("http", net_lab["private"].url),
+                    metadata=("http", net_lab["metadata"].url),
+                    gateway=("http", f"http://{net_lab['gateway']}:{net_lab['gateway_port']}/"),
+                    registry=("http", REGISTRY_URL))
+    assert all(refused_fast(results[k]) for k in ("private", "metadata", "gateway")), results
+    assert results["registry"]["ok"], results
+    assert net_user.run(["kill", name]).returncode == 0
+    assert name not in chains()
+
+
+@needs_wiring
+def test_shell_allowlist_from_config_and_shutdown(net_user, workspace, net_lab):
+    config = net_user.home / ".config" / "coi" / "config.toml"
+    config.write_text(config.read_text().replace("[network]\n", '[network]\nallowed_domains = ["deb.debian.org"]\n'))
+    name = start(net_user, workspace, "--network", "allowlist")
+    results = probe(net_user, name, private=("http", net_lab["private"].url), registry=("http", REGISTRY_URL),
+                    public_dns=("dns", f"{net_lab['dns'].address}:53"))
+    assert results["registry"]["ok"], results
+    assert refused_fast(results["private"]) and refused_fast(results["public_dns"]), results
+    assert net_user.run(["shutdown", name, "--timeout", "5"]).returncode == 0
+    assert name not in chains()
+
+
+@needs_wiring
+def test_shell_open_filters_nothing(net_user, workspace, net_lab):
+    name = start(net_user, workspace, "--network", "open")
+    assert name not in chains()
+    assert probe(net_user, name, private=("http", net_lab["private"].url))["private"]["ok"]
+
+
+@needs_wiring
+def test_without_privileges_the_session_does_not_start(session_user, workspace):
+    proc = session_user.run(["shell", "--background"], cwd=workspace)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot enforce network mode restricted" in proc.stderr
+    assert "--network=open" in proc.stderr
+    listed = json.loads(session_user.run(["list", "--format", "json"], cwd=workspace).stdout)
+    assert [c for c in listed["active_containers"] if c["workspace"] == str(workspace)] == []
+
+
+@needs_wiring
+def test_run_is_isolated_too(net_user, workspace, net_lab):
+    items = json.dumps([["private", "http", net_lab["private"].url]])
+    proc = net_user.run(["run", "--capture", "--", "python3", "-c", NET_PROBE, items], cwd=workspace)
+    result = json.loads(json.loads(proc.stdout)["stdout"])["private"]
+    assert refused_fast(result), result
+
+
+@needs_wiring
+def test_poweroff_inside_and_clean_leave_no_rules(net_user, workspace):
+    name = start(net_user, workspace, "--persistent")
+    net_user.run(["container", "exec", name, "--", "sh", "-c", "(sleep 0.2; poweroff) >/dev/null 2>&1 &"])
+    # no coi process is attached: the watcher removes the rules once the container stays stopped
+    wait_for(lambda: name not in chains(), timeout=60, what="the rules of the stopped container to go")
+    # a container deleted behind coi's back while its watcher is gone too: coi clean removes the rules
+    name2 = start(net_user, workspace)
+    record = network.Store(net_user.home / ".coi").record(name2)
+    os.kill(record["watcher"], signal.SIGKILL)
+    subprocess.run(["incus", "delete", "--force", name2], check=True, capture_output=True)
+    assert net_user.run(["clean", "--force"], cwd=workspace).returncode == 0
+    assert name2 not in chains()
