@@ -913,6 +913,13 @@ def backend_report(config_network: Any = None, *, sessions_dir: Path | None = No
     if proc.returncode != 0:
         return BackendReport("fail", "host nftables", f"{acl_note}; nft{nft.via} refused: "
                              f"{_first_lines(proc.stderr, 1)}", "check the privileged command and sudoers rule")
+    if acl is None:
+        # Incus emits bridge-family conntrack rules for ACLs: without them here, ACLs cannot work.
+        bridge_ct = ("table bridge coi_doctor_probe { chain c { type filter hook forward priority 0; "
+                     "ct state established accept; }; }\n")
+        checked = subprocess.run([*nft.argv, "-c", "-f", "-"], input=bridge_ct, text=True, capture_output=True)
+        if checked.returncode != 0:
+            acl_note = "Incus network ACLs unavailable (no bridge-family conntrack in this kernel)"
     return BackendReport("ok", "host nftables", f"{acl_note}; {nft.description}")
 
 
@@ -951,7 +958,8 @@ def _stop_watcher(store: Store, container: str) -> None:
         return
     except PermissionError:
         return  # another user's watcher: it exits by itself when its record goes
-    wait_for(lambda: not _alive(pid), timeout=5, what=f"the network watcher of {container} to stop")
+    wait_for(lambda: not _alive(pid), timeout=5, what=f"the network watcher of {container} to stop",
+             first_interval=0.001, max_interval=0.05)
 
 
 def _start_watcher(store: Store, container: str, *, sessions_dir: Path, client: Any) -> int:
