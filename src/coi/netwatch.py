@@ -17,6 +17,7 @@ It exits quietly on SIGTERM: ``apply`` and ``remove`` stop it that way.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m coi.netwatch CONTAINER SESSIONS_DIR", file=sys.stderr)
         return 2
-    container, sessions_dir = args[0], Path(args[1])
+    container, sessions_dir = args[0], Path(args[1]).absolute()
+    os.chdir("/")  # hold no directory (a workspace) busy while the container lives
     from coi.incus import Incus
 
     record = network.Store(sessions_dir).record(container) or {}

@@ -200,8 +200,6 @@ def find_attachment(client: Any, container: str, *, timeout: float = DHCP_TIMEOU
     except ValueError:
         raise CoiError(f"bridge {bridge} has no IPv4 subnet ({gateway_cidr or 'none'})",
                        "coi setup creates the bridge coibr0 with one") from None
-    seen: dict[str, Any] = {}
-
     def addressed() -> tuple[str, str] | None:
         state = client.instance_state(container)
         if state.get("status") not in ("Running", None):
@@ -210,8 +208,7 @@ def find_attachment(client: Any, container: str, *, timeout: float = DHCP_TIMEOU
         veth = data.get("host_name") or (inst.get("config") or {}).get(f"volatile.{nic}.host_name", "")
         ipv4 = [a["address"] for a in data.get("addresses") or []
                 if a.get("family") == "inet" and a.get("scope") == "global"]
-        seen.update(veth=veth, ipv4=ipv4)
-        return (veth, ipv4[0]) if veth and ipv4 else None
+        return (veth, str(ipaddress.IPv4Address(ipv4[0]))) if veth and ipv4 else None
 
     try:
         veth, ipv4 = wait_for(addressed, timeout=timeout, what=f"{container} to get an IPv4 address",
@@ -295,7 +292,8 @@ def nft_apply_script(att: Attachment, policy: NetworkPolicy, addresses: Iterable
     """
     if policy.mode not in ("restricted", "allowlist"):
         raise ValueError(f"no rules for mode {policy.mode}")
-    c, ip, t = check_name(att.container), att.ipv4, TABLE
+    c, ip, t = check_name(att.container), str(ipaddress.IPv4Address(att.ipv4)), TABLE
+    ipaddress.IPv4Address(att.gateway), ipaddress.IPv4Network(att.subnet)  # ValueError: never into a rule
     out, host, deny, allow = (chain(c, p) for p in ("out", "host", "deny", "allow"))
     lines = [nft_remove_script(c).rstrip("\n")]
     lines += [
@@ -779,7 +777,12 @@ def apply(client: Any, container: str, policy: NetworkPolicy, *, sessions_dir: P
         "project": getattr(client, "project", "default"), "applied_at": int(time.time()),
         "sessions_dir": str(sessions_dir), "watcher": None,
     })
-    pid = _start_watcher(store, container, sessions_dir=sessions_dir, client=client)
+    try:
+        pid = _start_watcher(store, container, sessions_dir=sessions_dir, client=client)
+    except OSError as exc:  # the rules hold; only refresh and clean-up after a poweroff are missing
+        log(f"Warning: the network watcher of {container} did not start ({exc.strerror or exc}); "
+            "allowlist refresh is off and 'coi clean' removes its rules once it is gone")
+        return description
     record = store.record(container) or {}
     record["watcher"] = pid
     store.save_record(container, record)
@@ -966,8 +969,6 @@ def _start_watcher(store: Store, container: str, *, sessions_dir: Path, client: 
     """Start ``python -m coi.netwatch`` detached (own session, no terminal); returns its pid."""
     argv = [sys.executable, "-m", "coi.netwatch", container, str(Path(sessions_dir))]
     env = dict(os.environ)
-    src = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     socket_path = getattr(client, "path", None)
     if socket_path:
         env["INCUS_SOCKET"] = socket_path
