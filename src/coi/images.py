@@ -27,16 +27,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from coi import __version__, bootstrap, naming
 from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
+from coi.sessions import CONTAINER_CONFIG  # what every container from a coi image gets
 from coi.wait import wait_for
 
 Log = Callable[[str], None]
 
-CONTAINER_CONFIG: dict[str, str] = {
-    "security.nesting": "true",
-    "security.syscalls.intercept.mknod": "true",
-    "security.syscalls.intercept.setxattr": "true",
-}
-"""Incus config every container launched from a coi image needs (Docker inside)."""
 
 PROFILES = ["coi"]
 COI_ALIAS = "coi"
