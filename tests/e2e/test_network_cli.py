@@ -89,10 +89,13 @@ def test_shell_allowlist_from_config_and_shutdown(net_user, workspace, net_lab):
 
 
 @needs_wiring
-def test_shell_open_filters_nothing(net_user, workspace, net_lab):
+def test_shell_open_filters_nothing(net_user, workspace, net_lab, incus):
     name = start(net_user, workspace, "--network", "open")
     assert name not in chains()
-    assert probe(net_user, name, private=("http", net_lab["private"].url))["private"]["ok"]
+    # nothing waits for DHCP in open mode: wait for the address before probing
+    wait_for(lambda: network.find_attachment(incus, name).ipv4, timeout=30, what=f"{name} to get an address")
+    results = probe(net_user, name, private=("http", net_lab["private"].url))
+    assert results["private"]["ok"], results
 
 
 @needs_wiring
