@@ -490,3 +490,71 @@ def test_backend_report_without_privileges(tmp_path, monkeypatch):
     network.Store(tmp_path).save_capability("incus-acl", False, "no bridge-family conntrack")
     report = network.backend_report(net_config(), sessions_dir=tmp_path)
     assert report.status == "fail" and "--network=open" in report.hint
+
+
+# ---- the watcher ----------------------------------------------------------------------------------------------
+
+def watched(tmp_path, monkeypatch, nft_calls, *, mode="allowlist"):
+    """A container with applied rules and a watcher over a stub client (no process, no daemon)."""
+    from coi import netwatch
+
+    monkeypatch.setattr(network, "_start_watcher", lambda *a, **k: None)
+    answers = {"a.example": ["192.0.2.1"]}
+
+    def query(name, server, timeout=2.0):
+        if name in answers:
+            return answers[name]
+        raise network.ResolveError(f"{name}: no such name")
+    monkeypatch.setattr(network, "dns_query_a", query)
+    client = StubIncus(acl_error=REFUSED)
+    policy = network.plan(net_config(allowed_domains=("a.example",)), mode, env={})
+    network.apply(client, ATT.container, policy, sessions_dir=tmp_path, log=print)
+    nft_calls.clear()
+    return netwatch.Watcher(ATT.container, tmp_path, client), client, answers
+
+
+def test_watcher_refresh_swaps_addresses_and_keeps_them_when_lookups_fail(tmp_path, monkeypatch, nft_calls):
+    watcher, _, answers = watched(tmp_path, monkeypatch, nft_calls)
+    policy = network.NetworkPolicy.from_json(watcher.record()["policy"])
+    watcher._refresh(policy)
+    assert nft_calls == []  # nothing changed
+    answers["a.example"] = ["192.0.2.2", "192.0.2.2"]
+    watcher._refresh(policy)
+    assert nft_calls == [network.nft_set_script(ATT.container, ["192.0.2.2"])]
+    answers.clear()
+    watcher._refresh(policy)
+    assert len(nft_calls) == 1 and watcher.record()["addresses"] == ["192.0.2.2"]
+
+
+def test_watcher_follows_a_restart_and_removes_rules_of_a_deleted_container(tmp_path, monkeypatch, nft_calls):
+    watcher, client, _ = watched(tmp_path, monkeypatch, nft_calls, mode="restricted")
+    state = client.instance_state(ATT.container)
+    state["network"]["eth0"]["host_name"] = "veth9999new0"
+    monkeypatch.setattr(client, "instance_state", lambda name: state)
+    record = watcher.record()
+    watcher._follow_restart(record, network.NetworkPolicy.from_json(record["policy"]), state)
+    assert '"veth9999new0"' in nft_calls[-1] and watcher.record()["attachment"]["veth"] == "veth9999new0"
+
+    def gone(name):
+        raise NotFoundError(name)
+    monkeypatch.setattr(client, "instance_state", gone)
+    assert watcher.run() == 0
+    assert nft_calls[-1] == network.nft_remove_script(ATT.container)
+    assert watcher.record() is None
+
+
+def test_watcher_waits_out_a_reboot_before_removing_rules(tmp_path, monkeypatch, nft_calls):
+    from coi import netwatch
+
+    watcher, client, _ = watched(tmp_path, monkeypatch, nft_calls, mode="restricted")
+    monkeypatch.setattr(netwatch, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(netwatch, "STOPPED_GRACE", 0.2)
+    seen = []
+
+    def stopped(name):
+        seen.append(network.Store(tmp_path).record(ATT.container) is not None)
+        return {"status": "Stopped", "network": {}}
+    monkeypatch.setattr(client, "instance_state", stopped)
+    assert watcher.run() == 0
+    assert len(seen) > 3 and all(seen)  # the rules stayed while the grace lasted
+    assert nft_calls == [network.nft_remove_script(ATT.container)]
