@@ -9,6 +9,7 @@ user's own sessions are never touched; a session-wide finaliser removes any
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -185,12 +186,14 @@ def sandbox_image(incus, base_image, tmp_path_factory):
 
 
 @pytest.fixture
-def session_user(coi_user, sandbox_image):
-    """The test user, configured to use the test image and the stand-in agent."""
+def session_user(coi_user, sandbox_image, nft_sudo):
+    """The test user, configured to use the test image and the stand-in agent; sessions
+    run in the default network mode (restricted), enforced with nft through 'sudo -n'."""
     cfg = coi_user.home / ".config" / "coi"
     cfg.mkdir(parents=True, exist_ok=True)
     (cfg / "config.toml").write_text(
-        f'[defaults]\nimage = "{sandbox_image}"\n\n[tool]\nbinary = "fake-claude"\n')
+        f'[defaults]\nimage = "{sandbox_image}"\n\n[tool]\nbinary = "fake-claude"\n\n'
+        f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
     for p in (coi_user.home / ".config", cfg, cfg / "config.toml"):
         os.chown(p, coi_user.uid, coi_user.gid)
     yield coi_user
@@ -467,9 +470,7 @@ def nft_sudo(coi_user):
 
 @pytest.fixture
 def net_user(session_user, nft_sudo):
-    """The session user, allowed to run nft through 'sudo -n' (privileged_command)."""
-    path = session_user.home / ".config" / "coi" / "config.toml"
-    path.write_text(path.read_text() + '\n[network]\nprivileged_command = ["sudo", "-n"]\n')
+    """The session user (already allowed to run nft through 'sudo -n')."""
     yield session_user
     remove_test_network_rules()
 

@@ -562,6 +562,10 @@ def untrusted_layer(layer: Layer, below: Layer, *, workspace: Path, warnings: li
 def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> str | None:
     if key == "defaults.trust_workspace_config":
         return "only your own config can grant trust"
+    if key == "network.privileged_command":
+        return "only your own config can choose a command coi runs with privileges"
+    if key == "network.logging.path":
+        return "only your own config can choose where coi writes its network log"
     if key.endswith("network.mode"):
         base = below.get("network.mode", ("restricted", ""))[0]
         if _MODE_STRENGTH[value] < _MODE_STRENGTH[base]:

@@ -37,9 +37,10 @@ def test_run_one_argument_is_a_shell_command(session_user, workspace):
     assert (proc.returncode, proc.stdout) == (0, "b\n")
 
 
-def test_run_timeout_exits_124_and_cleans_up(session_user, workspace):
+@pytest.mark.parametrize("capture", [[], ["--capture"]])
+def test_run_timeout_exits_124_and_cleans_up(session_user, workspace, capture):
     started = time.monotonic()
-    proc = session_user.run(["run", "--timeout", "1", "--", "sleep", "60"], cwd=workspace)
+    proc = session_user.run(["run", *capture, "--timeout", "1", "--", "sleep", "60"], cwd=workspace)
     assert proc.returncode == 124
     assert time.monotonic() - started < 30
     assert names_in(session_user, workspace) == []

@@ -25,16 +25,6 @@ pytestmark = pytest.mark.e2e
 REGISTRY_URL = "http://deb.debian.org/debian/dists/bookworm/Release"
 
 
-def _wired() -> bool:
-    """Whether the session commands call the network service yet."""
-    import coi.cli.commands.sessions as commands
-
-    return "network.apply" in Path(commands.__file__).read_text()
-
-
-needs_wiring = pytest.mark.skipif(not _wired(), reason="needs CLI wiring (coi.network.apply/remove in the "
-                                                       "session commands)")
-
 
 def chains() -> set[str]:
     proc = subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True, check=True)
@@ -61,7 +51,6 @@ def refused_fast(result: dict) -> bool:
     return not result["ok"] and result["seconds"] < 1.5
 
 
-@needs_wiring
 def test_shell_restricted_by_default_then_kill_removes_the_rules(net_user, workspace, net_lab):
     name = start(net_user, workspace)
     assert name in chains()
@@ -75,7 +64,6 @@ def test_shell_restricted_by_default_then_kill_removes_the_rules(net_user, works
     assert name not in chains()
 
 
-@needs_wiring
 def test_shell_allowlist_from_config_and_shutdown(net_user, workspace, net_lab):
     config = net_user.home / ".config" / "coi" / "config.toml"
     config.write_text(config.read_text().replace("[network]\n", '[network]\nallowed_domains = ["deb.debian.org"]\n'))
@@ -88,7 +76,6 @@ def test_shell_allowlist_from_config_and_shutdown(net_user, workspace, net_lab):
     assert name not in chains()
 
 
-@needs_wiring
 def test_shell_open_filters_nothing(net_user, workspace, net_lab, incus):
     name = start(net_user, workspace, "--network", "open")
     assert name not in chains()
@@ -98,8 +85,9 @@ def test_shell_open_filters_nothing(net_user, workspace, net_lab, incus):
     assert results["private"]["ok"], results
 
 
-@needs_wiring
 def test_without_privileges_the_session_does_not_start(session_user, workspace):
+    config = session_user.home / ".config" / "coi" / "config.toml"
+    config.write_text("\n".join(l for l in config.read_text().splitlines() if "privileged_command" not in l))
     proc = session_user.run(["shell", "--background"], cwd=workspace)
     assert proc.returncode == 1, proc.stderr
     assert "cannot enforce network mode restricted" in proc.stderr
@@ -108,7 +96,6 @@ def test_without_privileges_the_session_does_not_start(session_user, workspace):
     assert [c for c in listed["active_containers"] if c["workspace"] == str(workspace)] == []
 
 
-@needs_wiring
 def test_run_is_isolated_too(net_user, workspace, net_lab):
     items = json.dumps([["private", "http", net_lab["private"].url]])
     proc = net_user.run(["run", "--capture", "--", "python3", "-c", NET_PROBE, items], cwd=workspace)
@@ -116,7 +103,6 @@ def test_run_is_isolated_too(net_user, workspace, net_lab):
     assert refused_fast(result), result
 
 
-@needs_wiring
 def test_poweroff_inside_and_clean_leave_no_rules(net_user, workspace):
     name = start(net_user, workspace, "--persistent")
     net_user.run(["container", "exec", name, "--", "sh", "-c", "(sleep 0.2; poweroff) >/dev/null 2>&1 &"])

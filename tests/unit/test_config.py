@@ -474,6 +474,8 @@ def test_unknown_profile_lists_the_defined_ones(layers) -> None:
     ("", "[network]\nblock_private_networks = false", "network.block_private_networks", True, True),
     ("", "[network]\nallow_local_network_access = true", "network.allow_local_network_access", False, True),
     ("", "[defaults]\ntrust_workspace_config = true", "defaults.trust_workspace_config", False, True),
+    ("", '[network]\nprivileged_command = ["sh", "-c", "evil"]', "network.privileged_command", (), True),
+    ("", '[network.logging]\npath = "/home/me/.bashrc"', "network.logging.path", None, True),
     ("", '[defaults]\nimage = "ws-image"', "defaults.image", "ws-image", False),
     ("", "[limits]\nmemory = \"1GiB\"", "limits.memory", "1GiB", False),
     ("[defaults]\ntrust_workspace_config = true", '[network]\nmode = "open"', "network.mode", "open", False),

@@ -86,7 +86,12 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
         session = sessions.open_session(client, req, ctx.ui.info)
         ctx.ui.info(f"Setting up session {session.session_id}...")
         with sessions.cleanup_on_interrupt(client, session):
-            _start_agent(ctx, session, req, saved, debug=debug, tmux=tmux)
+            try:
+                _start_agent(ctx, session, req, saved, debug=debug, tmux=tmux)
+            except BaseException:
+                if session.created:
+                    _unisolate(ctx, session.name)
+                raise
     ctx.ui.info(f"Session ID: {session.session_id}")
     ctx.ui.info(f"Container: {session.name}")
     ctx.ui.info(f"Workspace: {session.workspace}")
@@ -117,6 +122,7 @@ def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) 
 
     client = ctx.incus
     sessions.ensure_running(client, session.name)
+    _isolate(ctx, session.name, ctx.ui.info)
     ctx.ui.info("Starting session...")
     if saved is not None and session.created:
         _restore_state(ctx, session.name, saved, req)
@@ -125,6 +131,21 @@ def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) 
         agent = None if debug else _agent_command(req, session, saved)
         sessions.start_tmux(client, session.name, code_uid=req.code_uid, env=_agent_env(req),
                             command=sessions.agent_shell_command(agent))
+
+
+def _isolate(ctx: Context, name: str, log) -> None:
+    """Network rules for a started container, before anything runs in it (fail closed)."""
+    from coi import network
+
+    policy = network.plan(ctx.config.network)
+    backend = network.apply(ctx.incus, name, policy, sessions_dir=ctx.config.paths.sessions_dir, log=log)
+    log(f"Network: {policy.mode} ({backend})")
+
+
+def _unisolate(ctx: Context, name: str) -> None:
+    from coi import network
+
+    network.remove(name, sessions_dir=ctx.config.paths.sessions_dir, client=ctx.incus)
 
 
 def _need_terminal(what: str, name: str) -> None:
@@ -206,6 +227,7 @@ def end_session(ctx: Context, name: str, *, inst: dict[str, Any] | None = None) 
         ctx.ui.info("Session data saved")
     if not persistent:
         sessions.remove_container(client, name)
+    _unisolate(ctx, name)
 
 
 # ---- run ---------------------------------------------------------------------
@@ -227,9 +249,12 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
     env_vars = _agent_env(req)
     try:
         sessions.ensure_running(client, session.name)
+        _isolate(ctx, session.name, ctx.ui.detail)
         if capture:
+            if timeout:  # coreutils' timeout inside: exits 124 like coi run does
+                command = ["timeout", f"{timeout:g}", *command]
             result = client.exec(session.name, command, env=env_vars, user=req.code_uid, group=req.code_uid,
-                                 cwd=sessions.WORKSPACE)  # TODO timeout
+                                 cwd=sessions.WORKSPACE)
             ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": result.stderr,
                                    "exit_code": result.exit_code}))
             return result.exit_code
@@ -250,6 +275,7 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
     finally:
         if not session.persistent:
             sessions.remove_container(client, session.name)
+            _unisolate(ctx, session.name)
 
 
 # ---- attach, list, info ------------------------------------------------------------
@@ -360,6 +386,7 @@ def kill(ctx: Context, *, names: list[str], all: bool = False, force: bool = Fal
     targets = _targets(ctx, names, all, force, "kill")
     for inst in targets:
         sessions.remove_container(ctx.incus, inst["name"])
+        _unisolate(ctx, inst["name"])
         ctx.ui.info(f"Killed {inst['name']}")
     if names and not targets:
         return 1
@@ -411,6 +438,12 @@ def clean(ctx: Context, *, force: bool = False, sessions: bool = False, all: boo
     stopped = [i for i in client.instances(recursion=1) if svc.is_coi(i, _prefix())
                and svc.is_stopped(i) and i["config"].get(f"{naming.CONFIG_PREFIX}persistent") != "true"]
     saved = state.saved_sessions(ctx.config.paths.sessions_dir) if (sessions or all) else []
+    from coi import network
+
+    existing = {i["name"] for i in client.instances(recursion=1)}
+    for name in network.clean_orphans(existing, sessions_dir=ctx.config.paths.sessions_dir, client=client,
+                                      privileged_command=ctx.config.network.privileged_command):
+        ctx.ui.info(f"Removed network rules of {name}")
     if not stopped and not saved:
         ctx.ui.info("Nothing to clean")
         return 0
