@@ -1,0 +1,548 @@
+"""The benchmark cases: each runs coi and its floor alternately and returns rows.
+
+A row is one line of the table: the coi command, its floor (or none), the
+ratio of their medians and the target it is held to. Every case cleans up
+what it created before it returns, also when it fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import floor
+from measure import BenchError, Series, compare, run
+
+PREFIX = "coi-bench-"
+FLOOR_PREFIX = f"{PREFIX}floor-"
+LIST_CONTAINERS = 20
+PARALLEL = 10
+ALLOWED_DOMAINS = ["github.com", "api.github.com", "codeload.github.com", "objects.githubusercontent.com",
+                   "raw.githubusercontent.com", "registry.npmjs.org", "pypi.org", "files.pythonhosted.org",
+                   "deb.debian.org", "api.anthropic.com"]
+NETWORK_PHASE = "network rules"  # as phases.py names it
+BUILD_LINE = "echo coi-bench > /etc/coi-bench-built"
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Target:
+    """What a row is held to: a ratio to its floor and/or an absolute time."""
+
+    ratio: float | None = None
+    seconds: float | None = None
+    text: str = ""
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        parts = []
+        if self.ratio is not None:
+            parts.append(f"≤ {self.ratio:g}x")
+        if self.seconds is not None:
+            parts.append(f"< {self.seconds:g} s")
+        return ", ".join(parts) or "—"
+
+
+@dataclass
+class Row:
+    key: str
+    case: str
+    coi: Series
+    floor: Series | None = None
+    target: Target = field(default_factory=Target)
+    status: str = "ok"  # ok, not available, failed
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)  # further conditions of the target
+
+    @property
+    def ratio(self) -> float | None:
+        if self.floor is None or not self.floor.median or self.coi.median is None:
+            return None
+        return self.coi.median / self.floor.median
+
+    @property
+    def met(self) -> bool | None:
+        if self.status != "ok" or self.coi.median is None:
+            return None if self.status == "not available" else False
+        results = list(self.checks.values())
+        if self.target.ratio is not None:
+            if self.ratio is None:
+                return None
+            results.append(self.ratio <= self.target.ratio)
+        if self.target.seconds is not None:
+            results.append(self.coi.median < self.target.seconds)
+        return all(results) if results else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"case": self.case, "status": self.status, "coi": self.coi.to_json(),
+                "floor": self.floor.to_json() if self.floor else None,
+                "ratio": round(self.ratio, 3) if self.ratio is not None else None,
+                "target": self.target.describe(), "met": self.met, "checks": self.checks,
+                "note": self.note, "extra": self.extra}
+
+
+@dataclass
+class Setup:
+    """Where and with what the cases run; built once by run.py."""
+
+    tmp: Path
+    coi: str  # the coi executable
+    python: str  # coi's interpreter
+    image: str
+    binary: str  # agent binary ("" = the tool's own)
+    build_base: str | None  # None: coi's default base
+    repeat: int
+    warmup: int
+    host_uid: int = field(default_factory=os.getuid)
+    host_gid: int = field(default_factory=os.getgid)
+    shift: bool = False
+    counter: int = 0
+
+    @property
+    def home(self) -> Path:
+        return self.tmp / "home"
+
+    @property
+    def sessions(self) -> Path:
+        return self.tmp / "sessions"
+
+    def workspace(self, name: str) -> Path:
+        path = self.tmp / "workspaces" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def env(self) -> dict[str, str]:
+        """coi's environment: the bench's prefix, image and agent, a home of its own."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+        env.update({"HOME": str(self.home), "COI_CONTAINER_PREFIX": PREFIX, "COI_SESSIONS_DIR": str(self.sessions),
+                    "COI_IMAGE": self.image})
+        if self.binary:
+            env["COI_TOOL_BINARY"] = self.binary
+        return env
+
+    def coi_run(self, args: list[str], *, cwd: Path | None = None, timeout: float = 300):
+        return run([self.coi, *args], env=self.env(), cwd=str(cwd) if cwd else None, timeout=timeout)
+
+    def floor_name(self, role: str) -> str:
+        self.counter += 1
+        return f"{FLOOR_PREFIX}{role}-{os.getpid()}-{self.counter}"
+
+    def spec(self, workspace: Path, slot: int = 1) -> tuple[dict, dict]:
+        config, devices, _ = floor.session_spec(image=self.image, workspace=workspace, slot=slot,
+                                                host_uid=self.host_uid, host_gid=self.host_gid, shift=self.shift)
+        return config, devices
+
+    @property
+    def agent(self) -> str:
+        """The agent's executable name (what the session starts in tmux)."""
+        return self.binary or "claude"
+
+    def agent_argv(self) -> list[str]:
+        return [self.agent, "--session-id", str(uuid.uuid4())]
+
+    def probe(self, args: list[str], *, cwd: Path) -> dict[str, Any]:
+        """One run of ``coi ARGS`` through phases.py: phases, REST log, whole-process time."""
+        out = self.tmp / f"probe-{uuid.uuid4().hex[:8]}.json"
+        spawned = time.time()
+        proc = run([self.python, str(HERE / "phases.py"), str(out), "--", *args], env=self.env(), cwd=str(cwd))
+        ended = time.time()
+        proc.check()
+        data = json.loads(out.read_text())
+        out.unlink()
+        phases = {k: v["seconds"] for k, v in data["phases"].items()}
+        phases["interpreter start"] = data["t0_wall"] - spawned
+        phases["interpreter exit"] = ended - data["end_wall"]
+        return {"total": proc.seconds, "phases": phases, "rest": data["rest"], "stdout": proc.stdout,
+                "stderr": proc.stderr}
+
+
+def quick(setup: Setup, factor: int) -> tuple[int, int]:
+    """Repetitions for a case that takes tens of milliseconds: more runs, same wall time."""
+    return setup.repeat * factor, setup.warmup * factor
+
+
+def container_of(output: str) -> str:
+    match = re.search(r"^Container: (\S+)", output, re.M)
+    if not match:
+        raise BenchError(f"coi did not name its container: {output.strip()[-300:]}")
+    return match.group(1)
+
+
+def kill(setup: Setup, name: str) -> None:
+    """End a session the way a user would (coi also removes anything it set up for it)."""
+    setup.coi_run(["kill", name])
+    floor.delete_quietly(name)
+
+
+def in_parallel(funcs: list[Callable[[], Any]], workers: int) -> list[Any]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return [f.result() for f in [pool.submit(func) for func in funcs]]
+
+
+# ---- CLI start and doctor ----------------------------------------------------------
+
+
+def cli_start(setup: Setup) -> list[Row]:
+    repeat, warmup = quick(setup, 10)
+    coi = Series("coi", "coi --version")
+    base = Series("floor", f"{setup.python} -c pass")
+    launcher = Series("coi without the console-script launcher",
+                      f"{setup.python} -c 'from coi.cli.main import main; main()' --version")
+    env = setup.env()
+    compare(lambda: run([setup.coi, "--version"], env=env).check().seconds,
+            lambda: run([setup.python, "-c", "pass"], env=env).check().seconds,
+            coi_series=coi, floor_series=base, repeat=repeat, warmup=warmup)
+    for i in range(warmup + repeat):
+        seconds = run([setup.python, "-c", "import sys; from coi.cli.main import main; sys.exit(main())",
+                       "--version"], env=env).check().seconds
+        if i >= warmup:
+            launcher.samples.append(seconds)
+    head = open(setup.coi, "rb").read(200).decode("utf-8", "replace").splitlines()
+    return [Row("cli_start", "CLI start", coi, base, Target(ratio=1.5),
+                extra={"without_launcher": launcher.to_json(),
+                       "launcher_imports_re": any(line.strip() == "import re" for line in head)})]
+
+
+def doctor(setup: Setup) -> list[Row]:
+    coi = Series("coi", "coi doctor")
+    codes: list[int] = []
+
+    def once() -> float:
+        proc = setup.coi_run(["doctor"])
+        codes.append(proc.code)
+        return proc.seconds
+    compare(once, None, coi_series=coi, floor_series=None, repeat=setup.repeat, warmup=setup.warmup)
+    return [Row("doctor", "doctor", coi, None, Target(seconds=1.0),
+                note="" if set(codes) == {0} else f"doctor exit codes {sorted(set(codes))} (timed anyway)")]
+
+
+# ---- list --------------------------------------------------------------------------
+
+
+def _list_containers(setup: Setup, count: int) -> list[str]:
+    """``count`` stopped containers that look like coi's (slots 1..count of one workspace)."""
+    workspace = setup.workspace("list")
+    digest = hashlib.sha256(os.path.abspath(workspace).encode()).hexdigest()[:8]
+    names = [f"{PREFIX}{digest}-{slot}" for slot in range(1, count + 1)]
+
+    def make(slot: int, name: str) -> None:
+        floor.init(name, setup.image, *setup.spec(workspace, slot))
+    in_parallel([lambda s=s, n=n: make(s, n) for s, n in enumerate(names, 1)], workers=4)
+    return names
+
+
+def list_case(setup: Setup) -> list[Row]:
+    repeat, warmup = quick(setup, 3)
+    rows: list[Row] = []
+    names: list[str] = []
+    try:
+        for count in (0, LIST_CONTAINERS):
+            if count:
+                names = _list_containers(setup, count)
+            shown = json.loads(setup.coi_run(["list", "--format", "json"]).check().stdout)
+            if isinstance(shown, dict):  # {"active_containers": [...], "saved_sessions": [...]}
+                shown = shown.get("active_containers", [])
+            if len(shown) != count:
+                raise BenchError(f"coi list shows {len(shown)} containers, expected {count}")
+            total = len(floor.instances())
+            for fmt in ("text", "json"):
+                args = ["list"] + (["--format", "json"] if fmt == "json" else [])
+                coi = Series("coi", "coi " + " ".join(args))
+                base = Series("floor", "incus list --format json")
+                compare(lambda: setup.coi_run(args).check().seconds,
+                        lambda: run([floor.INCUS, "list", "--format", "json"]).check().seconds,
+                        coi_series=coi, floor_series=base, repeat=repeat, warmup=warmup)
+                target = Target(ratio=2.0, seconds=0.25) if count else Target()
+                rows.append(Row(f"list_{count}_{fmt}", f"list, {count} containers ({fmt})", coi, base, target,
+                                extra={"instances_on_daemon": total}))
+        breakdown = [setup.probe(["list"], cwd=setup.tmp) for _ in range(max(1, min(setup.repeat, 3)))]
+        rows[-2].extra["breakdown"] = breakdown_summary(breakdown)
+    finally:
+        in_parallel([lambda n=n: floor.delete_quietly(n) for n in names], workers=4)
+    return rows
+
+
+# ---- one-shot run ------------------------------------------------------------------
+
+
+def run_case(setup: Setup) -> list[Row]:
+    workspace = setup.workspace("run")
+    coi = Series("coi", "coi run -- true")
+    base = Series("floor", "incus init (workspace mount) + start + exec --user 1000 --cwd /workspace true + delete")
+    compare(lambda: setup.coi_run(["run", "--", "true"], cwd=workspace).check().seconds,
+            lambda: floor.one_shot(setup.floor_name("run"), setup.image, setup.spec(workspace)),
+            coi_series=coi, floor_series=base, repeat=setup.repeat, warmup=setup.warmup)
+    breakdown = [setup.probe(["run", "--", "true"], cwd=workspace) for _ in range(max(1, min(setup.repeat, 3)))]
+    return [Row("run", "one-shot run", coi, base, Target(ratio=1.3),
+                extra={"breakdown": breakdown_summary(breakdown)})]
+
+
+# ---- session start ---------------------------------------------------------------------
+
+
+class Refused(BenchError):
+    """coi said no (exit code not 0), as opposed to failing on the way."""
+
+
+def _coi_session(setup: Setup, workspace: Path, extra: list[str]) -> tuple[float, str]:
+    """``coi shell --background`` until the agent runs in tmux; the container is left running."""
+    t0 = time.perf_counter()
+    proc = setup.coi_run(["shell", "--background", *extra], cwd=workspace)
+    if proc.code != 0:
+        errors = [line for line in (proc.stderr + proc.stdout).splitlines() if line.startswith(("Error", "Hint"))]
+        raise Refused(" ".join(errors) or f"coi shell exited {proc.code}: {proc.stderr.strip()[-300:]}")
+    name = container_of(proc.stdout + proc.stderr)
+    try:
+        floor.wait_agent(name, setup.agent)
+    except BaseException:
+        kill(setup, name)
+        raise
+    return time.perf_counter() - t0, name
+
+
+def session_case(setup: Setup) -> list[Row]:
+    workspace = setup.workspace("session")
+    coi = Series("coi", "coi shell --background (until the agent runs in tmux)")
+    base = Series("floor", "incus init (workspace mount) + start + exec tmux new-session (agent)")
+
+    def coi_once() -> float:
+        seconds, name = _coi_session(setup, workspace, [])
+        kill(setup, name)
+        return seconds
+
+    def floor_once() -> float:
+        name = setup.floor_name("shell")
+        try:
+            return floor.session_start(name, setup.image, setup.spec(workspace), setup.agent_argv())
+        finally:
+            floor.delete_quietly(name)
+    compare(coi_once, floor_once, coi_series=coi, floor_series=base, repeat=setup.repeat, warmup=setup.warmup)
+    shell, shutdown = [], []
+    for _ in range(max(1, min(setup.repeat, 3))):
+        probe = setup.probe(["shell", "--background"], cwd=workspace)
+        name = container_of(probe["stdout"] + probe["stderr"])
+        t0 = time.perf_counter()
+        floor.wait_agent(name, setup.agent)
+        probe["phases"]["agent start (to running in tmux)"] = time.perf_counter() - t0
+        probe["total"] += probe["phases"]["agent start (to running in tmux)"]
+        shell.append(probe)
+        try:
+            shutdown.append(setup.probe(["shutdown", name], cwd=workspace))
+        finally:
+            kill(setup, name)
+    return [Row("session", "session start", coi, base, Target(ratio=1.5, seconds=1.5),
+                extra={"breakdown": breakdown_summary(shell), "shutdown_breakdown": breakdown_summary(shutdown)})]
+
+
+# ---- parallel ------------------------------------------------------------------------
+
+
+def parallel_case(setup: Setup) -> list[Row]:
+    workspace = setup.workspace("parallel")
+    coi = Series("coi", f"{PARALLEL} x coi run -- true at once, one workspace")
+    base = Series("floor", f"{PARALLEL} floor runs at once")
+    rounds: list[dict[str, Any]] = []
+
+    def coi_once() -> float:
+        t0 = time.perf_counter()
+        procs = in_parallel([lambda: setup.coi_run(["run", "--verbose", "--", "true"], cwd=workspace)
+                             for _ in range(PARALLEL)], workers=PARALLEL)
+        seconds = time.perf_counter() - t0
+        slots = []
+        for p in procs:
+            m = re.search(r"\bslot (\d+)", p.stdout + p.stderr)
+            slots.append(int(m.group(1)) if m else None)
+        failed = [p for p in procs if p.code != 0]
+        rounds.append({"seconds": round(seconds, 3), "succeeded": PARALLEL - len(failed), "slots": slots,
+                       "errors": [(p.stderr.strip() or p.stdout.strip())[-200:] for p in failed]})
+        return seconds
+
+    def floor_once() -> float:
+        t0 = time.perf_counter()
+        names = [setup.floor_name("par") for _ in range(PARALLEL)]
+        in_parallel([lambda n=n: floor.one_shot(n, setup.image, setup.spec(workspace)) for n in names],
+                    workers=PARALLEL)
+        return time.perf_counter() - t0
+    # Ten containers at once take seconds: half the repetitions, at most one warm-up.
+    warmup = min(setup.warmup, 1)
+    compare(coi_once, floor_once, coi_series=coi, floor_series=base, repeat=max(1, setup.repeat // 2),
+            warmup=warmup)
+    counted = rounds[warmup:]
+    all_ok = all(r["succeeded"] == PARALLEL for r in counted)
+    distinct = all(None not in r["slots"] and len(set(r["slots"])) == PARALLEL for r in counted)
+    note = ""
+    if all_ok and not distinct:
+        note = ("slots repeat: a slot is free again once its run has ended, so some runs ended before "
+                "others had been given a slot (they did not all run at the same time)")
+    return [Row("parallel", f"parallel ({PARALLEL} runs)", coi, base, Target(ratio=1.5),
+                checks={"all succeed": all_ok, "distinct slots": distinct}, note=note, extra={"rounds": counted})]
+
+
+# ---- network modes ----------------------------------------------------------------------
+
+
+def network_case(setup: Setup) -> list[Row]:
+    workspace = setup.workspace("network")
+    (workspace / ".coi.toml").write_text(
+        "[network]\nallowed_domains = [" + ", ".join(f'"{d}"' for d in ALLOWED_DOMAINS) + "]\n")
+    series = {mode: Series("coi", f"coi shell --background --network {mode}")
+              for mode in ("open", "restricted", "allowlist")}
+    refused: dict[str, str] = {}
+    # Three modes, each a session start: about half the repetitions, at most one warm-up.
+    repeat, warmup = max(1, setup.repeat // 2 + 1), min(setup.warmup, 1)
+    for i in range(warmup + repeat):
+        modes = list(series)
+        if i % 2:
+            modes.reverse()
+        for mode in modes:
+            if mode in refused:
+                continue
+            try:
+                seconds, name = _coi_session(setup, workspace, ["--network", mode])
+            except Refused as exc:
+                refused[mode] = str(exc)
+                continue
+            kill(setup, name)
+            if i >= warmup:
+                series[mode].samples.append(seconds)
+    breakdown: dict[str, Any] = {}
+    for mode in series:
+        if mode in refused:
+            continue
+        probes = []
+        for _ in range(1 if mode == "open" else max(1, min(setup.repeat, 3))):
+            probe = setup.probe(["shell", "--background", "--network", mode], cwd=workspace)
+            kill(setup, container_of(probe["stdout"] + probe["stderr"]))
+            probes.append(probe)
+        breakdown[mode] = breakdown_summary(probes)
+    rows = []
+    targets = {"restricted": 0.1, "allowlist": 0.3}
+    for mode, s in series.items():
+        row = Row(f"network_{mode}", f"network {mode}", s, series["open"] if mode != "open" else None,
+                  Target(text=f"set-up < {targets[mode] * 1000:.0f} ms" if mode in targets else "—"),
+                  extra={"breakdown": breakdown.get(mode)})
+        if mode in refused:
+            row.status, row.note = "not available", refused[mode]
+        elif mode in targets and series["open"].median is not None and s.median is not None:
+            rules = (breakdown.get(mode) or {}).get("phases", {}).get(NETWORK_PHASE)
+            row.extra["delta_vs_open"] = s.median - series["open"].median
+            row.extra["network_rules_phase"] = rules
+            if rules is None:
+                row.note = "no network set-up seen in coi (no network module yet): the mode changes nothing"
+            else:
+                row.checks["rule set-up"] = rules["median"] < targets[mode]
+        rows.append(row)
+    return rows
+
+
+# ---- build -----------------------------------------------------------------------------
+
+
+def build_case(setup: Setup) -> list[Row]:
+    """A build takes tens of seconds (publishing dominates), so it runs ``repeat // 4``
+    times (at least once); its one warm-up is a coi build through phases.py, which
+    also warms the base image's caches for the floor."""
+    script = setup.tmp / "one-line.sh"
+    script.write_text(BUILD_LINE + "\n")
+    alias, floor_alias = f"{PREFIX}image", f"{FLOOR_PREFIX}image"
+    base = setup.build_base or _default_build_base(setup)
+    base_args = ["--base", setup.build_base] if setup.build_base else []
+    args = ["build", "custom", alias, "--script", str(script), *base_args]
+    coi = Series("coi", f"coi build custom {alias} --script one-line.sh" + (f" --base {base}" if base_args else ""))
+    fl = Series("floor", "incus launch + exec + stop + publish (uncompressed) + delete")
+    launch = Series("coi", f"incus launch {alias} (first launch of the built image)")
+    floor_launch = Series("floor", f"incus launch {floor_alias} (first launch of the floor's image)")
+    sizes: list[int] = []
+    breakdown: list[dict[str, Any]] = []
+    if setup.warmup:
+        try:
+            breakdown.append(setup.probe(args, cwd=setup.tmp))
+        finally:
+            floor.delete_image(alias)
+
+    def first_launch(image: str, series: Series) -> None:
+        name = setup.floor_name("launch")
+        try:
+            series.samples.append(floor.launch(image, name))
+        finally:
+            floor.delete_quietly(name)
+
+    def coi_once() -> float:
+        try:
+            seconds = setup.coi_run(args, timeout=900).check().seconds
+            sizes.append(floor.image_size(alias) or 0)
+            first_launch(alias, launch)
+        finally:
+            floor.delete_image(alias)
+        return seconds
+
+    def floor_once() -> float:
+        try:
+            seconds = floor.build(setup.floor_name("build"), floor_alias, base, BUILD_LINE)
+            if not floor_launch.samples:  # unpacking takes seconds: once is enough to show it
+                first_launch(floor_alias, floor_launch)
+        finally:
+            floor.delete_image(floor_alias)
+        return seconds
+    compare(coi_once, floor_once, coi_series=coi, floor_series=fl, repeat=max(1, setup.repeat // 4), warmup=0)
+    return [Row("build", "build (warm, one-line script)", coi, fl, Target(seconds=30.0),
+                extra={"base": base, "image_size_bytes": sizes,
+                       "breakdown": breakdown_summary(breakdown) if breakdown else None}),
+            Row("build_launch", "launch a built image", launch, floor_launch, Target(seconds=0.5),
+                note="coi unpacks a new image on the pool during the build; the floor's first launch does it")]
+
+
+def _default_build_base(setup: Setup) -> str:
+    """The base ``coi build custom`` uses without --base: the coi image."""
+    if floor.image_fingerprint("coi") is None:
+        raise BenchError("coi build custom needs the coi image as its default base; pass --build-base IMAGE")
+    return "coi"
+
+
+# ---- breakdowns ----------------------------------------------------------------------------
+
+
+def breakdown_summary(probes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over probe runs of each phase's time and of the REST requests it made."""
+    import statistics
+
+    names: list[str] = []
+    for p in probes:
+        names += [n for n in p["phases"] if n not in names]
+    per_probe = []
+    for p in probes:
+        rest: dict[str, list[float]] = {}
+        for req in p["rest"]:
+            rest.setdefault(req["phase"], []).append(req["seconds"])
+        per_probe.append(rest)
+    phases: dict[str, dict[str, Any]] = {}
+    for n in names:
+        phases[n] = {"median": statistics.median(p["phases"].get(n, 0.0) for p in probes)}
+        if any(n in r for r in per_probe):
+            phases[n]["rest_requests"] = statistics.median(len(r.get(n, [])) for r in per_probe)
+            phases[n]["rest_seconds"] = statistics.median(sum(r.get(n, [])) for r in per_probe)
+    return {"runs": len(probes), "total_median": statistics.median(p["total"] for p in probes),
+            "phases": phases, "rest_log": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                           for r in probes[0]["rest"]]}
+
+
+CASES: dict[str, Callable[[Setup], list[Row]]] = {
+    "cli_start": cli_start,
+    "doctor": doctor,
+    "list": list_case,
+    "run": run_case,
+    "session": session_case,
+    "parallel": parallel_case,
+    "network": network_case,
+    "build": build_case,
+}
