@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
+from coi.wait import wait_for
 from coi.errors import (
     CoiError,
     ConflictError,
@@ -35,6 +36,9 @@ GROUP_HINT = (
     "join the Incus admin group ('sudo usermod -aG incus-admin $USER'), "
     "then log out and in again"
 )
+# What Incus says when it could not attach a command to the container (seen
+# while a container boots under load); the command did not run.
+EXEC_NOT_STARTED = "Failed to retrieve PID of executing child process"
 # One operation wait call blocks at most this long on the server; longer
 # operations are simply waited on again.
 _WAIT_CHUNK = 60
@@ -380,7 +384,15 @@ class Incus:
         }
         if cwd:
             body["cwd"] = cwd
-        op = self.call("POST", f"/1.0/instances/{quote(name, safe='')}/exec", what, json_body=body)
+
+        def attempt() -> dict[str, Any] | None:
+            try:
+                return self.call("POST", f"/1.0/instances/{quote(name, safe='')}/exec", what, json_body=body)
+            except OperationFailedError as exc:
+                if EXEC_NOT_STARTED in exc.message:
+                    return None  # the command never ran: safe to try again
+                raise
+        op = wait_for(attempt, timeout=20, what=f"{name} to run a command")
         meta = op.get("metadata") or {}
         outputs = meta.get("output") or {}
         captured = [self._take_log(outputs.get(fd)) for fd in ("1", "2")]

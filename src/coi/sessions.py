@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -474,6 +475,42 @@ def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, ba
     command = ["bash", "-l"] if bash else tmux_argv("attach-session", "-t", naming.tmux_session(name))
     return client.exec_argv(name, command, user=code_uid, group=code_uid, cwd=WORKSPACE, env=env,
                             terminal=True)
+
+
+def run_streamed(argv: list[str], *, timeout: float | None) -> int:
+    """Run ``incus exec`` with output streamed; its exit code.
+
+    stderr is relayed line by line so that Incus's own "could not attach"
+    failure (the command never ran) can be recognised and the run tried again.
+    """
+    import threading
+
+    from coi.incus import EXEC_NOT_STARTED
+
+    deadline = time.monotonic() + 20
+    while True:
+        proc = subprocess.Popen(argv, stdin=None if sys.stdin.isatty() else subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        not_started = threading.Event()
+
+        def relay() -> None:
+            for line in proc.stderr:  # type: ignore[union-attr]
+                if EXEC_NOT_STARTED.encode() in line:
+                    not_started.set()
+                else:
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.buffer.flush()
+        relayer = threading.Thread(target=relay, daemon=True)
+        relayer.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        relayer.join()
+        if not (code == 255 and not_started.is_set() and time.monotonic() < deadline):
+            return code
 
 
 def run_attached(argv: list[str]) -> int:

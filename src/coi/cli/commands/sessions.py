@@ -260,18 +260,11 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
             return result.exit_code
         argv = client.exec_argv(session.name, command, user=req.code_uid, group=req.code_uid,
                                 cwd=sessions.WORKSPACE, env=env_vars, terminal=sys.stdin.isatty())
-        proc = subprocess.Popen(argv, stdin=None if sys.stdin.isatty() else subprocess.DEVNULL)
         try:
-            return proc.wait(timeout=timeout or None)
+            return sessions.run_streamed(argv, timeout=timeout or None)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
             ctx.ui.error(f"command timed out after {timeout:g}s")
             return 124
-        except KeyboardInterrupt:
-            proc.kill()
-            proc.wait()
-            raise
     finally:
         if not session.persistent:
             sessions.remove_container(client, session.name)
