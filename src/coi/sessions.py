@@ -388,26 +388,25 @@ def deferred_signals() -> Iterator[None]:
 
 
 @contextmanager
-def _signals_ignored() -> Iterator[None]:
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in _SIGNALS}
+def _signal_handlers(handler, signals=_SIGNALS) -> Iterator[None]:
+    """Install ``handler`` for ``signals`` for the block, then put the old ones back."""
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
-@contextmanager
-def interruptible() -> Iterator[None]:
+def _signals_ignored():
+    return _signal_handlers(signal.SIG_IGN)
+
+
+def interruptible():
     """SIGTERM and SIGHUP (terminal closed) interrupt set-up the way Ctrl+C does."""
     def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
         raise KeyboardInterrupt
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return _signal_handlers(interrupt, (signal.SIGTERM, signal.SIGHUP))
 
 
 @contextmanager
