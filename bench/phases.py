@@ -41,9 +41,11 @@ TARGETS = {
                    ("_Build._remove_builder", "delete builder", True)],
     "coi.bootstrap": [("ensure_base", "base image check", True)],
     "coi.doctor": [("*", "doctor checks", True)],
+    "coi.network": [("find_attachment", "network: wait for the address (DHCP)", True),
+                    ("resolve_allowed", "network: resolve allowed domains", True)],
 }
-# Network rules are being written while this exists: every function of any of
-# these modules counts as network set-up.
+# Every other function of the network module(s) counts as network set-up (the
+# names of the modules cover the code as it is being written).
 NETWORK_MODULES = ("coi.network", "coi.firewall", "coi.netfilter", "coi.nft")
 NETWORK_PHASE = "network rules"
 
@@ -97,10 +99,12 @@ def _patch(module):
     targets = list(TARGETS.get(name, []))
     if name.startswith(NETWORK_MODULES):
         targets.append(("*", NETWORK_PHASE, True))
+    named = {attr for attr, _, _ in targets}
     for attr, phase, nest in targets:
-        if attr == "*":
+        if attr == "*":  # every function of the module not given a phase of its own
             for key, value in list(vars(module).items()):
-                if callable(value) and getattr(value, "__module__", None) == name and not isinstance(value, type):
+                if (callable(value) and getattr(value, "__module__", None) == name
+                        and not isinstance(value, type) and key not in named):
                     setattr(module, key, _timed(value, phase, nest))
             continue
         owner, _, method = attr.rpartition(".")

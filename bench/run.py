@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import floor  # noqa: E402 - the bench's own modules, next to this file
-from cases import CASES, PREFIX, Row, Setup, in_parallel  # noqa: E402
+from cases import ALLOWED_DOMAINS, CASES, PREFIX, Row, Setup, in_parallel  # noqa: E402
 from measure import BenchError, Series, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -38,7 +38,7 @@ SANDBOX_IMAGE = "coi-sandbox-test"  # the tests' image: tmux and the stand-in ag
 SANDBOX_AGENT = "fake-claude"
 BENCH_SANDBOX = f"{PREFIX}sandbox"  # built from the tests' recipe when neither image exists
 PHASE_ORDER = ["interpreter start", "imports", "config", "shift check", "slot allocation", "create", "start",
-               "wait ready", "network rules", "credential copy", "restore state", "tmux check", "tmux start",
+               "wait ready", "network: wait for the address (DHCP)", "network: resolve allowed domains", "network rules", "credential copy", "restore state", "tmux check", "tmux start",
                "agent start (to running in tmux)", "subprocesses", "list instances", "render", "stop", "save",
                "delete", "base image check", "launch builder", "wait network", "exec in builder", "publish",
                "delete builder", "unpack image", "doctor checks", "other", "interpreter exit"]
@@ -139,12 +139,16 @@ def choose_image(args: argparse.Namespace, setup_tmp: Path, coi: str, log) -> tu
 
 
 def dummy_home(home: Path) -> None:
-    """A home of the bench's own: no user config, and stand-in files where the agent's
-    credentials live, so the credential copy does its real work (contents are dummies)."""
+    """A home of the bench's own: a user config that only lists the allowlist's domains
+    (a workspace's .coi.toml may not widen network access), and stand-in files where
+    the agent's credentials live, so the credential copy does its real work."""
     for rel in (".claude/.credentials.json", ".claude/settings.json", ".claude.json"):
         path = home / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text('{"coi-bench": "placeholder, not a credential"}\n')
+    config = home / ".config" / "coi" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[network]\nallowed_domains = [" + ", ".join(f'"{d}"' for d in ALLOWED_DOMAINS) + "]\n")
 
 
 # ---- clean-up ----------------------------------------------------------------------------
