@@ -6,10 +6,8 @@ never touch a user's own sessions.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import uuid
 from typing import Mapping
 
 DEFAULT_PREFIX = "coi-"
@@ -24,6 +22,8 @@ def container_prefix(env: Mapping[str, str] | None = None) -> str:
 
 def workspace_hash(workspace: str) -> str:
     """First 8 hex digits of SHA-256 over the absolute path (symlinks kept)."""
+    import hashlib  # imported here: coi list never needs it
+
     return hashlib.sha256(os.path.abspath(workspace).encode()).hexdigest()[:8]
 
 
@@ -42,4 +42,4 @@ def tmux_session(container: str) -> str:
 
 def builder_name(prefix: str) -> str:
     """A throw-away build container, under the same prefix as sessions."""
-    return f"{prefix}build-{uuid.uuid4().hex[:8]}"
+    return f"{prefix}build-{os.urandom(4).hex()}"

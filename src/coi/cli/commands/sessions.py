@@ -127,7 +127,8 @@ def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) 
     if saved is not None and session.created:
         _restore_state(ctx, session.name, saved, req)
     _inject_credentials(ctx, session.name, req)
-    if tmux and not sessions.has_tmux_session(client, session.name, req.code_uid):
+    # A container created just now cannot have a tmux session yet.
+    if tmux and (session.created or not sessions.has_tmux_session(client, session.name, req.code_uid)):
         agent = None if debug else _agent_command(req, session, saved)
         sessions.start_tmux(client, session.name, code_uid=req.code_uid, env=_agent_env(req),
                             command=sessions.agent_shell_command(agent))
