@@ -200,6 +200,7 @@ def session_user(coi_user, sandbox_image, nft_sudo):
     # Remove every coi-test- container the test left (sessions of this user).
     subprocess.run(coi_user.argv(["coi", "kill", "--all", "--force"]), capture_output=True)
     shutil.rmtree(coi_user.home / ".coi", ignore_errors=True)
+    shutil.rmtree(cfg, ignore_errors=True)
 
 
 # ---- images: the full coi image -----------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,27 +32,19 @@ class Check:
                 "hint": self.hint, "blocking": self.blocking}
 
 
-def _nft_accepts(ruleset: str) -> bool:
-    """Whether the kernel accepts ``ruleset`` (``nft -c``: checked, never applied)."""
-    proc = subprocess.run(["nft", "-c", "-f", "-"], input=ruleset, text=True, capture_output=True)
-    return proc.returncode == 0
-
-
-def _nft_probe(family: str, rule: str) -> str:
-    return (f"table {family} coi_doctor_probe {{\n chain c {{\n"
-            f"  type filter hook forward priority 0; policy accept;\n  {rule}\n }}\n}}\n")
-
-
 def check_nftables() -> Check:
-    if shutil.which("nft") is None:
+    # nft lives in /usr/sbin, which a normal user's PATH on Debian does not hold.
+    if shutil.which("nft", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])) is None:
         return Check("nftables", "warn", "nft is not installed (needed for network isolation)",
                      "run 'sudo coi setup'", blocking=False)
     if os.geteuid() != 0:
         return Check("nftables", "ok", "nft installed (kernel features are checked when run as root)",
                      blocking=False)
-    inet = _nft_accepts(_nft_probe("inet", "ct state established,related accept\n  ip daddr 10.0.0.0/8 reject"))
-    bridge_ct = _nft_accepts(_nft_probe("bridge", "ct state established accept"))
-    bridge_drop = _nft_accepts(_nft_probe("bridge", "ip daddr 10.0.0.0/8 drop"))
+    from coi.network import nft_probe, nft_refusal
+
+    inet = nft_refusal(nft_probe("inet", "ct state established,related accept\n  ip daddr 10.0.0.0/8 reject")) is None
+    bridge_ct = nft_refusal(nft_probe("bridge", "ct state established accept")) is None
+    bridge_drop = nft_refusal(nft_probe("bridge", "ip daddr 10.0.0.0/8 drop")) is None
     parts = [f"inet conntrack+reject: {'yes' if inet else 'no'}",
              f"bridge drop: {'yes' if bridge_drop else 'no'}",
              f"bridge conntrack: {'yes' if bridge_ct else 'no'}"]

@@ -36,9 +36,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from coi.errors import CoiError, NotFoundError, OperationFailedError
 from coi.wait import wait_for
@@ -909,21 +909,28 @@ def backend_report(config_network: Any = None, *, sessions_dir: Path | None = No
             return BackendReport("warn", "unknown", f"{acl_note}; host nftables unavailable: {exc}",
                                  "set [network] privileged_command or run coi as root")
         return BackendReport("fail", "none", f"{acl_note}; host nftables unavailable: {exc}",
-                             f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root; "
-                             f"until then only --network=open sessions start")
-    probe = "add table inet coi_doctor_probe\ndelete table inet coi_doctor_probe\n"
-    proc = subprocess.run([*nft.argv, "-c", "-f", "-"], input=probe, text=True, capture_output=True)
-    if proc.returncode != 0:
-        return BackendReport("fail", "host nftables", f"{acl_note}; nft{nft.via} refused: "
-                             f"{_first_lines(proc.stderr, 1)}", "check the privileged command and sudoers rule")
-    if acl is None:
+                             "set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root; "
+                             "until then only --network=open sessions start")
+    refused = nft_refusal("add table inet coi_doctor_probe\ndelete table inet coi_doctor_probe\n", nft.argv)
+    if refused is not None:
+        return BackendReport("fail", "host nftables", f"{acl_note}; nft{nft.via} refused: {refused}",
+                             "check the privileged command and sudoers rule")
+    if acl is None and nft_refusal(nft_probe("bridge", "ct state established accept"), nft.argv) is not None:
         # Incus emits bridge-family conntrack rules for ACLs: without them here, ACLs cannot work.
-        bridge_ct = ("table bridge coi_doctor_probe { chain c { type filter hook forward priority 0; "
-                     "ct state established accept; }; }\n")
-        checked = subprocess.run([*nft.argv, "-c", "-f", "-"], input=bridge_ct, text=True, capture_output=True)
-        if checked.returncode != 0:
-            acl_note = "Incus network ACLs unavailable (no bridge-family conntrack in this kernel)"
+        acl_note = "Incus network ACLs unavailable (no bridge-family conntrack in this kernel)"
     return BackendReport("ok", "host nftables", f"{acl_note}; {nft.description}")
+
+
+def nft_probe(family: str, rule: str) -> str:
+    """A one-rule ruleset for asking the kernel whether it supports ``rule``."""
+    return (f"table {family} coi_doctor_probe {{\n chain c {{\n"
+            f"  type filter hook forward priority 0; policy accept;\n  {rule}\n }}\n}}\n")
+
+
+def nft_refusal(ruleset: str, argv: Sequence[str] = ("nft",)) -> str | None:
+    """None when the kernel accepts ``ruleset`` (``nft -c``: checked, never applied), else why not."""
+    proc = subprocess.run([*argv, "-c", "-f", "-"], input=ruleset, text=True, capture_output=True)
+    return None if proc.returncode == 0 else _first_lines(proc.stderr, 1)
 
 
 # ---- the watcher process -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def test_doctor_passes_for_a_normal_user(coi_user, incus):
     proc = coi_user.run(["doctor"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[ ok ] daemon" in proc.stdout
+    assert "[ ok ] nftables: nft installed" in proc.stdout  # found in /usr/sbin, off a user's PATH
     report = json.loads(coi_user.run(["doctor", "--format", "json"]).stdout)
     assert report["ok"] is True
     names = {c["name"] for c in report["checks"]}

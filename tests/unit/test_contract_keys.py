@@ -19,7 +19,7 @@ import pytest
 from coi import network
 from coi.cli.context import Context
 from coi.cli.ui import UI
-from coi.config import SCHEMA, load_config
+from coi.config import SCHEMA
 
 pytestmark = pytest.mark.unit
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "coi-cli.md"

@@ -257,7 +257,7 @@ def test_ensure_subids_appends_a_root_range_once(tmp_path):
 # ---- doctor ---------------------------------------------------------------------------
 
 def test_check_nftables_without_nft(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
     assert check_nftables() == Check("nftables", "warn",
                                      "nft is not installed (needed for network isolation)",
                                      "run 'sudo coi setup'", blocking=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import http.client
 import json
 import os
 import socket

@@ -350,7 +350,7 @@ def _targets(ctx: Context, names: list[str], all: bool, force: bool, verb: str) 
     from coi import sessions
 
     if not names and not all:
-        raise UsageError(f"name a container or use --all", f"coi {verb} NAME... | --all")
+        raise UsageError("name a container or use --all", f"coi {verb} NAME... | --all")
     client = ctx.incus
     if all:
         found = [i for i in client.instances(recursion=1) if sessions.is_coi(i, _prefix())]
