@@ -129,12 +129,13 @@ def _user(name: str, groups: list[str]) -> User:
 
 
 @pytest.fixture(scope="session")
-def coi_user() -> User:
+def coi_user():
     """A normal user set up the way people are: 'sudo coi setup' run on their behalf."""
     user = _user(TEST_USER, [])
     proc = subprocess.run(["coi", "setup", "--user", TEST_USER], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    return user
+    yield user
+    Path(f"/etc/sudoers.d/coi-nft-{TEST_USER}").unlink(missing_ok=True)  # granted by coi setup above
 
 
 @pytest.fixture(scope="session")

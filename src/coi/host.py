@@ -369,6 +369,48 @@ def ensure_group_member(user: str | None, group: str, report: Report) -> bool:
     return True
 
 
+SYSTEM_CONFIG = Path("/etc/coi/config.toml")
+
+
+def ensure_network_privileges(user: str | None, report: Report) -> None:
+    """Where Incus cannot apply network ACLs (no bridge-family conntrack), coi
+    enforces isolation with host nftables: let ``user`` run nft through
+    ``sudo -n`` and tell coi to do so (``[network] privileged_command``)."""
+    if not user or user == "root":
+        return
+    from coi.network import nft_probe, nft_refusal
+
+    if nft_refusal(nft_probe("bridge", "ct state established accept")) is None:
+        report(Step("isolation", False, "Incus network ACLs work on this kernel; no privileges needed"))
+        return
+    if shutil.which("sudo") is None:
+        _apt(["install", "--no-install-recommends", "sudo"], "installing sudo")
+    nft = shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin") or "/usr/sbin/nft"
+    rule = f"{user} ALL=(root) NOPASSWD: {nft}\n"
+    sudoers = Path(f"/etc/sudoers.d/coi-nft-{user}")
+    changed = False
+    if not sudoers.exists() or sudoers.read_text() != rule:
+        sudoers.write_text(rule)
+        sudoers.chmod(0o440)
+        if _run(["visudo", "-cf", str(sudoers)], capture_output=True).returncode != 0:
+            sudoers.unlink()
+            raise CoiError(f"could not write a valid sudoers rule for {user}")
+        changed = True
+        report(Step("isolation", True, f"{user} may run nft through sudo -n ({sudoers}): this kernel "
+                                       "cannot apply Incus network ACLs, so coi uses host nftables"))
+    if not SYSTEM_CONFIG.exists():
+        SYSTEM_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+        SYSTEM_CONFIG.write_text('# Written by coi setup: how coi runs nft for network isolation.\n'
+                                 '[network]\nprivileged_command = ["sudo", "-n"]\n')
+        changed = True
+        report(Step("isolation", True, f"set [network] privileged_command in {SYSTEM_CONFIG}"))
+    elif "privileged_command" not in SYSTEM_CONFIG.read_text():
+        report(Step("isolation", False, f"add privileged_command = [\"sudo\", \"-n\"] to [network] in "
+                                        f"{SYSTEM_CONFIG} for isolated sessions"))
+    if not changed:
+        report(Step("isolation", False, f"{user} may run nft through sudo -n"))
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise CoiError("coi setup must run as root: it installs packages and configures Incus",
@@ -395,5 +437,6 @@ def setup(*, report: Report, group: str, user: str | None, ipv6: bool = False,
     network = ensure_network(client, track, ipv6=ipv6)
     ensure_profile(client, track, pool=pool, network=network)
     ensure_group_member(user, group, track)
+    ensure_network_privileges(user, track)
     return bool(changed)
 

@@ -86,7 +86,9 @@ def test_shell_open_filters_nothing(net_user, workspace, net_lab, incus):
 
 def test_without_privileges_the_session_does_not_start(session_user, workspace):
     config = session_user.home / ".config" / "coi" / "config.toml"
-    config.write_text("\n".join(l for l in config.read_text().splitlines() if "privileged_command" not in l))
+    # An explicit empty list overrides what /etc/coi/config.toml (coi setup) grants.
+    config.write_text("\n".join("privileged_command = []" if "privileged_command" in l else l
+                                for l in config.read_text().splitlines()))
     proc = session_user.run(["shell", "--background"], cwd=workspace)
     assert proc.returncode == 1, proc.stderr
     assert "cannot enforce network mode restricted" in proc.stderr

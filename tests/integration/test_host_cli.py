@@ -82,3 +82,11 @@ def test_setup_again_changes_nothing(incus):
     assert proc.returncode == 0, proc.stderr
     assert "Nothing to change" in proc.stderr
     assert "  + " not in proc.stderr
+
+
+def test_setup_lets_its_user_start_isolated_sessions(coi_user, sandbox_image, workspace):
+    """After 'sudo coi setup --user', the default restricted mode works for that user with no
+    config of their own (on kernels without bridge-family conntrack: via sudo -n nft)."""
+    assert not (coi_user.home / ".config" / "coi").exists()
+    proc = coi_user.run(["run", "--image", sandbox_image, "--", "true"], cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
