@@ -132,10 +132,16 @@ def _user(name: str, groups: list[str]) -> User:
 def coi_user():
     """A normal user set up the way people are: 'sudo coi setup' run on their behalf."""
     user = _user(TEST_USER, [])
+    system_config = Path("/etc/coi/config.toml")
+    had_system_config = system_config.exists()
     proc = subprocess.run(["coi", "setup", "--user", TEST_USER], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     yield user
-    Path(f"/etc/sudoers.d/coi-nft-{TEST_USER}").unlink(missing_ok=True)  # granted by coi setup above
+    # What coi setup granted for the test user, and every workspace the tests made.
+    Path(f"/etc/sudoers.d/coi-nft-{TEST_USER}").unlink(missing_ok=True)
+    if not had_system_config:
+        system_config.unlink(missing_ok=True)
+    shutil.rmtree(user.home / "workspaces", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
