@@ -141,6 +141,8 @@ def coi_user():
     Path(f"/etc/sudoers.d/coi-nft-{TEST_USER}").unlink(missing_ok=True)
     if not had_system_config:
         system_config.unlink(missing_ok=True)
+        if system_config.parent.is_dir() and not any(system_config.parent.iterdir()):
+            system_config.parent.rmdir()
     shutil.rmtree(user.home / "workspaces", ignore_errors=True)
 
 
