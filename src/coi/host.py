@@ -411,6 +411,29 @@ def ensure_network_privileges(user: str | None, report: Report) -> None:
         report(Step("isolation", False, f"{user} may run nft through sudo -n"))
 
 
+def ensure_address_lock(group: str, report: Report, *, path: Path | None = None) -> None:
+    """The lock every coi user takes to choose a new container's address (group-writable)."""
+    import grp
+
+    from coi.network import ADDRESS_LOCK
+
+    path = path or ADDRESS_LOCK
+    gid = grp.getgrnam(group).gr_gid
+    if path.is_file() and not path.is_symlink():
+        st = path.stat()
+        if st.st_gid == gid and st.st_mode & 0o777 == 0o660:
+            report(Step("locks", False, f"{path} is shared by group {group}"))
+            return
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o660)
+    try:
+        os.fchown(fd, 0, gid)
+        os.fchmod(fd, 0o660)
+    finally:
+        os.close(fd)
+    report(Step("locks", True, f"made {path}, shared by group {group} (new containers' addresses)"))
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise CoiError("coi setup must run as root: it installs packages and configures Incus",
@@ -437,6 +460,7 @@ def setup(*, report: Report, group: str, user: str | None, ipv6: bool = False,
     network = ensure_network(client, track, ipv6=ipv6)
     ensure_profile(client, track, pool=pool, network=network)
     ensure_group_member(user, group, track)
+    ensure_address_lock(group, track)
     ensure_network_privileges(user, track)
     return bool(changed)
 

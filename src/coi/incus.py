@@ -246,6 +246,10 @@ class Incus:
     def network(self, name: str) -> dict[str, Any]:
         return self.call("GET", f"/1.0/networks/{quote(name, safe='')}", f"network {name}")
 
+    def network_leases(self, name: str) -> list[dict[str, Any]]:
+        """DHCP leases of a managed network (dynamic ones and instances' fixed addresses)."""
+        return self.call("GET", f"/1.0/networks/{quote(name, safe='')}/leases", f"leases of network {name}") or []
+
     def create_network(self, name: str, config: Mapping[str, str], *, type: str = "bridge",
                        description: str = "") -> None:
         self.call("POST", "/1.0/networks", f"network {name}",

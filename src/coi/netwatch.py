@@ -10,7 +10,8 @@ in its own session, so it outlives ``coi shell --background``. It
   host interface or address;
 * writes blocked connection attempts to the network log when logging is on;
 * removes the rules and exits when the container is deleted, or stays stopped
-  longer than a reboot takes (a poweroff from inside while coi is not attached).
+  longer than a reboot takes (a poweroff from inside while coi is not attached);
+  rules put on before the start wait longer for the container to come up.
 
 It exits quietly on SIGTERM: ``apply`` and ``remove`` stop it that way.
 """
@@ -31,6 +32,7 @@ from coi.errors import CoiError, NotFoundError
 
 POLL_SECONDS = 0.5  # how often the container's state is read (one local REST call)
 STOPPED_GRACE = 5.0  # a reboot from inside shows "Stopped" for about half a second
+START_GRACE = 60.0  # rules go on before the start: give a start that fails time to be cleaned up by coi
 
 
 def _say(message: str) -> None:
@@ -58,6 +60,7 @@ class Watcher:
             self._start_monitor(policy)
         next_refresh = time.monotonic() + policy.refresh_seconds
         stopped_since: float | None = None
+        seen_running = False
         try:
             while not self.stop.is_set():
                 record = self.record()
@@ -75,12 +78,12 @@ class Watcher:
                 if state is not None:
                     if state.get("status") in ("Stopped", "Error"):
                         stopped_since = stopped_since or time.monotonic()
-                        if time.monotonic() - stopped_since >= STOPPED_GRACE:
+                        if time.monotonic() - stopped_since >= (STOPPED_GRACE if seen_running else START_GRACE):
                             _say(f"{self.container} stopped: removing its rules")
                             self._remove()
                             return 0
                     elif state.get("status") == "Running":
-                        stopped_since = None
+                        stopped_since, seen_running = None, True
                         self._follow_restart(record, policy, state)
                         if policy.mode == "allowlist" and time.monotonic() >= next_refresh:
                             self._refresh(policy)

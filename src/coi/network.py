@@ -24,6 +24,7 @@ log, and removes the rules when the container stops or disappears.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -36,9 +37,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from coi.errors import CoiError, NotFoundError, OperationFailedError
 from coi.wait import wait_for
@@ -186,9 +188,11 @@ def check_name(container: str) -> str:
 
 
 def find_attachment(client: Any, container: str, *, timeout: float = DHCP_TIMEOUT) -> Attachment:
-    """The bridge, host-side interface and IPv4 of a running container.
+    """The bridge, host-side interface and IPv4 of a container.
 
-    Waits (with a deadline) for DHCP to give the container its address.
+    A container with a pinned NIC (``pin_nic``) has them in its config,
+    running or not. Otherwise it must be running, and this waits (with a
+    deadline) for DHCP to give it an address.
     """
     check_name(container)
     inst = client.instance(container)
@@ -201,6 +205,9 @@ def find_attachment(client: Any, container: str, *, timeout: float = DHCP_TIMEOU
         raise CoiError(f"bridge {bridge} has no IPv4 subnet ({gateway_cidr or 'none'})",
                        "coi setup creates the bridge coibr0 with one") from None
     def addressed() -> tuple[str, str] | None:
+        pinned = _pinned(inst, nic)
+        if pinned:
+            return pinned
         state = client.instance_state(container)
         if state.get("status") not in ("Running", None):
             raise CoiError(f"container {container} is not running ({state.get('status')})")
@@ -231,6 +238,115 @@ def _bridged_nic(inst: Mapping[str, Any]) -> tuple[str, str]:
             return name, bridge
     raise CoiError(f"container {inst.get('name')} has no NIC on a bridge to isolate",
                    f"the coi profile gives containers eth0 on coibr0; or {OPEN_HINT}")
+
+
+def _pinned(inst: Mapping[str, Any], nic: str) -> tuple[str, str] | None:
+    """(host-side interface, IPv4) when the NIC's config fixes both."""
+    device = (inst.get("expanded_devices") or {}).get(nic) or {}
+    if device.get("host_name") and device.get("ipv4.address"):
+        return device["host_name"], str(ipaddress.IPv4Address(device["ipv4.address"]))
+    return None
+
+
+def is_pinned(inst: Mapping[str, Any]) -> bool:
+    """Whether the container's rules can be keyed before it starts (see ``pin_nic``)."""
+    try:
+        return _pinned(inst, _bridged_nic(inst)[0]) is not None
+    except CoiError:
+        return False
+
+
+# ---- pinned addresses -----------------------------------------------------------------
+#
+# A session container gets its IPv4 address and its host-side interface name
+# when it is created (an override of the profile's NIC), and LXC configures the
+# address and default route inside before init runs. Its rules can then go on
+# before it starts, and its network works from its first moment: no wait for
+# DHCP, and no moment of running unfiltered. Incus's dnsmasq leases the same
+# address to the container's DHCP client later. Incus refuses an address
+# another NIC has, but two creations at once can both pass that check, so the
+# choice and the creation happen under ``address_lock``.
+
+# Made by `coi setup` (group incus-admin), so every coi user on the host shares it.
+ADDRESS_LOCK = Path("/var/lib/coi/addresses.lock")
+HOST_NAME_PREFIX = "coi"  # + 12 hex digits: 15 characters, the longest interface name
+
+
+@contextmanager
+def address_lock(fallback_dir: Path) -> Iterator[None]:
+    """Host-wide lock for choosing an address; a per-user one where setup made none."""
+    try:
+        fd = os.open(ADDRESS_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        fallback_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(fallback_dir / "addresses.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """What a new container gets so that its network is known and up from the start."""
+
+    devices: dict[str, dict[str, str]]  # the NIC override
+    config: dict[str, str]  # raw.lxc: address and route inside, before init
+    files: dict[str, bytes]  # resolv.conf: the bridge's resolver, before systemd-resolved runs
+
+
+def pin_nic(client: Any, instances: Iterable[Mapping[str, Any]], *, profile: str = "coi",
+            rand: Callable[[int], bytes] = os.urandom) -> Pin | None:
+    """Pin a new container's NIC to a free address; None when the profile's only NIC is
+    not on a managed bridge with an IPv4 subnet (its rules then wait for DHCP).
+
+    Call it under ``address_lock`` with a fresh list of instances.
+    """
+    devices = client.profile(profile).get("devices") or {}
+    nics = {n: d for n, d in devices.items() if d.get("type") == "nic"}
+    if len(nics) != 1:  # LXC numbers NICs: with one, it is lxc.net.0
+        return None
+    (name, nic), = nics.items()
+    bridge = nic.get("network")
+    if not bridge:
+        return None
+    try:
+        subnet = ipaddress.IPv4Interface((client.network(bridge).get("config") or {}).get("ipv4.address", ""))
+    except ValueError:
+        return None
+    used = {lease.get("address", "") for lease in client.network_leases(bridge)}
+    for inst in instances:
+        for device in (inst.get("expanded_devices") or {}).values():
+            if device.get("type") == "nic" and device.get("network") == bridge:
+                used.add(device.get("ipv4.address", ""))
+    address = choose_address(subnet, used, rand=rand)
+    net, gateway = subnet.network, subnet.ip
+    return Pin(
+        devices={name: {**nic, "ipv4.address": address, "host_name": HOST_NAME_PREFIX + rand(6).hex()}},
+        config={"raw.lxc": f"lxc.net.0.ipv4.address = {address}/{net.prefixlen} {net.broadcast_address}\n"
+                           f"lxc.net.0.ipv4.gateway = {gateway}\n"},
+        files={"/etc/resolv.conf": f"nameserver {gateway}\n".encode()})
+
+
+def choose_address(subnet: ipaddress.IPv4Interface, used: Iterable[str], *,
+                   rand: Callable[[int], bytes] = os.urandom) -> str:
+    """A free host address of the bridge's subnet (not the bridge's own), from a random start."""
+    net = subnet.network
+    first, count = int(net.network_address) + 1, net.num_addresses - 2
+    taken = {int(subnet.ip)}
+    for address in used:
+        try:
+            taken.add(int(ipaddress.IPv4Address(address)))
+        except ValueError:
+            pass
+    start = int.from_bytes(rand(4), "big") % max(count, 1)
+    for i in range(max(count, 0)):
+        candidate = first + (start + i) % count
+        if candidate not in taken:
+            return str(ipaddress.IPv4Address(candidate))
+    raise CoiError(f"no free IPv4 address left in {net} for a new container",
+                   "end sessions you no longer need (coi list, coi kill NAME)")
 
 
 # ---- nftables rules (pure) ------------------------------------------------------------

@@ -295,10 +295,10 @@ def choose_slot(used: set[int], *, wanted: int, max_slots: int) -> int:
                         "end a session (coi list, coi kill NAME) or raise [defaults] max_slots")
 
 
-def _workspace_containers(client: Incus, req: SessionRequest) -> dict[int, dict[str, Any]]:
+def _workspace_containers(instances: list[dict[str, Any]], req: SessionRequest) -> dict[int, dict[str, Any]]:
     base = naming.container_name(str(req.workspace), 0, prefix=req.prefix)[:-1]
     out = {}
-    for inst in client.instances(recursion=1):
+    for inst in instances:
         slot = naming.slot_of(inst["name"])
         if inst["name"].startswith(base) and slot is not None and inst["name"] == base + str(slot):
             out[slot] = inst
@@ -312,11 +312,15 @@ def _reusable(inst: Mapping[str, Any] | None) -> bool:
 def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
     """Pick the slot and create (or reuse) the container, under the workspace lock.
 
-    The container is created stopped; anything created here is removed again
-    if set-up is interrupted.
+    The container is created stopped, with its NIC pinned to a free address
+    (``coi.network.pin_nic``); anything created here is removed again if
+    set-up is interrupted.
     """
-    with workspace_lock(req.lock_dir, req.workspace):
-        existing = _workspace_containers(client, req)
+    from coi import network
+
+    with workspace_lock(req.lock_dir, req.workspace), network.address_lock(req.lock_dir):
+        instances = client.instances(recursion=1)
+        existing = _workspace_containers(instances, req)
         if req.persistent:
             if req.slot > 0:
                 candidates = [req.slot] if _reusable(existing.get(req.slot)) else []
@@ -339,10 +343,15 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
             host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
             base_config=req.base_config, profile=req.profile)
+        pin = network.pin_nic(client, instances)
+        if pin:
+            config.update(pin.config)
+            devices.update(pin.devices)
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)
         try:
-            create_container(client, name, image=req.image, config=config, devices=devices)
+            create_container(client, name, image=req.image, config=config, devices=devices,
+                             files=pin.files if pin else None)
         except NotFoundError:
             raise
         except CoiError as exc:
@@ -355,14 +364,20 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
 
 
 def create_container(client: Incus, name: str, *, image: str, config: Mapping[str, str],
-                     devices: Mapping[str, Mapping[str, str]]) -> None:
-    """Create a stopped container; an interruption meanwhile acts once it exists,
-    and then removes it again."""
+                     devices: Mapping[str, Mapping[str, str]], files: Mapping[str, bytes] | None = None) -> None:
+    """Create a stopped container and write ``files`` (root's, replacing links) into it;
+    an interruption meanwhile acts once it exists, and then removes it again."""
     created = False
     try:
         with deferred_signals():
             client.create_instance(name, image=image, profiles=["coi"], config=config, devices=devices)
             created = True
+        for path, content in (files or {}).items():
+            try:
+                client.delete_file(name, path)
+            except NotFoundError:
+                pass
+            client.push_file(name, path, content, mode=0o644)
     except BaseException:
         if created:
             with _signals_ignored():

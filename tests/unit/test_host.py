@@ -301,3 +301,22 @@ def test_render_checks_json(capsys, checks, ok):
 def test_render_checks_text_all_passed(capsys):
     render_checks(UI(), CHECKS[:2], format="text")
     assert capsys.readouterr().out.splitlines()[-1] == "All required checks passed."
+
+
+def test_ensure_address_lock_is_shared_by_the_group(tmp_path):
+    import grp
+    import os
+
+    from coi.host import ensure_address_lock
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    path = tmp_path / "coi" / "addresses.lock"
+    steps = []
+    ensure_address_lock(group, steps.append, path=path)
+    st = path.stat()
+    assert (st.st_mode & 0o777, st.st_gid) == (0o660, os.getgid()) and steps[-1].changed
+    ensure_address_lock(group, steps.append, path=path)
+    assert not steps[-1].changed
+    path.chmod(0o600)
+    ensure_address_lock(group, steps.append, path=path)
+    assert steps[-1].changed and path.stat().st_mode & 0o777 == 0o660

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -549,12 +551,119 @@ def test_watcher_waits_out_a_reboot_before_removing_rules(tmp_path, monkeypatch,
     watcher, client, _ = watched(tmp_path, monkeypatch, nft_calls, mode="restricted")
     monkeypatch.setattr(netwatch, "POLL_SECONDS", 0.01)
     monkeypatch.setattr(netwatch, "STOPPED_GRACE", 0.2)
+    running = client.instance_state(ATT.container)
     seen = []
 
     def stopped(name):
         seen.append(network.Store(tmp_path).record(ATT.container) is not None)
-        return {"status": "Stopped", "network": {}}
+        return running if len(seen) == 1 else {"status": "Stopped", "network": {}}
     monkeypatch.setattr(client, "instance_state", stopped)
     assert watcher.run() == 0
     assert len(seen) > 3 and all(seen)  # the rules stayed while the grace lasted
     assert nft_calls == [network.nft_remove_script(ATT.container)]
+
+
+def test_watcher_gives_a_container_not_started_yet_longer(tmp_path, monkeypatch, nft_calls):
+    """Rules go on before the start: "Stopped" then means "not started yet" for a while."""
+    from coi import netwatch
+
+    watcher, client, _ = watched(tmp_path, monkeypatch, nft_calls, mode="restricted")
+    monkeypatch.setattr(netwatch, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(netwatch, "STOPPED_GRACE", 0.01)
+    monkeypatch.setattr(netwatch, "START_GRACE", 0.3)
+    polled = []
+    monkeypatch.setattr(client, "instance_state", lambda name: polled.append(time.monotonic()) or
+                        {"status": "Stopped", "network": {}})
+    assert watcher.run() == 0
+    assert polled[-1] - polled[0] >= 0.3  # not removed after the short grace of a seen reboot
+    assert nft_calls == [network.nft_remove_script(ATT.container)]
+
+
+# ---- pinned addresses --------------------------------------------------------------------
+
+class PinClient:
+    """Just what ``pin_nic`` reads: the profile, the bridge and its leases."""
+
+    def __init__(self, *, nic=None, subnet="10.9.0.1/24", leases=()):
+        self.nic = {"type": "nic", "network": "coibr0", "name": "eth0"} if nic is None else nic
+        self.subnet, self.leases = subnet, list(leases)
+
+    def profile(self, name):
+        return {"devices": {"root": {"type": "disk", "path": "/", "pool": "coi"},
+                            **({"eth0": self.nic} if self.nic else {})}}
+
+    def network(self, name):
+        return {"config": {"ipv4.address": self.subnet}}
+
+    def network_leases(self, name):
+        return [{"address": a, "type": "dynamic"} for a in self.leases]
+
+
+def counting(start: int):
+    """A deterministic ``rand``: the first 4 bytes pick the start, the rest name the interface."""
+    return lambda n: start.to_bytes(4, "big") if n == 4 else bytes(range(n))
+
+
+def test_choose_address_skips_the_bridge_and_used_ones():
+    subnet = ipaddress.IPv4Interface("10.9.0.1/24")
+    assert network.choose_address(subnet, [], rand=counting(0)) == "10.9.0.2"  # .1 is the bridge
+    assert network.choose_address(subnet, ["10.9.0.2", "10.9.0.3", "junk", ""], rand=counting(0)) == "10.9.0.4"
+    assert network.choose_address(subnet, [], rand=counting(253)) == "10.9.0.254"
+    assert network.choose_address(subnet, [], rand=counting(254)) == "10.9.0.2"  # wraps, past the bridge
+    assert network.choose_address(subnet, ["10.9.0.254"], rand=counting(253)) == "10.9.0.2"
+
+
+def test_choose_address_random_start_stays_in_the_subnet():
+    subnet = ipaddress.IPv4Interface("10.9.0.1/29")
+    seen = {network.choose_address(subnet, [], rand=counting(n)) for n in range(50)}
+    assert seen == {f"10.9.0.{i}" for i in range(2, 7)}
+
+
+def test_choose_address_when_the_subnet_is_full():
+    subnet = ipaddress.IPv4Interface("10.9.0.1/30")  # hosts .1 (bridge) and .2
+    with pytest.raises(CoiError, match=r"no free IPv4 address left in 10\.9\.0\.0/30"):
+        network.choose_address(subnet, ["10.9.0.2"])
+
+
+def test_pin_nic_avoids_leases_and_other_containers_addresses():
+    others = [{"expanded_devices": {"eth0": {"type": "nic", "network": "coibr0", "ipv4.address": "10.9.0.3"}}},
+              {"expanded_devices": {"eth0": {"type": "nic", "network": "other", "ipv4.address": "10.9.0.4"}}},
+              {"expanded_devices": {"root": {"type": "disk"}}}]
+    pin = network.pin_nic(PinClient(leases=["10.9.0.2"]), others, rand=counting(0))
+    assert pin.devices == {"eth0": {"type": "nic", "network": "coibr0", "name": "eth0",
+                                    "ipv4.address": "10.9.0.4", "host_name": "coi000102030405"}}
+    assert len(pin.devices["eth0"]["host_name"]) <= 15  # Linux interface names
+    # LXC sets the same address and the route inside before init; DNS goes to the bridge
+    assert pin.config == {"raw.lxc": "lxc.net.0.ipv4.address = 10.9.0.4/24 10.9.0.255\n"
+                                     "lxc.net.0.ipv4.gateway = 10.9.0.1\n"}
+    assert pin.files == {"/etc/resolv.conf": b"nameserver 10.9.0.1\n"}
+    inst = {"name": "c", "expanded_devices": pin.devices}
+    assert network.is_pinned(inst) and network._pinned(inst, "eth0") == ("coi000102030405", "10.9.0.4")
+
+
+@pytest.mark.parametrize("client", [PinClient(nic={}),  # no NIC in the profile
+                                    PinClient(nic={"type": "nic", "nictype": "bridged", "parent": "br0"}),
+                                    PinClient(subnet="none")])
+def test_pin_nic_leaves_unmanaged_or_addressless_bridges_to_dhcp(client):
+    assert network.pin_nic(client, []) is None
+
+
+def test_pin_nic_only_with_one_nic():
+    client = PinClient()
+    profile = client.profile("coi")
+    profile["devices"]["eth1"] = {"type": "nic", "network": "coibr0", "name": "eth1"}
+    client.profile = lambda name: profile
+    assert network.pin_nic(client, []) is None  # which one LXC calls lxc.net.0 is not ours to guess
+
+
+def test_is_pinned_needs_both_address_and_interface_name():
+    nic = {"type": "nic", "network": "coibr0"}
+    assert not network.is_pinned({"name": "c", "expanded_devices": {"eth0": nic}})
+    assert not network.is_pinned({"name": "c", "expanded_devices": {"eth0": {**nic, "ipv4.address": "10.9.0.5"}}})
+    assert not network.is_pinned({"name": "c", "expanded_devices": {}})
+
+
+def test_address_lock_falls_back_to_a_per_user_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(network, "ADDRESS_LOCK", tmp_path / "missing" / "addresses.lock")
+    with network.address_lock(tmp_path / "locks"):
+        assert (tmp_path / "locks" / "addresses.lock").exists()

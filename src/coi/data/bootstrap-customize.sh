@@ -6,7 +6,10 @@ root="$1"
 
 # eth0 gets its address by DHCP from the Incus bridge (systemd-networkd),
 # names resolve through systemd-resolved, which asks the bridge's resolver.
-mkdir -p "$root/etc/systemd/network"
+# coi's session containers have their address, default route and resolver set
+# before init runs (the same address DHCP then leases): networkd keeps them
+# rather than dropping them as foreign while it takes over the link.
+mkdir -p "$root/etc/systemd/network" "$root/etc/systemd/networkd.conf.d"
 cat > "$root/etc/systemd/network/10-eth0.network" <<'NET'
 [Match]
 Name=eth0
@@ -15,7 +18,9 @@ Name=eth0
 DHCP=ipv4
 LinkLocalAddressing=no
 IPv6AcceptRA=no
+KeepConfiguration=static
 NET
+printf '[Network]\nManageForeignRoutes=no\n' > "$root/etc/systemd/networkd.conf.d/coi.conf"
 chroot "$root" systemctl enable systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
 ln -sf /run/systemd/resolve/resolv.conf "$root/etc/resolv.conf"
 

@@ -121,8 +121,7 @@ def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) 
     from coi import sessions
 
     client = ctx.incus
-    sessions.ensure_running(client, session.name)
-    _isolate(ctx, session.name, ctx.ui.info)
+    _start_isolated(ctx, session.name, ctx.ui.info)
     ctx.ui.info("Starting session...")
     if saved is not None and session.created:
         _restore_state(ctx, session.name, saved, req)
@@ -134,11 +133,26 @@ def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) 
                             command=sessions.agent_shell_command(agent))
 
 
-def _isolate(ctx: Context, name: str, log) -> None:
-    """Network rules for a started container, before anything runs in it (fail closed)."""
-    from coi import network
+def _start_isolated(ctx: Context, name: str, log) -> None:
+    """Start the container with its network rules in place (fail closed).
+
+    A pinned NIC (every container coi creates) is filtered before the container
+    starts; an older container's rules wait for its DHCP address after the start.
+    """
+    from coi import network, sessions
 
     policy = network.plan(ctx.config.network)
+    pinned = network.is_pinned(ctx.incus.instance(name))
+    if pinned:
+        _isolate(ctx, name, policy, log)
+    sessions.ensure_running(ctx.incus, name)
+    if not pinned:
+        _isolate(ctx, name, policy, log)
+
+
+def _isolate(ctx: Context, name: str, policy, log) -> None:
+    from coi import network
+
     backend = network.apply(ctx.incus, name, policy, sessions_dir=ctx.config.paths.sessions_dir, log=log)
     log(f"Network: {policy.mode} ({backend})")
 
@@ -249,8 +263,7 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         session = sessions.open_session(client, req, ctx.ui.detail)
     env_vars = _agent_env(req)
     try:
-        sessions.ensure_running(client, session.name)
-        _isolate(ctx, session.name, ctx.ui.detail)
+        _start_isolated(ctx, session.name, ctx.ui.detail)
         if capture:
             if timeout:  # coreutils' timeout inside: exits 124 like coi run does
                 command = ["timeout", f"{timeout:g}", *command]
