@@ -179,7 +179,8 @@ def sandbox_image(incus, base_image, tmp_path_factory):
     import hashlib
 
     script = sandbox_script()
-    digest = hashlib.sha256(script.encode()).hexdigest()[:16]
+    base_fingerprint = incus.image_by_alias(base_image)["fingerprint"]  # a new base: a new sandbox
+    digest = hashlib.sha256((base_fingerprint + script).encode()).hexdigest()[:16]
     if incus.image_exists(SANDBOX_IMAGE):
         if incus.image_by_alias(SANDBOX_IMAGE).get("properties", {}).get("coi.test_inputs") == digest:
             return SANDBOX_IMAGE

@@ -256,6 +256,15 @@ def is_pinned(inst: Mapping[str, Any]) -> bool:
         return False
 
 
+def applies_before_start(inst: Mapping[str, Any], policy: NetworkPolicy, sessions_dir: Path) -> bool:
+    """Whether ``apply`` can run before the container starts: its NIC is pinned and the
+    backend is known. (Incus accepts ACLs on a stopped container even on kernels where
+    the start then fails with them, so the first probe needs a running one.)"""
+    if policy.mode == "open":
+        return True
+    return is_pinned(inst) and Store(sessions_dir).capability(AclBackend.name) is not None
+
+
 # ---- pinned addresses -----------------------------------------------------------------
 #
 # A session container gets its IPv4 address and its host-side interface name

@@ -455,19 +455,20 @@ def ensure_running(client: Incus, name: str) -> None:
 
     def accepts_exec() -> bool:
         try:
-            return client.exec(name, ["true"]).exit_code == 0
+            return client.exec(name, ["true"], capture=False).exit_code == 0
         except OperationFailedError:
             return False  # init not ready yet ("Failed to retrieve PID ...")
     wait_for(accepts_exec, timeout=30, what=f"{name} to accept commands", first_interval=0.02)
 
 
-def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE):
-    return client.exec(name, argv, env=tmux_env(), user=code_uid, group=code_uid, cwd=cwd)
+def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE,
+              capture: bool = True):
+    return client.exec(name, argv, env=tmux_env(), user=code_uid, group=code_uid, cwd=cwd, capture=capture)
 
 
 def has_tmux_session(client: Incus, name: str, code_uid: int) -> bool:
     result = exec_code(client, name, tmux_argv("has-session", "-t", naming.tmux_session(name)),
-                       code_uid=code_uid, cwd=CODE_HOME)
+                       code_uid=code_uid, cwd=CODE_HOME, capture=False)
     return result.exit_code == 0
 
 

@@ -304,6 +304,14 @@ def test_exec_sends_the_command_and_collects_its_output(daemon, client, no_sleep
         ("GET", f"{EXEC_LOGS}/exec_op.stderr"), ("DELETE", f"{EXEC_LOGS}/exec_op.stderr")]
 
 
+def test_exec_without_capture_reads_only_the_exit_code(daemon, client, no_sleep):
+    daemon.on("POST", "/1.0/instances/c1/exec", async_op("op-exec"))
+    daemon.on("GET", "/1.0/operations/op-exec/wait", operation("op-exec", metadata={"return": 1}))
+    assert client.exec("c1", ["tmux", "has-session"], capture=False) == ExecResult(1, "", "")
+    assert daemon.requests[0].json()["record-output"] is False
+    assert len(daemon.requests) == 2  # no output logs to fetch or remove
+
+
 @pytest.mark.parametrize(("kw", "expected"), [
     pytest.param(
         {"user": 1000, "group": 1000, "cwd": "/home/code/my project", "terminal": True,

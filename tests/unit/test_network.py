@@ -667,3 +667,17 @@ def test_address_lock_falls_back_to_a_per_user_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(network, "ADDRESS_LOCK", tmp_path / "missing" / "addresses.lock")
     with network.address_lock(tmp_path / "locks"):
         assert (tmp_path / "locks" / "addresses.lock").exists()
+
+
+def test_rules_go_on_before_the_start_only_when_pinned_and_the_backend_is_known(tmp_path):
+    pinned = {"name": "c", "expanded_devices": {"eth0": {"type": "nic", "network": "coibr0",
+                                                         "ipv4.address": "10.9.0.4", "host_name": "coi1"}}}
+    dhcp = {"name": "c", "expanded_devices": {"eth0": {"type": "nic", "network": "coibr0"}}}
+    restricted = network.plan(default_config(env={}).network)
+    # first session of this user: Incus takes ACLs on a stopped container and only
+    # fails at the start where they cannot work, so the probe needs a running one
+    assert not network.applies_before_start(pinned, restricted, tmp_path)
+    network.Store(tmp_path).save_capability(network.AclBackend.name, False, "no bridge conntrack")
+    assert network.applies_before_start(pinned, restricted, tmp_path)
+    assert not network.applies_before_start(dhcp, restricted, tmp_path)
+    assert network.applies_before_start(dhcp, network.plan(default_config(env={}).network, "open"), tmp_path)

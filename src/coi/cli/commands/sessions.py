@@ -142,11 +142,11 @@ def _start_isolated(ctx: Context, name: str, log) -> None:
     from coi import network, sessions
 
     policy = network.plan(ctx.config.network)
-    pinned = network.is_pinned(ctx.incus.instance(name))
-    if pinned:
+    early = network.applies_before_start(ctx.incus.instance(name), policy, ctx.config.paths.sessions_dir)
+    if early:
         _isolate(ctx, name, policy, log)
     sessions.ensure_running(ctx.incus, name)
-    if not pinned:
+    if not early:
         _isolate(ctx, name, policy, log)
 
 
