@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -408,6 +407,8 @@ def _unknown(where: str, path: str, raw: Any) -> str:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # here: a user without config files does not pay for it
+
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:

@@ -13,21 +13,21 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from coi import naming
 from coi.config import Mount
 from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
 from coi.incus import Incus
-from coi.tools import Tool
 from coi.wait import wait_for
+
+if TYPE_CHECKING:
+    from coi.tools import Tool
 
 Log = Callable[[str], None]
 KEY = naming.CONFIG_PREFIX  # "user.coi."
@@ -284,6 +284,12 @@ class Session:
     workspace: Path
 
 
+def new_session_id() -> str:
+    import uuid  # here: it pulls in platform, which coi list does not need
+
+    return str(uuid.uuid4())
+
+
 def choose_slot(used: set[int], *, wanted: int, max_slots: int) -> int:
     """First free slot, or ``wanted`` / the next free one above it."""
     start = wanted if wanted > 0 else 1
@@ -330,14 +336,14 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
                 slot = candidates[0]
                 inst = existing[slot]
                 return Session(inst["name"], slot, inst["config"].get(f"{KEY}session_id") or
-                               str(uuid.uuid4()), True, False, req.workspace)
+                               new_session_id(), True, False, req.workspace)
         slot = choose_slot(set(existing), wanted=req.slot, max_slots=req.max_slots)
         if req.slot > 0 and slot != req.slot:
             log(f"Slot {req.slot} is busy; using slot {slot}")
         elif req.slot <= 0:
             log(f"Auto-allocated slot {slot}")
         name = naming.container_name(str(req.workspace), slot, prefix=req.prefix)
-        session_id = req.session_id or str(uuid.uuid4())
+        session_id = req.session_id or new_session_id()
         config, devices = container_spec(
             image=req.image, workspace=req.workspace, slot=slot, session_id=session_id,
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
@@ -498,6 +504,7 @@ def run_streamed(argv: list[str], *, timeout: float | None) -> int:
     stderr is relayed line by line so that Incus's own "could not attach"
     failure (the command never ran) can be recognised and the run tried again.
     """
+    import subprocess
     import threading
 
     from coi.incus import EXEC_NOT_STARTED
@@ -530,6 +537,8 @@ def run_streamed(argv: list[str], *, timeout: float | None) -> int:
 
 def run_attached(argv: list[str]) -> int:
     """Hand the terminal to ``argv`` (``incus exec -t``) until it returns."""
+    import subprocess
+
     return subprocess.run(argv).returncode
 
 

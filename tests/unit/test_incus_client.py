@@ -179,6 +179,21 @@ def test_daemon_dying_mid_reply_is_daemon_unavailable(daemon, client, wire):
         client.server()
 
 
+_SERVER = b'{"type":"sync","status_code":200,"metadata":{"api_version":"1.0"}}'
+
+
+@pytest.mark.parametrize("wire", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(part), part) for part in (_SERVER[:9], _SERVER[9:]))
+                 + b"0\r\nX-Trailer: t\r\n\r\n", id="chunked-with-extension-and-trailer"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + _SERVER, id="until-close"),
+])
+def test_reply_framings(daemon, client, wire):
+    daemon.on("GET", "/1.0", Reply(wire=wire), sync({"api_version": "again"}))
+    assert client.server() == {"api_version": "1.0"}
+    assert client.server() == {"api_version": "again"}  # the connection is reused or reopened
+
+
 @pytest.mark.parametrize(("env", "expected"), [
     ({"INCUS_SOCKET": "/run/custom.socket", "INCUS_DIR": "/srv/incus"}, "/run/custom.socket"),
     ({"INCUS_DIR": "/srv/incus"}, "/srv/incus/unix.socket"),
