@@ -82,10 +82,23 @@ def exec_argv(name: str, command: list[str], *, cwd: str = "/workspace",
     return [*argv, "--", *command]
 
 
-def exec_until_ok(name: str, command: list[str], what: str, **kw) -> int:
+def exec_until_ok(name: str, command: list[str], what: str, *, done: str = "", **kw) -> int:
     """Run ``command`` until it succeeds (a container that has just started may refuse
-    exec for a moment); returns the number of attempts."""
-    return poll(lambda: run(exec_argv(name, command, **kw)).code == 0, timeout=READY_TIMEOUT, what=what)
+    exec for a moment); returns the number of attempts. An answer containing ``done``
+    counts as success too: Incus may lose track of a command it did start, and the
+    next try then finds its work done. A timeout names the first and the last failure."""
+    failures: list[str] = []
+
+    def ok() -> bool:
+        proc = run(exec_argv(name, command, **kw))
+        if proc.code != 0 and not (done and done in proc.stderr):
+            failures.append(f"exit {proc.code}: {(proc.stderr or proc.stdout).strip()[:200]}")
+            return False
+        return True
+    try:
+        return poll(ok, timeout=READY_TIMEOUT, what=what)
+    except BenchError as exc:
+        raise BenchError(f"{exc} (first failure: {failures[0]}; last: {failures[-1]})") from None
 
 
 # The command lines of the processes the tmux panes' shells have started. The
@@ -144,7 +157,7 @@ def session_start(name: str, image: str, spec: tuple[dict, dict], agent: list[st
     for key, value in agent_env.items():
         tmux += ["-e", f"{key}={value}"]
     tmux += ["bash", "-l", "-c", f"{shlex.join(agent)}; exec bash -l"]
-    exec_until_ok(name, tmux, f"tmux in {name}", env=env)
+    exec_until_ok(name, tmux, f"tmux in {name}", done="duplicate session", env=env)
     wait_agent(name, Path(agent[0]).name)
     return time.perf_counter() - t0
 

@@ -35,8 +35,9 @@ GROUP_HINT = (
     "join the Incus admin group ('sudo usermod -aG incus-admin $USER'), "
     "then log out and in again"
 )
-# What Incus says when it could not attach a command to the container (seen
-# while a container boots under load); the command did not run.
+# What Incus says when it lost the PID of a command it was starting (seen while
+# a container boots, and under load). Usually the command did not run, but not
+# always: only a command that is safe to run twice may simply be tried again.
 EXEC_NOT_STARTED = "Failed to retrieve PID of executing child process"
 # One operation wait call blocks at most this long on the server; longer
 # operations are simply waited on again.
@@ -456,11 +457,14 @@ class Incus:
     # ---- exec ------------------------------------------------------------
 
     def exec(self, name: str, command: list[str], *, env: Mapping[str, str] | None = None,
-             user: int = 0, group: int = 0, cwd: str | None = None, capture: bool = True) -> ExecResult:
+             user: int = 0, group: int = 0, cwd: str | None = None, capture: bool = True,
+             retry: bool = True) -> ExecResult:
         """Run ``command`` (an argv list, no shell) and capture its output.
 
         ``capture=False`` keeps only the exit code: 2 requests instead of 6
-        (no output logs to fetch and remove).
+        (no output logs to fetch and remove). With ``retry`` the command is run
+        again when Incus lost its PID (``EXEC_NOT_STARTED``): pass False unless
+        running it twice is harmless.
         """
         what = f"exec in container {name}"
         body: dict[str, Any] = {
@@ -479,8 +483,8 @@ class Incus:
             try:
                 return self.call("POST", f"/1.0/instances/{quote(name, safe='')}/exec", what, json_body=body)
             except OperationFailedError as exc:
-                if EXEC_NOT_STARTED in exc.message:
-                    return None  # the command never ran: safe to try again
+                if retry and EXEC_NOT_STARTED in exc.message:
+                    return None
                 raise
         op = wait_for(attempt, timeout=20, what=f"{name} to run a command")
         meta = op.get("metadata") or {}

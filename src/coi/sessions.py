@@ -453,7 +453,11 @@ def remove_container(client: Incus, name: str) -> None:
 
 
 def ensure_running(client: Incus, name: str) -> None:
-    """Start the container if needed and wait until it accepts commands."""
+    """Start the container if needed and wait until it accepts commands.
+
+    Readiness is proven with ``true``, which is safe to retry: right after the
+    start is when Incus loses the PID of a command most often.
+    """
     if client.instance(name)["status"] == "Running":
         return
     with deferred_signals():
@@ -468,8 +472,28 @@ def ensure_running(client: Incus, name: str) -> None:
 
 
 def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE,
-              capture: bool = True):
-    return client.exec(name, argv, env=tmux_env(), user=code_uid, group=code_uid, cwd=cwd, capture=capture)
+              capture: bool = True, retry: bool = True):
+    return client.exec(name, argv, env=tmux_env(), user=code_uid, group=code_uid, cwd=cwd, capture=capture,
+                       retry=retry)
+
+
+# A user command wrapped so that it runs at most once, even when Incus loses
+# track of it and coi tries again: the first run makes the marker directory.
+_ONCE = ('mkdir "$0" 2>/dev/null || { echo "$1" >&2; exit 254; }; shift; exec "$@"')
+ALREADY_STARTED = "coi: the command had already started once"
+
+
+def once_argv(command: list[str]) -> list[str]:
+    """``command`` behind a guard that refuses a second start (exit 254, ``ALREADY_STARTED``)."""
+    return ["sh", "-c", _ONCE, f"/tmp/.coi-run-{os.urandom(8).hex()}", ALREADY_STARTED, *command]
+
+
+def lost_track(exit_code: int, stderr: str) -> CoiError | None:
+    """The error to report when a retried command turned out to have started before."""
+    if exit_code == 254 and ALREADY_STARTED in stderr:
+        return OperationFailedError("Incus lost track of the command after starting it; its result is unknown",
+                                    "look at its effects in the workspace, then run it again if needed")
+    return None
 
 
 def has_tmux_session(client: Incus, name: str, code_uid: int) -> bool:
@@ -485,10 +509,20 @@ def start_tmux(client: Incus, name: str, *, code_uid: int, env: Mapping[str, str
                      "-x", "200", "-y", "50")
     for key, value in env.items():
         argv += ["-e", f"{key}={value}"]
-    result = exec_code(client, name, [*argv, *command], code_uid=code_uid)
-    if result.exit_code != 0:
-        raise CoiError(f"could not start tmux in {name}: {result.stderr.strip() or result.stdout.strip()}",
-                       "the image needs tmux and a user 'code' (coi build)")
+    hint = "the image needs tmux and a user 'code' (coi build)"
+    try:
+        result = exec_code(client, name, [*argv, *command], code_uid=code_uid, capture=False)
+        # A failure may still have made the session (an exec Incus lost track of and
+        # ran again): then it is there. Otherwise run it again to read why; this
+        # keeps the usual case at 2 requests instead of 6.
+        if result.exit_code != 0 and not has_tmux_session(client, name, code_uid):
+            result = exec_code(client, name, [*argv, *command], code_uid=code_uid)
+    except NotFoundError as exc:  # Incus: "Command not found"
+        if "command not found" in exc.message.lower():
+            raise CoiError(f"could not start tmux in {name}: the image has no tmux", hint) from None
+        raise
+    if result.exit_code != 0 and not has_tmux_session(client, name, code_uid):
+        raise CoiError(f"could not start tmux in {name}: {result.stderr.strip() or result.stdout.strip()}", hint)
 
 
 def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, bash: bool = False) -> list[str]:
@@ -499,10 +533,11 @@ def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, ba
 
 
 def run_streamed(argv: list[str], *, timeout: float | None) -> int:
-    """Run ``incus exec`` with output streamed; its exit code.
+    """Run ``incus exec`` of a ``once_argv`` command with output streamed; its exit code.
 
-    stderr is relayed line by line so that Incus's own "could not attach"
-    failure (the command never ran) can be recognised and the run tried again.
+    stderr is relayed line by line so that Incus's "lost the PID" failure can be
+    recognised and the run tried again; the guard of ``once_argv`` makes sure the
+    command itself never starts twice (raises ``lost_track``'s error if it had).
     """
     import subprocess
     import threading
@@ -513,12 +548,12 @@ def run_streamed(argv: list[str], *, timeout: float | None) -> int:
     while True:
         proc = subprocess.Popen(argv, stdin=None if sys.stdin.isatty() else subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        not_started = threading.Event()
+        seen: list[bytes] = []
 
         def relay() -> None:
             for line in proc.stderr:  # type: ignore[union-attr]
-                if EXEC_NOT_STARTED.encode() in line:
-                    not_started.set()
+                if EXEC_NOT_STARTED.encode() in line or ALREADY_STARTED.encode() in line:
+                    seen.append(line)
                 else:
                     sys.stderr.buffer.write(line)
                     sys.stderr.buffer.flush()
@@ -531,7 +566,10 @@ def run_streamed(argv: list[str], *, timeout: float | None) -> int:
             proc.wait()
             raise
         relayer.join()
-        if not (code == 255 and not_started.is_set() and time.monotonic() < deadline):
+        error = lost_track(code, b"".join(seen).decode(errors="replace"))
+        if error:
+            raise error
+        if not (code == 255 and seen and time.monotonic() < deadline):
             return code
 
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from coi.errors import ConflictError, NotFoundError, OperationFailedError
+from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError
 
 pytestmark = pytest.mark.integration
 
@@ -125,3 +125,42 @@ def test_incus_cli_argv_runs_for_real(incus, base_image, container_name):
                            user=1000, group=1000, cwd="/", terminal=False)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.stdout == "a 'b' $c"
+
+
+def test_tmux_start_failure_says_why(incus, base_image, sandbox_image, container_name):
+    """start_tmux reads only the exit code when tmux starts; when it does not, it
+    runs again with the output recorded, to say why."""
+    from coi import sessions
+
+    incus.create_instance(container_name, image=sandbox_image, profiles=["coi"])
+    sessions.ensure_running(incus, container_name)
+    sessions.start_tmux(incus, container_name, code_uid=1000, env={}, command=["sleep", "600"])
+    assert sessions.has_tmux_session(incus, container_name, 1000)
+    # a session that is there counts (Incus may lose track of a new-session it ran)
+    sessions.start_tmux(incus, container_name, code_uid=1000, env={}, command=["sleep", "600"])
+    with pytest.raises(CoiError, match=r"could not start tmux in .*: error .* /home/code/.*Permission denied"):
+        sessions.start_tmux(incus, container_name, code_uid=4242, env={}, command=["true"])  # not code's home
+
+    incus.stop(container_name, force=True)
+    incus.delete(container_name)
+    incus.create_instance(container_name, image=base_image, profiles=["coi"])  # the bare base: no tmux
+    sessions.ensure_running(incus, container_name)
+    with pytest.raises(CoiError, match=r"could not start tmux in .*: the image has no tmux") as info:
+        sessions.start_tmux(incus, container_name, code_uid=1000, env={}, command=["true"])
+    assert "coi build" in info.value.hint
+
+
+def test_a_guarded_command_runs_at_most_once(incus, sandbox_image, container_name):
+    """coi run's guard: trying the same command again (after Incus lost its PID)
+    never starts it twice, and says so; exit codes and arguments pass through."""
+    from coi import sessions
+
+    incus.create_instance(container_name, image=sandbox_image, profiles=["coi"])
+    sessions.ensure_running(incus, container_name)
+    argv = sessions.once_argv(["sh", "-c", 'printf "%s|" "$@" >> /tmp/ran; exit 42', "sh", "a b", "$x", "'q'"])
+    first = incus.exec(container_name, argv, user=1000, group=1000)
+    assert (first.exit_code, first.stderr) == (42, "")
+    again = incus.exec(container_name, argv, user=1000, group=1000)
+    assert again.exit_code == 254 and sessions.lost_track(again.exit_code, again.stderr) is not None
+    assert incus.exec(container_name, ["cat", "/tmp/ran"]).stdout == "a b|$x|'q'|"
+    assert sessions.lost_track(first.exit_code, first.stderr) is None

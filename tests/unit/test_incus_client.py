@@ -319,6 +319,20 @@ def test_exec_sends_the_command_and_collects_its_output(daemon, client, no_sleep
         ("GET", f"{EXEC_LOGS}/exec_op.stderr"), ("DELETE", f"{EXEC_LOGS}/exec_op.stderr")]
 
 
+@pytest.mark.parametrize("retry", [True, False])
+def test_exec_lost_pid_is_tried_again_only_when_allowed(daemon, client, retry):
+    lost = operation("op-lost", "Failure", err="Failed to retrieve PID of executing child process")
+    daemon.on("POST", "/1.0/instances/c1/exec", async_op("op-lost"), async_op("op-exec"))
+    daemon.on("GET", "/1.0/operations/op-lost/wait", lost)
+    daemon.on("GET", "/1.0/operations/op-exec/wait", operation("op-exec", metadata={"return": 0}))
+    if retry:
+        assert client.exec("c1", ["true"], capture=False).exit_code == 0
+    else:
+        with pytest.raises(OperationFailedError, match="Failed to retrieve PID"):
+            client.exec("c1", ["make", "deploy"], capture=False, retry=False)
+    assert len(daemon.requests_to("POST", "/1.0/instances/c1/exec")) == (2 if retry else 1)
+
+
 def test_exec_without_capture_reads_only_the_exit_code(daemon, client, no_sleep):
     daemon.on("POST", "/1.0/instances/c1/exec", async_op("op-exec"))
     daemon.on("GET", "/1.0/operations/op-exec/wait", operation("op-exec", metadata={"return": 1}))

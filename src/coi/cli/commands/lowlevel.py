@@ -80,7 +80,8 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
         group = user
     client = ctx.incus
     if capture:
-        result = client.exec(name, command, env=variables, user=user or 0, group=group or 0, cwd=cwd)
+        result = client.exec(name, command, env=variables, user=user or 0, group=group or 0, cwd=cwd,
+                             retry=False)  # the user's command: never twice
         if format == "raw":
             sys.stdout.write(result.stdout)
             sys.stdout.flush()
@@ -183,7 +184,7 @@ def tmux_send(ctx: Context, *, name: str, text: str) -> int:
     code_uid = ctx.config.incus.code_uid
     for keys in (["-l", text], ["Enter"]):
         result = sessions.exec_code(ctx.incus, name, sessions.tmux_argv("send-keys", "-t", target, *keys),
-                                    code_uid=code_uid, cwd=sessions.CODE_HOME)
+                                    code_uid=code_uid, cwd=sessions.CODE_HOME, retry=False)  # keys once
         if result.exit_code != 0:
             raise CoiError(f"tmux send-keys failed: {result.stderr.strip()}")
     return 0

@@ -121,11 +121,13 @@ def _start_agent(ctx: Context, session, req, saved, *, debug: bool, tmux: bool) 
     from coi import sessions
 
     client = ctx.incus
-    _start_isolated(ctx, session.name, ctx.ui.info)
-    ctx.ui.info("Starting session...")
+    # Files go in first: a new container is still stopped, so they are there
+    # before anything in it runs (and the boot does not slow the copy).
     if saved is not None and session.created:
         _restore_state(ctx, session.name, saved, req)
     _inject_credentials(ctx, session.name, req)
+    _start_isolated(ctx, session.name, ctx.ui.info)
+    ctx.ui.info("Starting session...")
     # A container created just now cannot have a tmux session yet.
     if tmux and (session.created or not sessions.has_tmux_session(client, session.name, req.code_uid)):
         agent = None if debug else _agent_command(req, session, saved)
@@ -267,12 +269,15 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         if capture:
             if timeout:  # coreutils' timeout inside: exits 124 like coi run does
                 command = ["timeout", f"{timeout:g}", *command]
-            result = client.exec(session.name, command, env=env_vars, user=req.code_uid, group=req.code_uid,
-                                 cwd=sessions.WORKSPACE)
+            result = client.exec(session.name, sessions.once_argv(command), env=env_vars, user=req.code_uid,
+                                 group=req.code_uid, cwd=sessions.WORKSPACE)
+            error = sessions.lost_track(result.exit_code, result.stderr)
+            if error:
+                raise error
             ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": result.stderr,
                                    "exit_code": result.exit_code}))
             return result.exit_code
-        argv = client.exec_argv(session.name, command, user=req.code_uid, group=req.code_uid,
+        argv = client.exec_argv(session.name, sessions.once_argv(command), user=req.code_uid, group=req.code_uid,
                                 cwd=sessions.WORKSPACE, env=env_vars, terminal=sys.stdin.isatty())
         try:
             return sessions.run_streamed(argv, timeout=timeout or None)
