@@ -41,7 +41,8 @@ TARGETS = {
                    ("_Build._remove_builder", "delete builder", True)],
     "coi.bootstrap": [("ensure_base", "base image check", True)],
     "coi.doctor": [("*", "doctor checks", True)],
-    "coi.network": [("find_attachment", "network: wait for the address (DHCP)", True),
+    "coi.network": [("pin_nic", "pin the address", True),
+                    ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True),
                     ("resolve_allowed", "network: resolve allowed domains", True)],
 }
 # Every other function of the network module(s) counts as network set-up (the

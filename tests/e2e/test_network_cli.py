@@ -116,3 +116,29 @@ def test_poweroff_inside_and_clean_leave_no_rules(net_user, workspace):
     subprocess.run(["incus", "delete", "--force", name2], check=True, capture_output=True)
     assert net_user.run(["clean", "--force"], cwd=workspace).returncode == 0
     assert name2 not in chains()
+
+
+def test_run_has_the_network_from_its_first_moment(net_user, workspace):
+    """No wait for DHCP, yet the command's first request gets through: the address,
+    default route and resolver are in place before the container's init runs."""
+    items = json.dumps([["registry", "http", REGISTRY_URL]])
+    proc = net_user.run(["run", "--capture", "--", "python3", "-c", NET_PROBE, items], cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(json.loads(proc.stdout)["stdout"])["registry"]
+    assert result["ok"], result
+
+
+def test_sessions_get_distinct_pinned_addresses_keyed_in_their_rules(net_user, workspace, incus):
+    names = [start(net_user, workspace) for _ in range(2)]
+    ruleset = subprocess.run(["nft", "list", "table", "bridge", "coi"], capture_output=True, text=True,
+                             check=True).stdout
+    addresses = set()
+    for name in names:
+        eth0 = incus.instance(name)["devices"]["eth0"]
+        assert eth0["host_name"].startswith("coi") and f'"{eth0["host_name"]}"' in ruleset
+        state = incus.instance_state(name)["network"]["eth0"]
+        assert state["host_name"] == eth0["host_name"]
+        assert eth0["ipv4.address"] in [a["address"] for a in state["addresses"] if a["family"] == "inet"]
+        addresses.add(eth0["ipv4.address"])
+    assert len(addresses) == 2
+    assert net_user.run(["kill", *names]).returncode == 0

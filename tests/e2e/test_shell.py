@@ -35,8 +35,8 @@ def coi_json(user, workspace, *args):
 
 def test_agent_detach_attach_and_poweroff_saves(session_user, workspace, incus):
     term = shell(session_user, workspace)
-    term.wait_for("Session ID: ")
-    for line in ("Auto-allocated slot 1", "Setting up session", "Starting session...", "Workspace: "):
+    term.wait_for("Workspace: ")
+    for line in ("Auto-allocated slot 1", "Setting up session", "Starting session...", "Session ID: "):
         assert line in term.output()
     name = container_of(term)
     term.wait_for("fake-claude> ")
