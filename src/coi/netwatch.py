@@ -30,7 +30,7 @@ from typing import Any
 from coi import network
 from coi.errors import CoiError, NotFoundError
 
-POLL_SECONDS = 0.5  # how often the container's state is read (one local REST call)
+POLL_SECONDS = 0.5  # how often the container is read (one REST call answered from Incus's database)
 STOPPED_GRACE = 5.0  # a reboot from inside shows "Stopped" for about half a second
 START_GRACE = 60.0  # rules go on before the start: give a start that fails time to be cleaned up by coi
 
@@ -67,7 +67,9 @@ class Watcher:
                 if not record:
                     return 0  # removed by coi meanwhile
                 try:
-                    state = self.client.instance_state(self.container)
+                    # The instance, not its state: reading the state enters the container
+                    # (Incus forks a helper into its namespaces) on every poll.
+                    state = self.client.instance(self.container)
                 except NotFoundError:
                     _say(f"{self.container} is gone: removing its rules")
                     self._remove()
@@ -107,10 +109,10 @@ class Watcher:
                         state: dict[str, Any]) -> None:
         """A restart gives a new host interface (and maybe address): re-key the rules."""
         old = record.get("attachment") or {}
-        nic = (state.get("network") or {}).get(old.get("nic", "eth0")) or {}
-        if not nic.get("host_name") or nic.get("host_name") == old.get("veth"):
+        host_name = (state.get("config") or {}).get(f"volatile.{old.get('nic', 'eth0')}.host_name")
+        if not host_name or host_name == old.get("veth"):
             return
-        _say(f"{self.container} has a new interface {nic['host_name']}: re-applying its rules")
+        _say(f"{self.container} has a new interface {host_name}: re-applying its rules")
         try:
             att = network.find_attachment(self.client, self.container)
             backend = self._backend(record, policy)

@@ -358,8 +358,8 @@ class StubIncus:
         self.updates: list[dict] = []
 
     def instance(self, name):
-        return {"name": name, "config": {}, "devices": {},
-                "expanded_devices": {"eth0": {"type": "nic", "network": "coibr0", "name": "eth0"}}}
+        return {"name": name, "status": "Running", "config": {"volatile.eth0.host_name": "veth1234abcd"},
+                "devices": {}, "expanded_devices": {"eth0": {"type": "nic", "network": "coibr0", "name": "eth0"}}}
 
     def network(self, name):
         return {"config": {"ipv4.address": "10.195.0.1/24"}}
@@ -530,16 +530,19 @@ def test_watcher_refresh_swaps_addresses_and_keeps_them_when_lookups_fail(tmp_pa
 
 def test_watcher_follows_a_restart_and_removes_rules_of_a_deleted_container(tmp_path, monkeypatch, nft_calls):
     watcher, client, _ = watched(tmp_path, monkeypatch, nft_calls, mode="restricted")
+    inst = client.instance(ATT.container)
+    inst["config"]["volatile.eth0.host_name"] = "veth9999new0"
     state = client.instance_state(ATT.container)
     state["network"]["eth0"]["host_name"] = "veth9999new0"
     monkeypatch.setattr(client, "instance_state", lambda name: state)
+    monkeypatch.setattr(client, "instance", lambda name: inst)
     record = watcher.record()
-    watcher._follow_restart(record, network.NetworkPolicy.from_json(record["policy"]), state)
+    watcher._follow_restart(record, network.NetworkPolicy.from_json(record["policy"]), inst)
     assert '"veth9999new0"' in nft_calls[-1] and watcher.record()["attachment"]["veth"] == "veth9999new0"
 
     def gone(name):
         raise NotFoundError(name)
-    monkeypatch.setattr(client, "instance_state", gone)
+    monkeypatch.setattr(client, "instance", gone)
     assert watcher.run() == 0
     assert nft_calls[-1] == network.nft_remove_script(ATT.container)
     assert watcher.record() is None
@@ -551,13 +554,13 @@ def test_watcher_waits_out_a_reboot_before_removing_rules(tmp_path, monkeypatch,
     watcher, client, _ = watched(tmp_path, monkeypatch, nft_calls, mode="restricted")
     monkeypatch.setattr(netwatch, "POLL_SECONDS", 0.01)
     monkeypatch.setattr(netwatch, "STOPPED_GRACE", 0.2)
-    running = client.instance_state(ATT.container)
+    running = client.instance(ATT.container)
     seen = []
 
     def stopped(name):
         seen.append(network.Store(tmp_path).record(ATT.container) is not None)
-        return running if len(seen) == 1 else {"status": "Stopped", "network": {}}
-    monkeypatch.setattr(client, "instance_state", stopped)
+        return running if len(seen) == 1 else {"status": "Stopped", "config": {}}
+    monkeypatch.setattr(client, "instance", stopped)
     assert watcher.run() == 0
     assert len(seen) > 3 and all(seen)  # the rules stayed while the grace lasted
     assert nft_calls == [network.nft_remove_script(ATT.container)]
@@ -572,8 +575,8 @@ def test_watcher_gives_a_container_not_started_yet_longer(tmp_path, monkeypatch,
     monkeypatch.setattr(netwatch, "STOPPED_GRACE", 0.01)
     monkeypatch.setattr(netwatch, "START_GRACE", 0.3)
     polled = []
-    monkeypatch.setattr(client, "instance_state", lambda name: polled.append(time.monotonic()) or
-                        {"status": "Stopped", "network": {}})
+    monkeypatch.setattr(client, "instance", lambda name: polled.append(time.monotonic()) or
+                        {"status": "Stopped", "config": {}})
     assert watcher.run() == 0
     assert polled[-1] - polled[0] >= 0.3  # not removed after the short grace of a seen reboot
     assert nft_calls == [network.nft_remove_script(ATT.container)]
