@@ -477,23 +477,44 @@ def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: 
                        retry=retry)
 
 
-# A user command wrapped so that it runs at most once, even when Incus loses
-# track of it and coi tries again: the first run makes the marker directory.
-_ONCE = ('mkdir "$0" 2>/dev/null || { echo "$1" >&2; exit 254; }; shift; exec "$@"')
-ALREADY_STARTED = "coi: the command had already started once"
+# A user command wrapped so that it runs at most once: Incus sometimes reports
+# that it lost the PID of a command it did run (to its end), and coi then asks
+# again. The first start makes the marker directory; a second start only
+# reports. Without a terminal the wrapper stays the command's parent, records
+# its exit status for that second start, and passes INT, TERM and HUP on as
+# TERM (a background child ignores INT). With a terminal the command replaces
+# the wrapper (the terminal's signals reach it as usual) and a lost exit status
+# stays lost.
+_LOST = "coi: the command had already started once; its exit status is unknown"
+_RECOVERED = "coi: Incus lost track of the command; its exit status was recovered, its output may be incomplete"
+_SECOND_START = ('m=$0; if ! mkdir "$m" 2>/dev/null; then '
+                 f'if [ -e "$m/rc" ]; then echo "{_RECOVERED}" >&2; exit "$(cat "$m/rc")"; fi; '
+                 f'echo "{_LOST}" >&2; exit 254; fi; ')
+_ONCE_TERMINAL = _SECOND_START + 'exec "$@"'
+_ONCE_RECORDED = _SECOND_START + (
+    'exec 3<&0; "$@" <&3 3<&- & p=$!; exec 3<&-; '
+    'trap \'kill -TERM $p 2>/dev/null\' INT TERM HUP; '
+    'while :; do wait $p; rc=$?; kill -0 $p 2>/dev/null || break; done; '
+    'echo $rc > "$m/rc"; exit $rc')
 
 
-def once_argv(command: list[str]) -> list[str]:
-    """``command`` behind a guard that refuses a second start (exit 254, ``ALREADY_STARTED``)."""
-    return ["sh", "-c", _ONCE, f"/tmp/.coi-run-{os.urandom(8).hex()}", ALREADY_STARTED, *command]
+def once_argv(command: list[str], *, terminal: bool = False) -> list[str]:
+    """``command`` behind a guard that never starts it twice (see ``lost_track``)."""
+    return ["sh", "-c", _ONCE_TERMINAL if terminal else _ONCE_RECORDED,
+            f"/tmp/.coi-run-{os.urandom(8).hex()}", *command]
 
 
 def lost_track(exit_code: int, stderr: str) -> CoiError | None:
-    """The error to report when a retried command turned out to have started before."""
-    if exit_code == 254 and ALREADY_STARTED in stderr:
+    """The error to report when a second start found the first one's exit status unknown."""
+    if exit_code == 254 and _LOST in stderr:
         return OperationFailedError("Incus lost track of the command after starting it; its result is unknown",
                                     "look at its effects in the workspace, then run it again if needed")
     return None
+
+
+def guard_lines(stderr: str) -> list[str]:
+    """The guard's own lines in ``stderr`` (shown as coi's, not the command's)."""
+    return [line for line in stderr.splitlines() if line in (_LOST, _RECOVERED)]
 
 
 def has_tmux_session(client: Incus, name: str, code_uid: int) -> bool:
@@ -552,7 +573,7 @@ def run_streamed(argv: list[str], *, timeout: float | None) -> int:
 
         def relay() -> None:
             for line in proc.stderr:  # type: ignore[union-attr]
-                if EXEC_NOT_STARTED.encode() in line or ALREADY_STARTED.encode() in line:
+                if EXEC_NOT_STARTED.encode() in line or guard_lines(line.decode(errors="replace")):
                     seen.append(line)
                 else:
                     sys.stderr.buffer.write(line)
@@ -562,13 +583,21 @@ def run_streamed(argv: list[str], *, timeout: float | None) -> int:
         try:
             code = proc.wait(timeout=timeout)
         except BaseException:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # incus passes TERM on: the command ends, not only its client
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             raise
         relayer.join()
-        error = lost_track(code, b"".join(seen).decode(errors="replace"))
+        told = b"".join(seen).decode(errors="replace")
+        error = lost_track(code, told)
         if error:
             raise error
+        if _RECOVERED in told:
+            sys.stderr.write(f"Warning: {_RECOVERED[len('coi: '):]}\n")
+            return code
         if not (code == 255 and seen and time.monotonic() < deadline):
             return code
 

@@ -150,17 +150,25 @@ def test_tmux_start_failure_says_why(incus, base_image, sandbox_image, container
     assert "coi build" in info.value.hint
 
 
-def test_a_guarded_command_runs_at_most_once(incus, sandbox_image, container_name):
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_guarded_command_runs_at_most_once(incus, sandbox_image, container_name, terminal):
     """coi run's guard: trying the same command again (after Incus lost its PID)
-    never starts it twice, and says so; exit codes and arguments pass through."""
+    never starts it twice. Without a terminal the exit status of the first run
+    is recovered; with one (the command replaces the guard) it is reported lost.
+    Exit codes and arguments pass through."""
     from coi import sessions
 
     incus.create_instance(container_name, image=sandbox_image, profiles=["coi"])
     sessions.ensure_running(incus, container_name)
-    argv = sessions.once_argv(["sh", "-c", 'printf "%s|" "$@" >> /tmp/ran; exit 42', "sh", "a b", "$x", "'q'"])
+    argv = sessions.once_argv(["sh", "-c", 'printf "%s|" "$@" >> /tmp/ran; exit 42', "sh", "a b", "$x", "'q'"],
+                              terminal=terminal)
     first = incus.exec(container_name, argv, user=1000, group=1000)
     assert (first.exit_code, first.stderr) == (42, "")
     again = incus.exec(container_name, argv, user=1000, group=1000)
-    assert again.exit_code == 254 and sessions.lost_track(again.exit_code, again.stderr) is not None
-    assert incus.exec(container_name, ["cat", "/tmp/ran"]).stdout == "a b|$x|'q'|"
+    assert incus.exec(container_name, ["cat", "/tmp/ran"]).stdout == "a b|$x|'q'|"  # once
     assert sessions.lost_track(first.exit_code, first.stderr) is None
+    assert len(sessions.guard_lines(again.stderr)) == 1
+    if terminal:
+        assert again.exit_code == 254 and sessions.lost_track(again.exit_code, again.stderr) is not None
+    else:
+        assert again.exit_code == 42 and sessions.lost_track(again.exit_code, again.stderr) is None

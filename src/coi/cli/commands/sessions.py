@@ -274,11 +274,15 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
             error = sessions.lost_track(result.exit_code, result.stderr)
             if error:
                 raise error
-            ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": result.stderr,
-                                   "exit_code": result.exit_code}))
+            guard = sessions.guard_lines(result.stderr)
+            for line in guard:
+                ctx.ui.warn(line[len("coi: "):])
+            stderr = "".join(l for l in result.stderr.splitlines(keepends=True) if l.rstrip("\n") not in guard)
+            ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": stderr, "exit_code": result.exit_code}))
             return result.exit_code
-        argv = client.exec_argv(session.name, sessions.once_argv(command), user=req.code_uid, group=req.code_uid,
-                                cwd=sessions.WORKSPACE, env=env_vars, terminal=sys.stdin.isatty())
+        terminal = sys.stdin.isatty()
+        argv = client.exec_argv(session.name, sessions.once_argv(command, terminal=terminal), user=req.code_uid,
+                                group=req.code_uid, cwd=sessions.WORKSPACE, env=env_vars, terminal=terminal)
         try:
             return sessions.run_streamed(argv, timeout=timeout or None)
         except subprocess.TimeoutExpired:
