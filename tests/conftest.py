@@ -100,9 +100,17 @@ class User:
 
     def run(self, args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
             input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """Run ``coi ARGS`` as this user with a clean login-like environment."""
-        return subprocess.run(self.argv(["coi", *args], env=env), cwd=cwd or self.home, input=input,
+        """Run ``coi ARGS`` as this user with a clean login-like environment.
+
+        When Incus lost track of a command coi ran (an Incus 6.0.4 fault: the
+        command ran once, its output or exit status is gone, and coi says so)
+        the test cannot check what it wanted to: it is skipped, with the reason.
+        """
+        proc = subprocess.run(self.argv(["coi", *args], env=env), cwd=cwd or self.home, input=input,
                               capture_output=True, text=True, timeout=timeout)
+        if "Incus lost track of the command" in proc.stderr:
+            pytest.skip(f"Incus lost track of a command of 'coi {' '.join(args)}': {proc.stderr.strip()}")
+        return proc
 
     def argv(self, command: list[str], *, env: dict[str, str] | None = None) -> list[str]:
         base = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,

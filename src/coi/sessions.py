@@ -517,6 +517,18 @@ def guard_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line in (_LOST, _RECOVERED)]
 
 
+def checked_stderr(result: Any, warn: Log) -> str:
+    """A captured guarded run: raise when its result was lost, warn when it was
+    recovered; the command's own stderr."""
+    error = lost_track(result.exit_code, result.stderr)
+    if error:
+        raise error
+    guard = guard_lines(result.stderr)
+    for line in guard:
+        warn(line[len("coi: "):])
+    return "".join(l for l in result.stderr.splitlines(keepends=True) if l.rstrip("\n") not in guard)
+
+
 def has_tmux_session(client: Incus, name: str, code_uid: int) -> bool:
     result = exec_code(client, name, tmux_argv("has-session", "-t", naming.tmux_session(name)),
                        code_uid=code_uid, cwd=CODE_HOME, capture=False)
@@ -553,8 +565,10 @@ def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, ba
                             terminal=True)
 
 
-def run_streamed(argv: list[str], *, timeout: float | None) -> int:
+def run_streamed(argv: list[str], *, timeout: float | None, stdin: bool = False) -> int:
     """Run ``incus exec`` of a ``once_argv`` command with output streamed; its exit code.
+
+    The command reads coi's stdin when that is a terminal or ``stdin`` is set.
 
     stderr is relayed line by line so that Incus's "lost the PID" failure can be
     recognised and the run tried again; the guard of ``once_argv`` makes sure the
@@ -567,7 +581,7 @@ def run_streamed(argv: list[str], *, timeout: float | None) -> int:
 
     deadline = time.monotonic() + 20
     while True:
-        proc = subprocess.Popen(argv, stdin=None if sys.stdin.isatty() else subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, stdin=None if stdin or sys.stdin.isatty() else subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         seen: list[bytes] = []
 

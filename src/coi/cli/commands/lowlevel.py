@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,20 +77,24 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
     variables = parse_env(env)
     if user is not None and group is None:
         group = user
+    from coi import sessions
+
     client = ctx.incus
-    if capture:
-        result = client.exec(name, command, env=variables, user=user or 0, group=group or 0, cwd=cwd,
-                             retry=False)  # the user's command: never twice
+    if capture:  # the user's command, guarded like coi run's: never started twice
+        result = client.exec(name, sessions.once_argv(command), env=variables, user=user or 0, group=group or 0,
+                             cwd=cwd)
+        stderr = sessions.checked_stderr(result, ctx.ui.warn)
         if format == "raw":
             sys.stdout.write(result.stdout)
             sys.stdout.flush()
         else:
-            ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": result.stderr, "exit_code": result.exit_code}))
+            ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": stderr, "exit_code": result.exit_code}))
         return result.exit_code
     client.instance(name)  # a clear error for an unknown container
-    argv = client.exec_argv(name, command, user=user, group=group, cwd=cwd, env=variables,
-                            terminal=sys.stdin.isatty() and sys.stdout.isatty())
-    return subprocess.run(argv).returncode
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    argv = client.exec_argv(name, sessions.once_argv(command, terminal=terminal), user=user, group=group, cwd=cwd,
+                            env=variables, terminal=terminal)
+    return sessions.run_streamed(argv, timeout=None, stdin=True)
 
 
 def container_mount(ctx: Context, *, name: str, device: str, source: str, path: str, shift: bool = True) -> int:

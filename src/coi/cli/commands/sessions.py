@@ -271,13 +271,7 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
                 command = ["timeout", f"{timeout:g}", *command]
             result = client.exec(session.name, sessions.once_argv(command), env=env_vars, user=req.code_uid,
                                  group=req.code_uid, cwd=sessions.WORKSPACE)
-            error = sessions.lost_track(result.exit_code, result.stderr)
-            if error:
-                raise error
-            guard = sessions.guard_lines(result.stderr)
-            for line in guard:
-                ctx.ui.warn(line[len("coi: "):])
-            stderr = "".join(l for l in result.stderr.splitlines(keepends=True) if l.rstrip("\n") not in guard)
+            stderr = sessions.checked_stderr(result, ctx.ui.warn)
             ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": stderr, "exit_code": result.exit_code}))
             return result.exit_code
         terminal = sys.stdin.isatty()
