@@ -455,8 +455,8 @@ def remove_container(client: Incus, name: str) -> None:
 def ensure_running(client: Incus, name: str) -> None:
     """Start the container if needed and wait until it accepts commands.
 
-    Readiness is proven with ``true``, which is safe to retry: right after the
-    start is when Incus loses the PID of a command most often.
+    Readiness is proven with ``true``: harmless to run again when Incus loses
+    track of it (see ``once_argv``).
     """
     if client.instance(name)["status"] == "Running":
         return
