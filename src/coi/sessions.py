@@ -487,9 +487,13 @@ def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: 
 # stays lost.
 _LOST = "coi: the command had already started once; its exit status is unknown"
 _RECOVERED = "coi: Incus lost track of the command; its exit status was recovered, its output may be incomplete"
-_SECOND_START = ('m=$0; if ! mkdir "$m" 2>/dev/null; then '
+# A second start waits while the first one still runs (its pid is in the marker).
+_SECOND_START = ('m=$0; if ! mkdir "$m" 2>/dev/null; then i=0; '
+                 'while [ ! -e "$m/rc" ]; do p=$(cat "$m/pid" 2>/dev/null); '
+                 'if [ -n "$p" ]; then kill -0 "$p" 2>/dev/null || break; elif [ $i -ge 40 ]; then break; fi; '
+                 'i=$((i+1)); sleep 0.05; done; '
                  f'if [ -e "$m/rc" ]; then echo "{_RECOVERED}" >&2; exit "$(cat "$m/rc")"; fi; '
-                 f'echo "{_LOST}" >&2; exit 254; fi; ')
+                 f'echo "{_LOST}" >&2; exit 254; fi; echo $$ > "$m/pid"; ')
 _ONCE_TERMINAL = _SECOND_START + 'exec "$@"'
 _ONCE_RECORDED = _SECOND_START + (
     'exec 3<&0; "$@" <&3 3<&- & p=$!; exec 3<&-; '

@@ -3,6 +3,7 @@ images, networks and the daemon's own errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -10,6 +11,7 @@ import subprocess
 import pytest
 
 from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError
+from coi.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +174,22 @@ def test_a_guarded_command_runs_at_most_once(incus, sandbox_image, container_nam
         assert again.exit_code == 254 and sessions.lost_track(again.exit_code, again.stderr) is not None
     else:
         assert again.exit_code == 42 and sessions.lost_track(again.exit_code, again.stderr) is None
+
+
+def test_a_second_start_waits_for_the_first_run(incus, sandbox_image, container_name):
+    """Incus may report a command lost while it still runs: the second start waits
+    for it, then reports its exit status."""
+    from coi import sessions
+
+    incus.create_instance(container_name, image=sandbox_image, profiles=["coi"])
+    sessions.ensure_running(incus, container_name)
+    argv = sessions.once_argv(["sh", "-c", "sleep 1; exit 7"])
+    marker = argv[3]
+    first = incus.raw("POST", f"/1.0/instances/{container_name}/exec", body=json.dumps({
+        "command": argv, "environment": {}, "wait-for-websocket": False, "interactive": False,
+        "record-output": False}).encode(), headers={"Content-Type": "application/json"})
+    assert first.status < 400
+    wait_for(lambda: incus.exec(container_name, ["test", "-e", f"{marker}/pid"]).exit_code == 0,
+             timeout=10, what="the first run to start")
+    again = incus.exec(container_name, argv)
+    assert again.exit_code == 7 and len(sessions.guard_lines(again.stderr)) == 1
