@@ -204,10 +204,15 @@ def find_attachment(client: Any, container: str, *, timeout: float = DHCP_TIMEOU
     except ValueError:
         raise CoiError(f"bridge {bridge} has no IPv4 subnet ({gateway_cidr or 'none'})",
                        "coi setup creates the bridge coibr0 with one") from None
+    veth, ipv4 = _pinned(inst, nic) or _leased(client, container, inst, nic, timeout)
+    return Attachment(container=container, nic=nic, bridge=bridge, veth=veth, ipv4=ipv4,
+                      gateway=str(gateway_if.ip), subnet=str(gateway_if.network))
+
+
+def _leased(client: Any, container: str, inst: Mapping[str, Any], nic: str,
+            timeout: float) -> tuple[str, str]:
+    """(host-side interface, IPv4) of a running container once DHCP gave it an address."""
     def addressed() -> tuple[str, str] | None:
-        pinned = _pinned(inst, nic)
-        if pinned:
-            return pinned
         state = client.instance_state(container)
         if state.get("status") not in ("Running", None):
             raise CoiError(f"container {container} is not running ({state.get('status')})")
@@ -218,15 +223,13 @@ def find_attachment(client: Any, container: str, *, timeout: float = DHCP_TIMEOU
         return (veth, str(ipaddress.IPv4Address(ipv4[0]))) if veth and ipv4 else None
 
     try:
-        veth, ipv4 = wait_for(addressed, timeout=timeout, what=f"{container} to get an IPv4 address",
-                              first_interval=0.02)
+        return wait_for(addressed, timeout=timeout, what=f"{container} to get an IPv4 address",
+                        first_interval=0.02)
     except CoiError as exc:
         if "timed out" not in exc.message:
             raise
         raise CoiError(f"cannot isolate {container}: its {nic} got no IPv4 address within {timeout:g}s",
                        f"check the image's DHCP client, or {OPEN_HINT}") from None
-    return Attachment(container=container, nic=nic, bridge=bridge, veth=veth, ipv4=ipv4,
-                      gateway=str(gateway_if.ip), subnet=str(gateway_if.network))
 
 
 def _bridged_nic(inst: Mapping[str, Any]) -> tuple[str, str]:
