@@ -521,6 +521,10 @@ def guard_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line in (_LOST, _RECOVERED)]
 
 
+def _warning(guard_line: str) -> str:
+    return guard_line.removeprefix("coi: ")
+
+
 def checked_stderr(result: Any, warn: Log) -> str:
     """A captured guarded run: raise when its result was lost, warn when it was
     recovered; the command's own stderr."""
@@ -529,7 +533,7 @@ def checked_stderr(result: Any, warn: Log) -> str:
         raise error
     guard = guard_lines(result.stderr)
     for line in guard:
-        warn(line[len("coi: "):])
+        warn(_warning(line))
     return "".join(l for l in result.stderr.splitlines(keepends=True) if l.rstrip("\n") not in guard)
 
 
@@ -569,7 +573,7 @@ def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, ba
                             terminal=True)
 
 
-def run_streamed(argv: list[str], *, timeout: float | None, stdin: bool = False) -> int:
+def run_streamed(argv: list[str], *, timeout: float | None, warn: Log, stdin: bool = False) -> int:
     """Run ``incus exec`` of a ``once_argv`` command with output streamed; its exit code.
 
     The command reads coi's stdin when that is a terminal or ``stdin`` is set.
@@ -614,7 +618,7 @@ def run_streamed(argv: list[str], *, timeout: float | None, stdin: bool = False)
         if error:
             raise error
         if _RECOVERED in told:
-            sys.stderr.write(f"Warning: {_RECOVERED[len('coi: '):]}\n")
+            warn(_warning(_RECOVERED))
             return code
         if not (code == 255 and seen and time.monotonic() < deadline):
             return code

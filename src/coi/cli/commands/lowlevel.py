@@ -94,7 +94,7 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     argv = client.exec_argv(name, sessions.once_argv(command, terminal=terminal), user=user, group=group, cwd=cwd,
                             env=variables, terminal=terminal)
-    return sessions.run_streamed(argv, timeout=None, stdin=True)
+    return sessions.run_streamed(argv, timeout=None, warn=ctx.ui.warn, stdin=True)
 
 
 def container_mount(ctx: Context, *, name: str, device: str, source: str, path: str, shift: bool = True) -> int:

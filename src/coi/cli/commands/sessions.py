@@ -278,7 +278,7 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         argv = client.exec_argv(session.name, sessions.once_argv(command, terminal=terminal), user=req.code_uid,
                                 group=req.code_uid, cwd=sessions.WORKSPACE, env=env_vars, terminal=terminal)
         try:
-            return sessions.run_streamed(argv, timeout=timeout or None)
+            return sessions.run_streamed(argv, timeout=timeout or None, warn=ctx.ui.warn)
         except subprocess.TimeoutExpired:
             ctx.ui.error(f"command timed out after {timeout:g}s")
             return 124
