@@ -388,3 +388,36 @@ def test_rule_setup_is_fast(incus, net_lab, boxes, sessions_dir):
     print(f"rule set-up: restricted {restricted * 1000:.0f} ms, 10-name allowlist {allowlist * 1000:.0f} ms")
     assert restricted < 0.100
     assert allowlist < 0.300
+
+
+def test_a_pinned_container_is_filtered_before_it_starts_and_has_its_network_at_once(incus, sandbox_image,
+                                                                                      sessions_dir, tmp_path):
+    """pin_nic + create_container + apply before the start: the rules (keyed on the
+    pinned address and interface) exist while the container is still stopped, and
+    its first command sees the address, the route and the bridge's resolver."""
+    name = f"{TEST_PREFIX}pin-{uuid.uuid4().hex[:8]}"
+    with network.address_lock(tmp_path / "locks"):
+        pin = network.pin_nic(incus, incus.instances(recursion=1))
+        assert pin is not None
+        sessions.create_container(incus, name, image=sandbox_image, config=pin.config, devices=pin.devices,
+                                  files=pin.files)
+    try:
+        eth0 = pin.devices["eth0"]
+        inst = incus.instance(name)
+        assert inst["status"] == "Stopped" and network.is_pinned(inst)
+        network.Store(sessions_dir).save_capability(network.AclBackend.name, False, "probed before")
+        restricted = policy("restricted")
+        assert network.applies_before_start(inst, restricted, sessions_dir)
+        network.apply(incus, name, restricted, sessions_dir=sessions_dir, log=print)
+        assert incus.instance(name)["status"] == "Stopped" and name in nft_chains()
+        assert f'"{eth0["host_name"]}"' in nft_table("bridge") and eth0["ipv4.address"] in nft_table("inet")
+        sessions.ensure_running(incus, name)
+        first = incus.exec(name, ["sh", "-c", "ip -4 -o addr show eth0; ip route show default; "
+                                              "cat /etc/resolv.conf"])
+        gateway = incus.network("coibr0")["config"]["ipv4.address"].split("/")[0]
+        assert f"inet {eth0['ipv4.address']}/" in first.stdout
+        assert f"default via {gateway}" in first.stdout and f"nameserver {gateway}" in first.stdout
+    finally:
+        network.remove(name, sessions_dir=sessions_dir, client=incus)
+        sessions.remove_container(incus, name)
+    assert name not in nft_chains()
