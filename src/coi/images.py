@@ -317,10 +317,28 @@ class _Build:
 
     # ---- running things in the builder ----
 
-    def run(self, command: list[str], *, env: Mapping[str, str] | None = None, cwd: str = "/root") -> None:
-        """Run ``command`` as root in the builder, streaming its output; raise on failure."""
+    def run(self, command: list[str], *, env: Mapping[str, str] | None = None, cwd: str = "/root",
+            idempotent: bool = False) -> None:
+        """Run ``command`` as root in the builder, streaming its output; raise on failure.
+
+        An ``idempotent`` command is run again when Incus lost track of it
+        (``EXEC_NOT_STARTED``); any other is never run twice.
+        """
+        from coi.incus import EXEC_NOT_STARTED
+
+        for _ in range(3 if idempotent else 1):
+            code, lost = self._run_once(command, env=env, cwd=cwd, lost_marker=EXEC_NOT_STARTED)
+            if not lost:
+                break
+        if code != 0:
+            raise self.fail(f"exit code {code}")
+
+    def _run_once(self, command: list[str], *, env: Mapping[str, str] | None, cwd: str,
+                  lost_marker: str) -> tuple[int, bool]:
+        """Exit code, and whether Incus lost track of the command."""
         argv = self.client.exec_argv(self.builder, command, user=0, group=0, cwd=cwd, env=env, terminal=False)
         self._write("$ " + shlex.join(command))
+        lost = False
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
@@ -331,6 +349,7 @@ class _Build:
             assert proc.stdout is not None
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                lost = lost or lost_marker in line
                 self._write(line)
                 self.log("    " + line)
             code = proc.wait()
@@ -338,8 +357,7 @@ class _Build:
             proc.kill()
             proc.wait()
             raise
-        if code != 0:
-            raise self.fail(f"exit code {code}")
+        return code, code == 255 and lost
 
     def capture(self, command: list[str]) -> tuple[int, str]:
         result = self.client.exec(self.builder, command)
@@ -431,7 +449,7 @@ class _Build:
     def finish(self, *, properties: Mapping[str, str], replace: bool, description: str) -> dict[str, Any]:
         """Finalise, stop, publish, point the alias (replacing the old image last), delete the builder."""
         self.step("Finalise, stop and publish the image")
-        self.run(["sh", "-c", _FINALIZE])
+        self.run(["sh", "-c", _FINALIZE], idempotent=True)
         try:
             self.client.stop(self.builder, timeout=_STOP_TIMEOUT)
         except CoiError:

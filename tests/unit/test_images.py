@@ -17,7 +17,7 @@ import pytest
 from coi import images
 from coi.config import default_config
 from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
-from coi.incus import ExecResult
+from coi.incus import EXEC_NOT_STARTED, ExecResult
 from coi.images import ImageInfo
 
 pytestmark = pytest.mark.unit
@@ -32,6 +32,7 @@ class FakeIncus:
         self.calls: list[tuple] = []
         self.fail_remote = False
         self.fail_step: str | None = None  # a command word whose step exits 1
+        self.lose_step: str | None = None  # a command word whose first run Incus loses track of
         self.interrupt_step: str | None = None
         self.publish_error: Exception | None = None
         self.during_publish: Any = None  # called while the daemon "publishes"
@@ -156,6 +157,9 @@ class FakeIncus:
             raise KeyboardInterrupt
         if self.fail_step and self.fail_step in text:
             return ["sh", "-c", "echo step output; exit 3"]
+        if self.lose_step and self.lose_step in text:
+            self.lose_step = None
+            return ["sh", "-c", f"echo 'Error: {EXEC_NOT_STARTED}'; exit 255"]
         return ["sh", "-c", "echo step output"]
 
     def created(self) -> list[dict]:
@@ -296,6 +300,18 @@ def test_bad_image_names_are_refused(fake, config, script, name):
 
 
 # --- failures and interrupts clean up -----------------------------------------------
+
+
+def test_a_lost_finalise_step_runs_again_but_a_lost_script_does_not(fake, config, script):
+    """Incus may lose track of a command it ran: the idempotent finalise step is run
+    again; the user's script never is, and the build fails saying why."""
+    fake.lose_step = "apt-get clean"
+    _build(fake, config, script)
+    assert len([c for c in fake.calls if c[0] == "run" and "apt-get clean" in " ".join(c[1])]) == 2
+    fake.lose_step = "coi-build-script"
+    with pytest.raises(images.BuildError, match="exit code 255"):
+        _build(fake, config, script, name="coi-test-y")
+    assert len([c for c in fake.calls if c[0] == "run" and c[1][-1] == "/root/coi-build-script"]) == 2  # 1 a build
 
 
 def test_failing_step_names_step_and_log_and_leaves_nothing(fake, config, script):
