@@ -29,9 +29,9 @@ ADMIN_GROUP = "incus-admin"
 def pytest_collection_modifyitems(items):
     """Tests carry their tier as a marker; the folder decides when they do not."""
     for item in items:
-        if not any(item.get_closest_marker(m) for m in ("unit", "integration", "e2e")):
+        if not any(item.get_closest_marker(m) for m in ("unit", "integration", "e2e", "security")):
             tier = Path(str(item.fspath)).parent.name
-            if tier in ("unit", "integration", "e2e"):
+            if tier in ("unit", "integration", "e2e", "security"):
                 item.add_marker(getattr(pytest.mark, tier))
 
 

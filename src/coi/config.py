@@ -54,6 +54,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("tool.name", "str", "claude", env="COI_TOOL", choices=TOOLS),
     Key("tool.binary", "str", "", env="COI_TOOL_BINARY"),
     Key("tool.env_passthrough", "strlist", []),
+    # Claude Code: copy the host's whole ~/.claude.json (MCP servers, other projects) instead of a minimal one.
+    Key("tool.full_host_config", "bool", False),
     Key("paths.sessions_dir", "path", "~/.coi", env="COI_SESSIONS_DIR"),
     Key("paths.storage_dir", "path", "~/.coi/storage", env="COI_STORAGE_DIR"),
     Key("incus.project", "str", "default", env="COI_INCUS_PROJECT"),
@@ -70,6 +72,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("network.logging.enabled", "bool", False),
     Key("network.logging.path", "path?", ""),  # empty: <sessions_dir>/logs/network.log
     Key("mounts.default", "mounts", []),
+    # Saved sessions: how much of the agent's state a save copies out, and how many saves are kept.
+    Key("sessions.keep", "int", 3, bounds=(1, 100)),
+    Key("sessions.max_size", "str", "512MiB"),
+    Key("sessions.max_files", "int", 20000, bounds=(1, None)),
+    Key("sessions.max_depth", "int", 32, bounds=(1, None)),
     Key("limits.cpu", "cpu", ""),
     Key("limits.memory", "str", ""),
     Key("limits.processes", "int", 0),  # 0 = unlimited
@@ -123,6 +130,7 @@ class Tool:
     name: str
     binary: str
     env_passthrough: tuple[str, ...]
+    full_host_config: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,16 @@ class Network:
 @dataclass(frozen=True)
 class Mounts:
     default: tuple[Mount, ...]
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """``[sessions]``: bounds of one save, and how many saves of a session are kept."""
+
+    keep: int = 3
+    max_size: str = "512MiB"
+    max_files: int = 20000
+    max_depth: int = 32
 
 
 @dataclass(frozen=True)
@@ -207,11 +225,13 @@ class Config:
     limits: Limits
     build: Build
     profiles: Mapping[str, Profile]
+    sessions: Sessions = field(default_factory=Sessions)
 
 
 _CLASSES: Mapping[str, type] = {
     "defaults": Defaults, "tool": Tool, "paths": Paths, "incus": Incus, "network": Network,
     "network.logging": NetworkLogging, "mounts": Mounts, "limits": Limits, "build": Build,
+    "sessions": Sessions,
 }
 _PROFILE_CLASSES: Mapping[str, type] = {"limits": ProfileLimits}
 
@@ -242,52 +262,65 @@ def _is_int(raw: Any) -> bool:
     return isinstance(raw, int) and not isinstance(raw, bool)
 
 
-def _str(raw: Any, env: Mapping[str, str]) -> str:
+@dataclass(frozen=True)
+class _Source:
+    """What a layer's values may draw on: ``env`` expands ``~`` and ``$VAR`` in paths. A
+    workspace's own file is the project's text: no expansion, relative paths from ``literal_base``."""
+
+    env: Mapping[str, str]
+    literal_base: Path | None = None
+
+
+def _str(raw: Any, src: _Source) -> str:
     return _expect(isinstance(raw, str), raw)
 
 
-def _bool(raw: Any, env: Mapping[str, str]) -> bool:
+def _bool(raw: Any, src: _Source) -> bool:
     return _expect(isinstance(raw, bool), raw)
 
 
-def _int(raw: Any, env: Mapping[str, str]) -> int:
+def _int(raw: Any, src: _Source) -> int:
     return _expect(_is_int(raw), raw)
 
 
-def _cpu(raw: Any, env: Mapping[str, str]) -> str:
+def _cpu(raw: Any, src: _Source) -> str:
     """Incus takes ``limits.cpu`` as text ("2", "0-3"); a plain TOML number is accepted too."""
-    return str(raw) if _is_int(raw) and raw >= 1 else _str(raw, env)
+    return str(raw) if _is_int(raw) and raw >= 1 else _str(raw, src)
 
 
-def _path(raw: Any, env: Mapping[str, str]) -> Path:
-    path = expand_path(_str(raw, env), env)
+def _path(raw: Any, src: _Source) -> Path:
+    text = _str(raw, src)
+    if src.literal_base is not None:  # a workspace's own file: no ~ or $VAR from the host
+        path = Path(text) if Path(text).is_absolute() else src.literal_base / text
+        return Path(os.path.normpath(path))
+    path = expand_path(text, src.env)
     return _expect(path.is_absolute(), path)
 
 
-def _optional_path(raw: Any, env: Mapping[str, str]) -> Path | None:
-    return _path(raw, env) if _str(raw, env) else None
+def _optional_path(raw: Any, src: _Source) -> Path | None:
+    return _path(raw, src) if _str(raw, src) else None
 
 
-def _strlist(raw: Any, env: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(_str(item, env) for item in _expect(isinstance(raw, (list, tuple)), raw))
+def _strlist(raw: Any, src: _Source) -> tuple[str, ...]:
+    return tuple(_str(item, src) for item in _expect(isinstance(raw, (list, tuple)), raw))
 
 
-def _strmap(raw: Any, env: Mapping[str, str]) -> dict[str, str]:
-    return {name: _str(value, env) for name, value in _expect(isinstance(raw, dict), raw).items()}
+def _strmap(raw: Any, src: _Source) -> dict[str, str]:
+    return {name: _str(value, src) for name, value in _expect(isinstance(raw, dict), raw).items()}
 
 
-def _mounts(raw: Any, env: Mapping[str, str]) -> tuple[Mount, ...]:
-    return tuple(_mount(item, env) for item in _expect(isinstance(raw, (list, tuple)), raw))
+def _mounts(raw: Any, src: _Source) -> tuple[Mount, ...]:
+    return tuple(_mount(item, src) for item in _expect(isinstance(raw, (list, tuple)), raw))
 
 
-def _mount(raw: Any, env: Mapping[str, str]) -> Mount:
+def _mount(raw: Any, src: _Source) -> Mount:
     _expect(isinstance(raw, dict) and raw.keys() == {"host", "container"}, raw)
-    container = _str(raw["container"], env)
-    return Mount(host=_path(raw["host"], env), container=_expect(container.startswith("/"), container))
+    container = _str(raw["container"], src)
+    return Mount(host=_path(raw["host"], src), container=_expect(container.startswith("/"), container))
 
 
 # kind -> (what is allowed, converter raising ValueError)
-_KINDS: dict[str, tuple[str, Callable[[Any, Mapping[str, str]], Any]]] = {
+_KINDS: dict[str, tuple[str, Callable[[Any, _Source], Any]]] = {
     "str": ("a string", _str),
     "bool": ("true or false", _bool),
     "int": ("a whole number", _int),
@@ -312,9 +345,9 @@ def _allowed(key: Key) -> str:
     return _KINDS[key.kind][0]
 
 
-def _convert(key: Key, raw: Any, env: Mapping[str, str]) -> Any:
+def _convert(key: Key, raw: Any, src: _Source) -> Any:
     """``raw`` (a TOML value) as ``key`` stores it; ValueError when not allowed."""
-    value = _KINDS[key.kind][1](raw, env)
+    value = _KINDS[key.kind][1](raw, src)
     items = value if key.kind == "strlist" else (value,)
     _expect(not key.choices or all(item in key.choices for item in items), raw)
     low, high = key.bounds
@@ -337,7 +370,7 @@ def _given(raw: Any) -> str:
 
 
 def _value(
-    key: Key, raw: Any, env: Mapping[str, str], *, where: str, name: str, hint: str | None = None, text: bool = False
+    key: Key, raw: Any, src: _Source, *, where: str, name: str, hint: str | None = None, text: bool = False
 ) -> Any:
     """``raw`` converted for ``key``, or a ConfigError naming where, what was given and what is allowed.
 
@@ -345,7 +378,7 @@ def _value(
     ``"0"`` may mean a number and ``"yes"`` a boolean.
     """
     try:
-        return _convert(key, _from_text(key, raw) if text and isinstance(raw, str) else raw, env)
+        return _convert(key, _from_text(key, raw) if text and isinstance(raw, str) else raw, src)
     except ValueError:
         raise ConfigError(f"{where}: {name} = {_given(raw)} is not allowed; use {_allowed(key)}", hint) from None
 
@@ -422,17 +455,22 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML{detail}") from None
 
 
-def _file_layer(path: Path, env: Mapping[str, str], warnings: list[str]) -> Layer:
+def _file_layer(path: Path, src: _Source, warnings: list[str], dropped: list[str] | None = None) -> Layer:
+    """The keys a file sets; with ``dropped``, keys outside ``WORKSPACE_KEYS`` are not even
+    read but named there (an untrusted file's value for them is nobody's business)."""
     where = str(path)
-    return {
-        key: (_value(_KEYS[_generic(key)], raw, env, where=where, name=key), where)
-        for key, raw in _walk(_read_toml(path), "", where, warnings)
-    }
+    layer = {}
+    for key, raw in _walk(_read_toml(path), "", where, warnings):
+        if dropped is not None and _generic(key) not in WORKSPACE_KEYS:
+            dropped.append(key)
+        else:
+            layer[key] = (_value(_KEYS[_generic(key)], raw, src, where=where, name=key), where)
+    return layer
 
 
 def _default_layer(env: Mapping[str, str]) -> Layer:
     return {
-        k.path: (_value(k, k.default, env, where="built-in default", name=k.path, hint="is HOME set?"), "default")
+        k.path: (_value(k, k.default, _Source(env), where="built-in default", name=k.path, hint="is HOME set?"), "default")
         for k in SCHEMA if k.default is not None
     }
 
@@ -440,7 +478,7 @@ def _default_layer(env: Mapping[str, str]) -> Layer:
 def _env_layer(env: Mapping[str, str]) -> Layer:
     """COI_* variables; an empty variable counts as unset (``COI_IMAGE= coi ...``)."""
     return {
-        k.path: (_value(k, env[k.env], env, where="environment", name=k.env, hint=f"{k.env} sets {k.path}",
+        k.path: (_value(k, env[k.env], _Source(env), where="environment", name=k.env, hint=f"{k.env} sets {k.path}",
                         text=True), f"env {k.env}")
         for k in SCHEMA if k.env and env.get(k.env)
     }
@@ -448,7 +486,7 @@ def _env_layer(env: Mapping[str, str]) -> Layer:
 
 def _flag_layer(flags: Mapping[str, tuple[str, Any]], env: Mapping[str, str]) -> Layer:
     return {
-        path: (_value(_KEYS[path], raw, env, where="command line", name=label, text=True), f"flag {label}")
+        path: (_value(_KEYS[path], raw, _Source(env), where="command line", name=label, text=True), f"flag {label}")
         for path, (label, raw) in flags.items()
     }
 
@@ -487,19 +525,36 @@ def load_config(
     files = config_files(workspace=workspace, env=env, system_file=system_file, user_file=user_file)
     warnings: list[str] = []
     layers = [_default_layer(env)]
+    workspace_file = str(workspace / WORKSPACE_FILE) if workspace is not None else None
+    trusted = layers[0]
     for path, exists in files:
         if not exists:
             continue
-        layer = _file_layer(path, env, warnings)
-        if workspace is not None and path == workspace / WORKSPACE_FILE:
-            layer = untrusted_layer(layer, _merge(layers), workspace=workspace, warnings=warnings)
+        if str(path) == workspace_file:
+            assert workspace is not None
+            trusted = _merge(layers)  # defaults, /etc and the user's own file
+            trust = trusted.get("defaults.trust_workspace_config", (False, ""))[0]
+            dropped: list[str] = []
+            layer = _file_layer(path, _Source(env, literal_base=workspace), warnings, None if trust else dropped)
+            layer = untrusted_layer(layer, trusted, workspace=workspace, warnings=warnings, where=str(path),
+                                    dropped=dropped)
+        else:
+            layer = _file_layer(path, _Source(env), warnings)
+            trusted = _merge([*layers, layer])
         layers.append(layer)
     env_layer, flag_layer = _env_layer(env), _flag_layer(flags, env)
     below = _merge([*layers, env_layer, flag_layer])
-    profile = below.get("defaults.profile", ("", ""))[0]
+    profile, chosen_by = below.get("defaults.profile", ("", ""))
     environment: dict[str, str] = {}
     if profile:
-        profile_layer, environment = _profile_layer(profile, below)
+        profile_layer, environment, from_workspace = _profile_layer(profile, below, workspace_file)
+        if workspace is not None and (chosen_by == workspace_file or from_workspace):
+            # The project chose the profile, or wrote part of it: the same filter as its own file.
+            checked = profile_layer if chosen_by == workspace_file else \
+                {k: v for k, v in profile_layer.items() if k in from_workspace}
+            kept = untrusted_layer(checked, trusted, workspace=workspace, warnings=warnings,
+                                   where=f"profile {profile} (from {workspace_file})")
+            profile_layer = {k: v for k, v in profile_layer.items() if k not in checked or k in kept}
         layers.append(profile_layer)
     merged = _merge([*layers, env_layer, flag_layer])
     merged = dict(sorted(merged.items(), key=lambda item: _sort_key(item[0])))
@@ -522,8 +577,9 @@ _PROFILE_TARGETS = {
 }
 
 
-def _profile_layer(name: str, merged: Layer) -> tuple[Layer, dict[str, str]]:
-    """``[profiles.NAME]`` as a layer over the config files, plus its environment."""
+def _profile_layer(name: str, merged: Layer, workspace_file: str | None) -> tuple[Layer, dict[str, str], set[str]]:
+    """``[profiles.NAME]`` as a layer over the config files, its environment, and the
+    top-level keys whose profile value came from ``workspace_file``."""
     prefix = f"profiles.{name}."
     own = {key[len(prefix):]: entry for key, entry in merged.items() if key.startswith(prefix)}
     if not own:
@@ -532,58 +588,111 @@ def _profile_layer(name: str, merged: Layer) -> tuple[Layer, dict[str, str]]:
                           "defined profiles: " + ", ".join(defined) if defined else "no profiles are defined")
     label = f"profile {name}"
     layer = {_PROFILE_TARGETS[rest]: (value, label) for rest, (value, _) in own.items() if rest in _PROFILE_TARGETS}
+    from_workspace = {_PROFILE_TARGETS[rest] for rest, (_, origin) in own.items()
+                      if rest in _PROFILE_TARGETS and origin == workspace_file}
     environment = dict(own.get("environment", ({}, ""))[0])
-    return layer, environment
+    return layer, environment, from_workspace
 
 
 _MODE_STRENGTH = {"open": 0, "restricted": 1, "allowlist": 2}
 
+# What a workspace's own ``.coi.toml`` may set at all (schema paths). Each value is
+# still checked against the user's own config (``_untrusted_reason``); every other
+# key is ignored with a warning. The user's ``trust_workspace_config`` lifts both.
+WORKSPACE_KEYS = frozenset({
+    "defaults.image", "defaults.persistent", "defaults.max_slots", "defaults.profile",
+    "tool.name", "tool.binary",
+    "network.mode", "network.allowed_domains", "network.refresh_interval_minutes",
+    "network.block_private_networks", "network.block_metadata_endpoint",
+    "network.allow_local_network_access", "network.logging.enabled",
+    "mounts.default", "limits.cpu", "limits.memory", "limits.processes",
+    *(k.path for k in SCHEMA if k.path.startswith("profiles.*.")),
+})
 
-def untrusted_layer(layer: Layer, below: Layer, *, workspace: Path, warnings: list[str]) -> Layer:
-    """What a workspace's own ``.coi.toml`` may set: the project may be untrusted.
 
-    It may choose image, profile, environment, limits and mounts inside the
-    workspace; it may make network isolation stricter, never weaker, and may
-    not mount host paths outside the workspace, unless the user's own config
-    sets ``trust_workspace_config``.
-    """
-    if below.get("defaults.trust_workspace_config", (False, ""))[0]:
+def untrusted_layer(layer: Layer, trusted: Layer, *, workspace: Path, warnings: list[str],
+                    where: str, dropped: Iterable[str] = ()) -> Layer:
+    """What an untrusted project may set: keys of ``WORKSPACE_KEYS`` only, isolation only
+    stricter, limits only lower than the user's own (``trusted``), mounts only inside the
+    workspace, unless the user's own config sets ``trust_workspace_config``.
+    What is ignored is said in one warning line."""
+    if trusted.get("defaults.trust_workspace_config", (False, ""))[0]:
         return layer
     kept: Layer = {}
+    ignored = [f"{key} (only your own config can set it)" for key in dropped]
     for key, (value, origin) in layer.items():
-        reason = _untrusted_reason(key, value, below, workspace)
+        reason = _untrusted_reason(key, value, trusted, workspace)
         if reason is None:
             kept[key] = (value, origin)
         else:
-            warnings.append(f"{origin}: ignored {key}: {reason} "
-                            "(set trust_workspace_config = true in your own config to allow it)")
+            ignored.append(f"{key} ({reason})")
+    if ignored:
+        warnings.append(f"{where}: ignored {'; '.join(ignored)} "
+                        "(set trust_workspace_config = true in your own config to allow it)")
     return kept
 
 
 def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> str | None:
-    if key == "defaults.trust_workspace_config":
-        return "only your own config can grant trust"
-    if key == "network.privileged_command":
-        return "only your own config can choose a command coi runs with privileges"
-    if key == "network.logging.path":
-        return "only your own config can choose where coi writes its network log"
-    if key.endswith("network.mode"):
-        base = below.get("network.mode", ("restricted", ""))[0]
-        if _MODE_STRENGTH[value] < _MODE_STRENGTH[base]:
-            return f"a workspace file cannot weaken network isolation ({base} -> {value})"
-    elif key.endswith("allowed_domains"):
-        base = set(below.get("network.allowed_domains", ((), ""))[0])
-        if not set(value) <= base:
-            return "a workspace file cannot add domains to the network allowlist"
-    elif key in ("network.block_private_networks", "network.block_metadata_endpoint") and not value:
+    """Why a workspace may not set ``key`` to ``value`` over the user's ``below``; None when it may."""
+    generic = _generic(key)
+    if generic not in WORKSPACE_KEYS:
+        return "only your own config can set it"
+    name = generic.removeprefix("profiles.*.")
+    top = _PROFILE_TARGETS.get(name, name)  # the top-level key a profile value lands on
+    base = below.get(top, (None, ""))[0]
+    if top == "network.mode" and _MODE_STRENGTH[value] < _MODE_STRENGTH[base]:
+        return f"a workspace file cannot weaken network isolation ({base} -> {value})"
+    if top == "network.allowed_domains" and not set(value) <= set(base):
+        return "a workspace file cannot add domains to the network allowlist"
+    if top in ("network.block_private_networks", "network.block_metadata_endpoint") and not value:
         return "a workspace file cannot lift a network block"
-    elif key == "network.allow_local_network_access" and value:
+    if top == "network.allow_local_network_access" and value:
         return "a workspace file cannot open the local network"
-    elif key.endswith("mounts") or key == "mounts.default":
+    if top == "mounts.default":
         outside = [str(m.host) for m in value if not _inside(m.host, workspace)]
         if outside:
             return f"a workspace file cannot mount host paths outside the workspace ({', '.join(outside)})"
+    if top in ("defaults.max_slots", "limits.cpu", "limits.memory", "limits.processes") \
+            and not _lower_limit(top, value, base):
+        return f"a workspace file may only lower your limit ({_given(base)} -> {_given(value)})"
     return None
+
+
+def _lower_limit(key: str, value: Any, base: Any) -> bool:
+    """Whether ``value`` is no more than the user's ``base`` ("" or 0: unlimited)."""
+    if key in ("defaults.max_slots", "limits.processes"):
+        return not base or (0 < value <= base)
+    if not base:
+        return True
+    measure = _cpu_count if key == "limits.cpu" else _memory_size
+    mine, theirs = measure(value), measure(base)
+    return mine is not None and theirs is not None and mine[0] == theirs[0] and mine[1] <= theirs[1]
+
+
+def _cpu_count(spec: str) -> tuple[str, int] | None:
+    """("cpus", how many) of ``limits.cpu``: a count ("2") or CPU numbers ("0-1,4")."""
+    if spec.isdigit():
+        return "cpus", int(spec)
+    try:
+        ranges = [part.split("-") for part in spec.split(",")]
+        return "cpus", sum(int(r[-1]) - int(r[0]) + 1 for r in ranges if len(r) <= 2)
+    except ValueError:
+        return None
+
+
+_UNITS = {"": 1, "B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def _memory_size(text: str) -> tuple[str, float] | None:
+    """("bytes", n) or ("percent", n) of a ``limits.memory`` value; None when it is neither."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|[kMGT]i?B|B)?", text.strip())
+    if not match:
+        return None
+    if match[2] == "%":
+        return "percent", float(match[1])
+    unit = _UNITS.get(match[2] or "")
+    return None if unit is None else ("bytes", float(match[1]) * unit)
 
 
 def _inside(path: Path, workspace: Path) -> bool:

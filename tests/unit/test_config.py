@@ -350,7 +350,8 @@ def test_to_json_shape(layers: Layers) -> None:
     data = to_json(layers.load())
     assert set(data) == {"config", "origins"}
     config = data["config"]
-    assert set(config) == {"defaults", "tool", "paths", "incus", "network", "mounts", "limits", "build", "profiles"}
+    assert set(config) == {"defaults", "tool", "paths", "incus", "network", "mounts", "limits", "build", "profiles",
+                           "sessions"}
     assert config["paths"]["sessions_dir"] == str(layers.home / ".coi")
     assert config["network"]["logging"] == {"enabled": False, "path": ""}
     assert config["build"]["tools"] == ["claude"]
