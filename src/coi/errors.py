@@ -46,3 +46,7 @@ class OperationFailedError(CoiError):
 
 class ConfigError(CoiError):
     """A configuration file or value is wrong."""
+
+
+class TooLargeError(CoiError):
+    """Something read from a container is bigger than coi allows (a save's size limit)."""

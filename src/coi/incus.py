@@ -16,7 +16,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
 from coi.wait import wait_for
@@ -27,6 +27,7 @@ from coi.errors import (
     NotFoundError,
     OperationFailedError,
     PermissionDeniedError,
+    TooLargeError,
 )
 
 DEFAULT_SOCKET = "/var/lib/incus/unix.socket"
@@ -67,7 +68,21 @@ class _BadReply(Exception):
     """The daemon's answer is not the HTTP/1.1 it should be."""
 
 
+class _BodyTooLarge(Exception):
+    """A reply body is over the caller's limit; the rest of it was not read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
 _MAX_LINE = 65536
+# The most body bytes to accept for a reply, given its status and headers (None: any).
+BodyLimit = Callable[[int, Mapping[str, str]], "int | None"]
+# Bounds of the files API when a caller limits file content (pull_file's max_bytes):
+# a directory listing (~250,000 long names) and an error reply have their own.
+_MAX_LISTING = 64 << 20
+_MAX_ERROR_BODY = 1 << 20
 
 
 @dataclass
@@ -112,7 +127,9 @@ class _UnixConnection:
         self.sock = self._in = None
 
     def exchange(self, method: str, url: str, body: bytes | Iterable[bytes] | None,
-                 headers: Mapping[str, str]) -> _Response:
+                 headers: Mapping[str, str], limit: BodyLimit | None = None) -> _Response:
+        """Send one request and read its reply; a body over ``limit`` raises _BodyTooLarge
+        with the rest of it unread (the caller must close the connection)."""
         if self.sock is None:
             self.connect()
         assert self.sock is not None
@@ -128,7 +145,7 @@ class _UnixConnection:
         elif body is not None:  # streamed; the caller sent Content-Length
             for chunk in body:
                 self.sock.sendall(chunk)
-        return self._read_response(method)
+        return self._read_response(method, limit)
 
     def _line(self) -> bytes:
         line = self._in.readline(_MAX_LINE + 1)
@@ -136,7 +153,7 @@ class _UnixConnection:
             raise _BadReply("header line too long")
         return line
 
-    def _read_response(self, method: str) -> _Response:
+    def _read_response(self, method: str, limit: BodyLimit | None = None) -> _Response:
         status_line = self._line()
         if not status_line:
             raise ConnectionResetError("the daemon closed the connection")
@@ -151,26 +168,39 @@ class _UnixConnection:
         h = {k.lower(): v.lower() for k, v in headers.items()}
         status = int(code)
         will_close = h.get("connection") == "close" or version == "HTTP/1.0"
+        most = limit(status, headers) if limit else None
         if method == "HEAD" or status in (204, 304) or status < 200:
             body = b""
         elif h.get("transfer-encoding") == "chunked":
-            body = self._read_chunked()
+            body = self._read_chunked(most)
         elif "content-length" in h:
-            body = self._read_exactly(int(h["content-length"]))
+            size = int(h["content-length"])
+            if most is not None and size > most:
+                raise _BodyTooLarge(most)  # refused before a byte of it is read
+            body = self._read_exactly(size)
         else:  # delimited by the end of the connection
-            body, will_close = self._in.read(), True
+            body, will_close = self._in.read(-1 if most is None else most + 1), True
+            if most is not None and len(body) > most:
+                raise _BodyTooLarge(most)
         return _Response(status, headers, body, will_close)
 
     def _read_exactly(self, size: int) -> bytes:
+        if size < 0:
+            raise _BadReply(f"negative body size {size}")
         data = self._in.read(size)
         if len(data) != size:
             raise _BadReply(f"body ended after {len(data)} of {size} bytes")
         return data
 
-    def _read_chunked(self) -> bytes:
+    def _read_chunked(self, most: int | None = None) -> bytes:
+        """A chunked body; past ``most`` bytes in all, _BodyTooLarge before the next chunk is read."""
         parts = []
+        total = 0
         while True:
             size = int(self._line().split(b";", 1)[0].strip() or b"x", 16)
+            total += size
+            if most is not None and total > most:
+                raise _BodyTooLarge(most)
             if size == 0:
                 while self._line() not in (b"\r\n", b"\n", b""):  # trailers
                     pass
@@ -228,8 +258,12 @@ class Incus:
 
     def raw(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
             body: bytes | None = None, headers: Mapping[str, str] | None = None,
-            timeout: float | None = None) -> _Response:
-        """One HTTP request; reconnects once if a kept-alive connection dropped."""
+            timeout: float | None = None, limit: BodyLimit | None = None) -> _Response:
+        """One HTTP request; reconnects once if a kept-alive connection dropped.
+
+        A reply body over ``limit`` is not read: TooLargeError, and the
+        connection is closed (the rest of the body would put it out of step).
+        """
         url = self._url(path, params)
         for attempt in (0, 1):
             if self._conn is None:
@@ -239,7 +273,7 @@ class Incus:
                 if self._conn.sock is not None:
                     self._conn.sock.settimeout(self._conn.timeout)
             try:
-                result = self._conn.exchange(method, url, body, headers or {})
+                result = self._conn.exchange(method, url, body, headers or {}, limit)
                 if result.will_close:
                     self.close()
                 return result
@@ -251,6 +285,9 @@ class Incus:
             except OSError as exc:
                 self.close()
                 raise self._connection_error(exc) from None
+            except _BodyTooLarge as exc:
+                self.close()
+                raise TooLargeError(f"more than {exc.limit} bytes") from None
             except (_BadReply, ValueError) as exc:
                 self.close()
                 raise DaemonUnavailableError(
@@ -378,10 +415,12 @@ class Incus:
 
     # ---- instances -------------------------------------------------------
 
-    def instances(self, *, recursion: int = 1, filter: str | None = None) -> list[Any]:
-        """Instances of the project; recursion 2 includes state (addresses)."""
+    def instances(self, *, recursion: int = 1, filter: str | None = None, all_projects: bool = False) -> list[Any]:
+        """Instances of the project (of every project with ``all_projects``); recursion 2
+        includes state (addresses)."""
         return self.call("GET", "/1.0/instances", "instances",
-                         params={"recursion": recursion, "filter": filter}) or []
+                         params={"recursion": recursion, "filter": filter,
+                                 "all-projects": "true" if all_projects else None}) or []
 
     def instance(self, name: str) -> dict[str, Any]:
         return self.call("GET", f"/1.0/instances/{quote(name, safe='')}", f"container {name}")
@@ -542,13 +581,19 @@ class Incus:
         except ConflictError:
             pass  # already there
 
-    def pull_file(self, name: str, path: str) -> tuple[bytes, dict[str, Any]]:
+    def pull_file(self, name: str, path: str, *, max_bytes: int | None = None) -> tuple[bytes, dict[str, Any]]:
         """Content and ``{"type", "mode", "uid", "gid"}`` of one file.
 
         For a directory the content is empty and ``entries`` lists its names.
+        With ``max_bytes``, content larger than that is refused (TooLargeError)
+        without being read; a directory listing is then bounded too (64 MiB).
         """
         what = f"read {path} in container {name}"
-        resp = self.raw("GET", self._files_path(name), params={"path": path})
+        try:
+            resp = self.raw("GET", self._files_path(name), params={"path": path},
+                            limit=None if max_bytes is None else _files_limit(max_bytes))
+        except TooLargeError as exc:
+            raise TooLargeError(f"{what}: {exc.message}") from None
         if resp.status >= 400:
             _raise_for(resp.status, resp.json(), what)
         h = {k.lower(): v for k, v in resp.headers.items()}
@@ -701,6 +746,16 @@ class Incus:
         self.call("PUT", f"/1.0/network-acls/{quote(name, safe='')}", f"network ACL {name}",
                   json_body={"egress": egress, "ingress": ingress, "description": description,
                              "config": {}})
+
+
+def _files_limit(max_bytes: int) -> BodyLimit:
+    """Body bounds of one files-API read: ``max_bytes`` for content, fixed ones otherwise."""
+    def limit(status: int, headers: Mapping[str, str]) -> int:
+        if status >= 300:
+            return _MAX_ERROR_BODY
+        kind = next((v for k, v in headers.items() if k.lower() == "x-incus-type"), "file")
+        return _MAX_LISTING if kind == "directory" else max_bytes
+    return limit
 
 
 def _walk_local(local: Path, remote: PurePosixPath) -> Iterator[tuple[Path, PurePosixPath]]:

@@ -23,8 +23,11 @@ class Tool:
     # JSON files (relative to the home) and the settings merged into them so the
     # agent runs without permission prompts inside the sandbox.
     sandbox_settings: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    # Host JSON files (relative to the home) of which only these top-level keys
+    # are copied, unless the user opts in with [tool] full_host_config.
+    kept_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    def credentials(self, host_home: Path) -> dict[str, bytes]:
+    def credentials(self, host_home: Path, *, full_host_config: bool = False) -> dict[str, bytes]:
         """What to write into the agent's home: only the essential files, with
         the sandbox settings merged in (the user's own settings are kept)."""
         files: dict[str, bytes] = {}
@@ -32,14 +35,12 @@ class Tool:
             path = host_home / rel
             if path.is_file() and not path.is_symlink():
                 files[rel] = path.read_bytes()
+        for rel, keys in () if full_host_config else self.kept_keys:
+            if rel in files:
+                host = _json_object(files[rel])
+                files[rel] = _json_bytes({key: host[key] for key in keys if key in host})
         for rel, settings in self.sandbox_settings:
-            try:
-                current = json.loads(files.get(rel, b"{}") or b"{}")
-            except ValueError:
-                current = {}
-            if not isinstance(current, dict):
-                current = {}
-            files[rel] = (json.dumps(merge_settings(current, settings), indent=2) + "\n").encode()
+            files[rel] = _json_bytes(merge_settings(_json_object(files.get(rel, b"{}")), settings))
         return files
 
     def command(self, *, binary: str = "", session_id: str | None = None,
@@ -62,6 +63,19 @@ class Tool:
         return transcripts[-1].stem if transcripts else None
 
 
+def _json_object(data: bytes) -> dict[str, Any]:
+    """A JSON object, or {} for anything else (bad JSON, a list, a number)."""
+    try:
+        value = json.loads(data or b"{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _json_bytes(value: Mapping[str, Any]) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
 def merge_settings(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
     """``current`` with ``wanted`` set in it; other keys, nested ones too, stay."""
     out = dict(current)
@@ -73,14 +87,25 @@ def merge_settings(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dic
     return out
 
 
+# What the agent gets of the host's ~/.claude.json: enough to start signed in
+# and past the first-run screens. The account (oauthAccount, userID), an API key
+# signed in with (primaryApiKey) and the user's answer about ANTHROPIC_API_KEY
+# (customApiKeyResponses), onboarding done (hasCompletedOnboarding,
+# lastOnboardingVersion). Everything else stays on the host: mcpServers (with
+# their tokens), projects (paths and history of every other project), caches.
+CLAUDE_CONFIG_KEYS = ("oauthAccount", "userID", "primaryApiKey", "customApiKeyResponses",
+                      "hasCompletedOnboarding", "lastOnboardingVersion")
+
 TOOLS: dict[str, Tool] = {
     "claude": Tool("claude", "claude", ".claude",
                    credential_files=(".claude/.credentials.json", ".claude/settings.json", ".claude.json"),
                    session_flag="--session-id", resume_flag="--resume", continue_flag="--continue",
                    sandbox_settings=(
                        (".claude/settings.json", {"permissions": {"defaultMode": "bypassPermissions"}}),
-                       (".claude.json", {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True}),
-                   )),
+                       (".claude.json", {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True,
+                                         "projects": {"/workspace": {"hasTrustDialogAccepted": True}}}),
+                   ),
+                   kept_keys=((".claude.json", CLAUDE_CONFIG_KEYS),)),
     "aider": Tool("aider", "aider", ".aider", env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY")),
     "codex": Tool("codex", "codex", ".codex", env_vars=("OPENAI_API_KEY",)),
     "gemini": Tool("gemini", "gemini", ".gemini", env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY")),

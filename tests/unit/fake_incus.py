@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import socketserver
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -134,6 +135,11 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         self.fake = fake
         super().__init__(path, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that refuses a body hangs up while it is sent: that is no fault of the fake.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
@@ -198,3 +204,86 @@ def stale_socket(path: str) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.close()
+
+
+@dataclass
+class _Node:
+    kind: str  # "file", "directory", "symlink"
+    mode: int
+    content: bytes = b""  # a file's content, a link's target
+    entries: dict[str, None] = field(default_factory=dict)  # a directory's names, in order
+    announced: int | None = None  # a file whose reply announces this size and sends nothing
+
+
+class FakeFiles:
+    """A container's files as the files API serves them (``GET .../files?path=``).
+
+    Use it as a route handler of FakeIncus, or pass it where coi wants an Incus
+    client: ``pull_file`` answers in-process as the real client would.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Node] = {"/": _Node("directory", 0o755)}
+        self.pulled: list[str] = []
+
+    def _add(self, path: str, node: _Node) -> None:
+        parent, _, name = path.rstrip("/").rpartition("/")
+        parent = parent or "/"
+        if parent not in self.nodes:
+            self.dir(parent)
+        self.nodes[parent].entries[name] = None
+        self.nodes[path] = node
+
+    def dir(self, path: str, mode: int = 0o755) -> None:
+        if path not in self.nodes:
+            self._add(path, _Node("directory", mode))
+        self.nodes[path].mode = mode
+
+    def file(self, path: str, content: bytes = b"", mode: int = 0o644, *, announced: int | None = None) -> None:
+        self._add(path, _Node("file", mode, content, announced=announced))
+
+    def link(self, path: str, target: str) -> None:
+        self._add(path, _Node("symlink", 0o777, target.encode()))
+
+    def special(self, path: str, kind: str, content: bytes = b"") -> None:
+        """Put a node of any type at ``path`` ("fifo", "socket"...), replacing what is there."""
+        self._add(path, _Node(kind, 0o666, content))
+
+    def listing(self, path: str, names: list[str]) -> None:
+        """Make directory ``path`` list ``names`` as they are (names a file system would refuse too)."""
+        self.dir(path)
+        self.nodes[path].entries = dict.fromkeys(names)
+
+    def _headers(self, node: _Node) -> dict[str, str]:
+        return {"X-Incus-type": node.kind, "X-Incus-mode": f"{node.mode:04o}", "X-Incus-uid": "1000",
+                "X-Incus-gid": "1000"}
+
+    def __call__(self, request: Request) -> Reply:
+        path = request.query.get("path", "")
+        self.pulled.append(path)
+        node = self.nodes.get(path)
+        if node is None:
+            return error("Not Found", 404)
+        if node.kind == "directory":
+            return sync(list(node.entries), headers=self._headers(node))
+        headers = {**self._headers(node), "Content-Type": "application/octet-stream"}
+        if node.announced is not None:  # a huge file: the client must refuse it on its size alone
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            return Reply(wire=f"HTTP/1.1 200 OK\r\n{head}Content-Length: {node.announced}\r\n\r\n".encode())
+        return Reply(body=node.content, headers=headers)
+
+    def pull_file(self, name: str, path: str, *, max_bytes: int | None = None) -> tuple[bytes, dict[str, Any]]:
+        """What ``Incus.pull_file`` returns or raises for this tree."""
+        from coi.errors import NotFoundError, TooLargeError
+
+        self.pulled.append(path)
+        node = self.nodes.get(path)
+        if node is None:
+            raise NotFoundError(f"read {path} in container {name}: not found")
+        info: dict[str, Any] = {"type": node.kind, "mode": node.mode, "uid": 1000, "gid": 1000}
+        if node.kind == "directory":
+            return b"", {**info, "entries": sorted(node.entries)}
+        size = len(node.content) if node.announced is None else node.announced
+        if max_bytes is not None and size > max_bytes:
+            raise TooLargeError(f"read {path} in container {name}: more than {max_bytes} bytes")
+        return node.content, info

@@ -20,6 +20,7 @@ from coi.errors import (
     NotFoundError,
     OperationFailedError,
     PermissionDeniedError,
+    TooLargeError,
 )
 from coi.incus import DEFAULT_SOCKET, GROUP_HINT, ExecResult, Incus, socket_path
 from fake_incus import (
@@ -418,6 +419,57 @@ def test_pull_tree_keeps_modes_and_skips_symlinks(daemon, client, tmp_path):
                      "sub/run me.sh": (b"#!/bin/sh\n", 0o755)}
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert not (out / "link").is_symlink()
+
+
+_FILE_HEAD = (b"HTTP/1.1 200 OK\r\nX-Incus-type: file\r\nX-Incus-mode: 0644\r\nX-Incus-uid: 0\r\n"
+              b"X-Incus-gid: 0\r\nContent-Type: application/octet-stream\r\n")
+
+
+def _chunked(*parts: bytes) -> bytes:
+    return (_FILE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("wire, max_bytes, content", [
+    pytest.param(_FILE_HEAD + b"Content-Length: 10\r\n\r\n0123456789", 10, b"0123456789", id="length-at-limit"),
+    pytest.param(_FILE_HEAD + b"Content-Length: 10\r\n\r\n0123456789", 9, None, id="length-over-limit"),
+    # Announced but never sent: reading it would fail otherwise; it is refused on its size alone.
+    pytest.param(_FILE_HEAD + b"Content-Length: 1099511627776\r\n\r\nabc", 1 << 20, None, id="huge-length"),
+    pytest.param(_chunked(b"0123", b"4567", b"89ab"), 12, b"0123456789ab", id="chunked-at-limit"),
+    pytest.param(_chunked(b"0123", b"4567", b"89ab"), 11, None, id="chunked-over-limit"),
+    pytest.param(_FILE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n7fffffff\r\nabc", 100, None, id="huge-chunk"),
+    pytest.param(_FILE_HEAD.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\n0123456789", 10, b"0123456789",
+                 id="until-close-at-limit"),
+    pytest.param(_FILE_HEAD.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\n0123456789", 9, None,
+                 id="until-close-over-limit"),
+])
+def test_pull_file_refuses_content_over_max_bytes(daemon, client, wire, max_bytes, content):
+    daemon.on("GET", "/1.0/instances/c1/files", Reply(wire=wire),
+              Reply(body=b"next", headers={"X-Incus-type": "file"}))
+    if content is None:
+        with pytest.raises(TooLargeError, match=f"^read /f in container c1: more than {max_bytes} bytes$"):
+            client.pull_file("c1", "/f", max_bytes=max_bytes)
+    else:
+        assert client.pull_file("c1", "/f", max_bytes=max_bytes)[0] == content
+    assert client.pull_file("c1", "/f")[0] == b"next"
+
+
+def test_a_refused_body_closes_the_kept_alive_connection(daemon, client):
+    daemon.on("GET", "/1.0/instances/c1/files", Reply(body=b"x" * 1000, headers={"X-Incus-type": "file"}),
+              Reply(body=b"small", headers={"X-Incus-type": "file"}))
+    with pytest.raises(TooLargeError):
+        client.pull_file("c1", "/big", max_bytes=10)
+    # The unread body is not taken for the next reply: a new connection answers.
+    assert client.pull_file("c1", "/small", max_bytes=10)[0] == b"small"
+    assert daemon.connections == 2
+
+
+def test_max_bytes_bounds_content_only(daemon, client):
+    daemon.on("GET", "/1.0/instances/c1/files", serve_tree)
+    assert client.pull_file("c1", "/src", max_bytes=0)[1]["entries"] == ["a.txt", "link", "sub"]
+    daemon.on("GET", "/1.0/instances/c1/files", error("Not Found", 404))
+    with pytest.raises(NotFoundError):
+        client.pull_file("c1", "/nope", max_bytes=0)
 
 
 def make_local_tree(root: Path) -> Path:

@@ -72,3 +72,58 @@ def test_api_key_tools_copy_no_files(tmp_path):
 ])
 def test_merge_settings(current, wanted, merged):
     assert merge_settings(current, wanted) == merged
+
+
+HOST_CLAUDE_JSON = {
+    "oauthAccount": {"accountUuid": "a-1", "emailAddress": "me@example.com"},
+    "userID": "u-1",
+    "primaryApiKey": "sk-ant-key",
+    "customApiKeyResponses": {"approved": ["abc"], "rejected": []},
+    "hasCompletedOnboarding": False,
+    "lastOnboardingVersion": "1.0.0",
+    "mcpServers": {"github": {"command": "gh-mcp", "env": {"GITHUB_TOKEN": "ghp_secret"}}},
+    "projects": {"/home/me/secret-project": {"history": [{"display": "deploy with password hunter2"}],
+                                             "mcpServers": {"db": {"env": {"PGPASSWORD": "x"}}}}},
+    "tipsHistory": {"a": 1},
+    "numStartups": 42,
+}
+SANDBOX = {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True,
+           "projects": {"/workspace": {"hasTrustDialogAccepted": True}}}
+SIGNED_IN = {"oauthAccount": HOST_CLAUDE_JSON["oauthAccount"], "userID": "u-1", "primaryApiKey": "sk-ant-key",
+             "customApiKeyResponses": {"approved": ["abc"], "rejected": []}, "lastOnboardingVersion": "1.0.0"}
+
+
+@pytest.mark.parametrize("host_file, full, expected", [
+    pytest.param(json.dumps(HOST_CLAUDE_JSON), False, {**SIGNED_IN, **SANDBOX}, id="only-the-allowlist"),
+    pytest.param(None, False, SANDBOX, id="no-host-file"),
+    pytest.param("{not json", False, SANDBOX, id="bad-json"),
+    pytest.param("[1, 2]", False, SANDBOX, id="not-an-object"),
+    pytest.param('"text"', False, SANDBOX, id="a-string"),
+    pytest.param("", False, SANDBOX, id="empty"),
+    pytest.param(json.dumps({"userID": "u-2", "mcpServers": {"x": {}}}), False, {"userID": "u-2", **SANDBOX},
+                 id="some-keys"),
+    pytest.param(json.dumps(HOST_CLAUDE_JSON), True,
+                 {**HOST_CLAUDE_JSON, **SANDBOX, "projects": {**HOST_CLAUDE_JSON["projects"], **SANDBOX["projects"]}},
+                 id="full-host-config-opt-in"),
+    pytest.param("{not json", True, SANDBOX, id="full-but-bad-json"),
+])
+def test_claude_json_is_minimal_unless_the_user_opts_in(tmp_path, host_file, full, expected):
+    if host_file is not None:
+        (tmp_path / ".claude.json").write_text(host_file)
+    files = TOOLS["claude"].credentials(tmp_path, full_host_config=full)
+    assert json.loads(files[".claude.json"]) == expected
+    if not full:
+        text = files[".claude.json"].decode()
+        for secret in ("ghp_secret", "secret-project", "hunter2", "PGPASSWORD", "mcpServers"):
+            assert secret not in text
+
+
+def test_full_host_config_leaves_the_other_files_as_they_are(tmp_path):
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / ".credentials.json").write_text('{"t": 1}')
+    (tmp_path / ".claude" / "settings.json").write_text('{"x": 1}')
+    assert TOOLS["claude"].credentials(tmp_path, full_host_config=True).keys() == \
+        TOOLS["claude"].credentials(tmp_path).keys()
+    minimal = TOOLS["claude"].credentials(tmp_path)
+    assert minimal[".claude/.credentials.json"] == b'{"t": 1}'
+    assert json.loads(minimal[".claude/settings.json"]) == {"x": 1, "permissions": {"defaultMode": "bypassPermissions"}}

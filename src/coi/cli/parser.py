@@ -133,6 +133,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="start bash instead of the agent")
     p.add_argument("--tmux", dest="tmux", action=argparse.BooleanOptionalAction, default=True,
                    help="run the agent inside tmux (default: on)")
+    p.add_argument("--generation", type=int, default=1, metavar="N",
+                   help="with --resume: which of the session's kept saves to resume, 1 = the newest "
+                        "(default), 2 = the one before...; 'coi info' lists them ([sessions] keep)")
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
 
     p = _command(sub, "run", "sessions:run", "run one command as 'code' in /workspace of a fresh container",
