@@ -146,7 +146,8 @@ def coi_user():
     assert proc.returncode == 0, proc.stderr
     yield user
     # What coi setup granted for the test user, and every workspace the tests made.
-    Path(f"/etc/sudoers.d/coi-nft-{TEST_USER}").unlink(missing_ok=True)
+    Path(f"/etc/sudoers.d/coi-{user.uid}").unlink(missing_ok=True)  # the helper grant
+    Path(f"/etc/sudoers.d/coi-nft-{TEST_USER}").unlink(missing_ok=True)  # what older versions wrote
     if not had_system_config:
         system_config.unlink(missing_ok=True)
         if system_config.parent.is_dir() and not any(system_config.parent.iterdir()):
@@ -459,8 +460,12 @@ def remove_test_network_rules() -> None:
         return
     for name in network.containers_in_ruleset(_json.loads(proc.stdout or "{}")):
         if name.startswith(TEST_PREFIX):
-            subprocess.run(["nft", "-f", "-"], input=network.nft_remove_script(name), text=True,
-                           capture_output=True)
+            from coi import nfthelper  # as root, in-process: also shuts the gate for its interface
+
+            try:
+                nfthelper.execute({"action": "remove", "container": name})
+            except nfthelper.HelperError:
+                pass
     for acl in subprocess.run(["incus", "network", "acl", "list", "-f", "csv"], capture_output=True,
                               text=True).stdout.splitlines():
         name = acl.split(",", 1)[0]
@@ -470,21 +475,13 @@ def remove_test_network_rules() -> None:
 
 @pytest.fixture(scope="session")
 def nft_sudo(coi_user):
-    """sudo for the test user, limited to nft (installed when missing); removed at the end."""
-    if shutil.which("sudo") is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "sudo"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-            subprocess.run(install, env=env, check=True, capture_output=True)
-    nft = shutil.which("nft") or "/usr/sbin/nft"
-    SUDOERS_FILE.write_text(f"{coi_user.name} ALL=(root) NOPASSWD: {nft}\n")
-    SUDOERS_FILE.chmod(0o440)
-    try:
-        subprocess.run(["visudo", "-cf", str(SUDOERS_FILE)], check=True, capture_output=True)
-        yield ["sudo", "-n"]
-    finally:
-        SUDOERS_FILE.unlink(missing_ok=True)
+    """sudo for the test user, limited to coi's nft helper: what 'coi setup --user' granted
+    (the coi_user fixture ran it). No test grants nft itself any more."""
+    from coi.network import HELPER
+
+    grant = Path(f"/etc/sudoers.d/coi-{coi_user.uid}")
+    assert grant.is_file() and HELPER in grant.read_text(), "coi setup --user did not grant the nft helper"
+    yield ["sudo", "-n"]
 
 
 @pytest.fixture

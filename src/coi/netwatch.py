@@ -40,8 +40,10 @@ def _say(message: str) -> None:
 
 
 class Watcher:
-    def __init__(self, container: str, sessions_dir: Path, client: Any) -> None:
+    def __init__(self, container: str, sessions_dir: Path, client: Any,
+                 privileged_command: tuple[str, ...] = ()) -> None:
         self.container = container
+        self.privileged_command = privileged_command  # from the user's trusted config, not the record
         self.sessions_dir = sessions_dir
         self.store = network.Store(sessions_dir)
         self.client = client
@@ -55,7 +57,7 @@ class Watcher:
         record = self.record()
         if not record:
             return 0
-        policy = network.NetworkPolicy.from_json(record["policy"])
+        policy = network.NetworkPolicy.from_json(record["policy"], privileged_command=self.privileged_command)
         if policy.log_blocked:
             self._start_monitor(policy)
         next_refresh = time.monotonic() + policy.refresh_seconds
@@ -101,7 +103,8 @@ class Watcher:
 
     def _remove(self) -> None:
         try:
-            network.remove(self.container, sessions_dir=self.sessions_dir, client=self.client)
+            network.remove(self.container, sessions_dir=self.sessions_dir, client=self.client,
+                           privileged_command=self.privileged_command)
         except CoiError as exc:
             _say(f"removing the rules of {self.container} failed: {exc.message}")
 
@@ -154,16 +157,25 @@ class Watcher:
         _say(f"refresh: {self.container} may now reach {', '.join(result.addresses)}")
 
     def _start_monitor(self, policy: network.NetworkPolicy) -> None:
-        """``nft monitor trace``: the deny chains set nftrace, so refused packets show up here."""
+        """``nft monitor trace`` (as root), else the helper's ``monitor`` request, which passes
+        on trace lines of coi's tables only: the deny chains set nftrace, so refused packets
+        show up here."""
         try:
-            argv = network.NftBackend(policy.privileged_command).monitor_argv()
+            backend = network.NftBackend(policy.privileged_command)
+            argv, request = backend.monitor_argv(), backend.monitor_input()
         except network.BackendUnavailable as exc:
             _say(f"logging of blocked connections is off: {exc}")
             return
         path = network.log_file(policy, self.sessions_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.monitor = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.PIPE if request else subprocess.DEVNULL)
+        if request and self.monitor.stdin is not None:
+            try:
+                self.monitor.stdin.write(request)
+                self.monitor.stdin.close()
+            except OSError as exc:
+                _say(f"logging of blocked connections is off: the helper did not take the request ({exc})")
 
         def pump() -> None:
             assert self.monitor is not None and self.monitor.stdout is not None
@@ -183,11 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     container, sessions_dir = args[0], Path(args[1]).absolute()
     os.chdir("/")  # hold no directory (a workspace) busy while the container lives
+    from coi.config import load_config
     from coi.incus import Incus
+    from coi.statedir import check_state_dir
 
+    check_state_dir(sessions_dir)
+    # The privileged command comes from the user's own config (no workspace file), read now.
+    trusted = load_config(workspace=None, env=os.environ).config
     record = network.Store(sessions_dir).record(container) or {}
     client = Incus.from_environment(project=record.get("project", "default"))
-    watcher = Watcher(container, sessions_dir, client)
+    watcher = Watcher(container, sessions_dir, client, trusted.network.privileged_command)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: watcher.stop.set())
     try:

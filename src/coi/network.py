@@ -11,9 +11,11 @@ or other containers), ``allowlist`` (only listed names and IPv4 addresses) and
 * **Host nftables**: table ``coi`` in the ``inet`` family (traffic routed out of
   the bridge and to the host; conntrack and reject) and in the ``bridge`` family
   (plain drops: anti-spoofing and container-to-container). Every container has
-  its own chains and set, named ``<container>.<part>``, so removal is exact. nft
-  runs directly as root, else through ``[network] privileged_command``
-  (for example ``["sudo", "-n"]``).
+  its own chains and set, named ``<container>.<part>``, so removal is exact. As
+  root this runs in-process; else coi's helper (``coi.nfthelper``, installed by
+  ``coi setup``) runs through ``[network] privileged_command`` (for example
+  ``["sudo", "-n"]``), taking JSON requests, never scripts. A gate in ``bridge coi``
+  drops every frame of a coi container whose rules (or ACLs) have not opened it.
 
 If the chosen mode cannot be enforced, ``apply`` raises (fail closed).
 A detached helper (``python -m coi.netwatch``) follows each filtered container:
@@ -78,20 +80,24 @@ class NetworkPolicy:
     blocked: tuple[str, ...] = ()  # restricted: destination ranges refused
     allowed: tuple[str, ...] = ()  # allowlist: names, IPv4 addresses and ranges as configured
     refresh_seconds: int = 1800
-    privileged_command: tuple[str, ...] = ()
+    privileged_command: tuple[str, ...] = ()  # from trusted config at use; never written to a record
     log_blocked: bool = False
     log_path: str | None = None  # None: <sessions_dir>/logs/network.log
     resolver: str | None = None  # "ip:port"; None: the bridge's own DNS at the gateway
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record's copy: everything but the privileged command, which coi takes from
+        trusted config each time it is needed (a record on disk never chooses a command)."""
+        data = asdict(self)
+        del data["privileged_command"]
+        return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> NetworkPolicy:
-        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
-        for key in ("blocked", "allowed", "privileged_command"):
+    def from_json(cls, data: Mapping[str, Any], *, privileged_command: Iterable[str] = ()) -> NetworkPolicy:
+        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data and f != "privileged_command"}
+        for key in ("blocked", "allowed"):
             known[key] = tuple(known.get(key, ()))
-        return cls(**known)
+        return cls(**known, privileged_command=tuple(privileged_command))
 
 
 def plan(config_network: Any, mode_override: str | None = None, *,
@@ -380,8 +386,60 @@ def collapse(addresses: Iterable[str]) -> list[str]:
     return out
 
 
-def nft_remove_script(container: str) -> str:
-    """Remove one container's chains and set; fine when they do not exist.
+# ---- the gate: a default-deny base at the bridge ----------------------------------------
+#
+# Rules go away with a reboot (and never come for a container started outside
+# coi), so the bridge itself refuses every frame of a coi container that coi
+# has not opened: base chain ``gate`` (bridge prerouting, before the per-container
+# ``.spoof`` chains at -200) accepts frames from interfaces in set ``open`` and
+# drops the rest from interfaces named like coi's pinned NICs (``coi`` + 12 hex
+# digits, see ``pin_nic``): ARP and DHCP too, so such a container has no network
+# at all. An accept here ends only this base chain: the container's own chains
+# still filter. This kernel has no bridge ``meta ibrname`` (CONFIG_NFT_BRIDGE_META),
+# so the gate is keyed on coi's interface names rather than on the bridge.
+
+GATE_SET = "open"
+GATE_CHAIN = "gate"
+GATE_PRIORITY = -300
+
+
+def nft_gate_script() -> str:
+    """Load (or re-load) the gate; idempotent, and keeps the ``open`` set's elements."""
+    t = TABLE
+    return "\n".join([
+        f"add table bridge {t}",
+        f"add set bridge {t} {GATE_SET} {{ type ifname; }}",
+        f"add chain bridge {t} {GATE_CHAIN} {{ type filter hook prerouting priority {GATE_PRIORITY}; policy accept; }}",
+        f"flush chain bridge {t} {GATE_CHAIN}",
+        f"add rule bridge {t} {GATE_CHAIN} iifname @{GATE_SET} accept",
+        f'add rule bridge {t} {GATE_CHAIN} iifname "{HOST_NAME_PREFIX}*" drop',
+    ]) + "\n"
+
+
+def nft_open_script(veth: str) -> str:
+    """Let one interface's frames past the gate (the Incus ACL backend's containers)."""
+    return "\n".join([*nft_gate_script().splitlines(),
+                      f"add element bridge {TABLE} {GATE_SET} {{ {_iface(veth)} }}"]) + "\n"
+
+
+def nft_close_script(veth: str) -> str:
+    """Shut the gate for one interface again; fine when it was not open."""
+    return "\n".join(_close_lines([veth])) + "\n"
+
+
+def _close_lines(veths: Iterable[str]) -> list[str]:
+    # add-then-delete: deleting an element that is not there would fail the transaction
+    lines = [f"add table bridge {TABLE}", f"add set bridge {TABLE} {GATE_SET} {{ type ifname; }}"]
+    for veth in dict.fromkeys(veths):
+        name = _iface(veth)
+        lines += [f"add element bridge {TABLE} {GATE_SET} {{ {name} }}",
+                  f"delete element bridge {TABLE} {GATE_SET} {{ {name} }}"]
+    return lines
+
+
+def nft_remove_script(container: str, veths: Iterable[str] = ()) -> str:
+    """Remove one container's chains and set, and shut the gate for ``veths`` (its
+    interfaces, as read from its ``.spoof`` chain); fine when none of it exists.
 
     ``add`` of an existing object is a no-op, so add-flush-delete always works
     in one transaction (nft 1.0.6 has no ``destroy``).
@@ -397,11 +455,15 @@ def nft_remove_script(container: str) -> str:
     bridge += [f"add chain bridge {TABLE} {chain(c, p)}" for p in ("spoof", "ports")]
     bridge += [f"flush chain bridge {TABLE} {chain(c, p)}" for p in ("spoof", "ports")]
     bridge += [f"delete chain bridge {TABLE} {chain(c, p)}" for p in ("spoof", "ports")]
-    return "\n".join(inet + bridge) + "\n"
+    veths = list(veths)
+    return "\n".join(inet + bridge + (_close_lines(veths)[2:] if veths else [])) + "\n"
 
 
-def nft_apply_script(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str] = ()) -> str:
-    """The whole rule set of one container, replacing any earlier one atomically.
+def nft_apply_script(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str] = (), *,
+                     closed: Iterable[str] = ()) -> str:
+    """The whole rule set of one container, replacing any earlier one atomically, and its
+    interface opened in the gate in the same transaction (``closed``: the interfaces of
+    its earlier rules, shut first).
 
     inet (routed traffic, conntrack and reject work):
       ``<c>.host``  input hook: the container may reach the host only for DNS
@@ -423,7 +485,7 @@ def nft_apply_script(att: Attachment, policy: NetworkPolicy, addresses: Iterable
     c, ip, t = check_name(att.container), str(ipaddress.IPv4Address(att.ipv4)), TABLE
     ipaddress.IPv4Address(att.gateway), ipaddress.IPv4Network(att.subnet)  # ValueError: never into a rule
     out, host, deny, allow = (chain(c, p) for p in ("out", "host", "deny", "allow"))
-    lines = [nft_remove_script(c).rstrip("\n")]
+    lines = [nft_gate_script().rstrip("\n"), nft_remove_script(c, closed).rstrip("\n")]
     lines += [
         f"add chain inet {t} {deny}",
         *([f"add rule inet {t} {deny} meta nftrace set 1"] if policy.log_blocked else []),
@@ -457,6 +519,7 @@ def nft_apply_script(att: Attachment, policy: NetworkPolicy, addresses: Iterable
         f"add chain bridge {t} {ports} {{ type filter hook forward priority 100; policy accept; }}",
         f"add rule bridge {t} {ports} iifname {veth} ether type != arp drop",
         f"add rule bridge {t} {ports} oifname {veth} ether type != arp drop",
+        f"add element bridge {t} {GATE_SET} {{ {veth} }}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -471,10 +534,15 @@ def nft_set_script(container: str, addresses: Iterable[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_iface(name: str) -> str:
+    """Host interface names become quoted nft strings: refuse anything but plain names."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}", name):
+        raise CoiError(f"unexpected host interface name {name!r}"[:120])
+    return name
+
+
 def _iface(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
-        raise CoiError(f"unexpected host interface name {name!r}")
-    return f'"{name}"'
+    return f'"{check_iface(name)}"'
 
 
 def containers_in_ruleset(ruleset: Mapping[str, Any]) -> set[str]:
@@ -487,6 +555,40 @@ def containers_in_ruleset(ruleset: Mapping[str, Any]) -> set[str]:
             if base and part in PARTS:
                 names.add(base)
     return names
+
+
+def interfaces_in_chain(listing: Mapping[str, Any]) -> list[str]:
+    """The interfaces a container's rules are keyed on (``iifname``/``oifname`` matches in
+    ``nft -j list chain bridge coi <c>.spoof``): what its removal shuts in the gate."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            left = node.get("left")
+            if isinstance(left, dict) and (left.get("meta") or {}).get("key") in ("iifname", "oifname"):
+                right = node.get("right")
+                if isinstance(right, str):
+                    try:
+                        found.append(check_iface(right))
+                    except CoiError:
+                        pass
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for item in listing.get("nftables", []):
+        if isinstance(item, dict) and "rule" in item:
+            walk(item["rule"].get("expr", []))
+    return list(dict.fromkeys(found))
+
+
+def gate_in_ruleset(listing: Mapping[str, Any]) -> bool:
+    """Whether ``nft -j list table bridge coi`` shows the gate's base chain."""
+    return any(isinstance(item, dict) and (item.get("chain") or {}).get("name") == GATE_CHAIN
+               and (item.get("chain") or {}).get("hook") == "prerouting"
+               for item in listing.get("nftables", []))
 
 
 # ---- Incus ACL rules (pure) --------------------------------------------------------------
@@ -511,12 +613,26 @@ def _range_without(subnet: str, gateway: str) -> str:
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
 
 
-def acl_spec(att: Attachment, policy: NetworkPolicy,
-             addresses: Iterable[str] = ()) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, str]]:
+def host_ipv4_addresses() -> list[str]:
+    """The host's own IPv4 addresses (every interface, loopback aside): restricted mode
+    refuses them on the ACL backend (the nft backend refuses all of them in its input hook)."""
+    proc = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True)
+    try:
+        links = json.loads(proc.stdout or "[]")
+    except ValueError:
+        links = []
+    found = {info.get("local", "") for link in links for info in link.get("addr_info") or []}
+    return sorted(a for a in found if _is_ipv4(a) and not ipaddress.IPv4Address(a).is_loopback)
+
+
+def acl_spec(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str] = (), *,
+             host_addresses: Iterable[str] = ()) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, str]]:
     """(egress rules, ingress rules, NIC settings) of the Incus ACL for one container.
 
     Incus orders ACL rules drop > reject > allow > default, and always lets
-    DNS and DHCP to the bridge through first.
+    DNS and DHCP to the bridge through first. Restricted mode refuses the host's
+    own addresses (``host_addresses``) too, whichever network they are on; the NIC
+    gets Incus's MAC and IPv4 anti-spoofing.
     """
     def rule(action: str, description: str, **match: str) -> dict[str, str]:
         return {"action": action, "state": "enabled", "description": description, **match}
@@ -528,6 +644,9 @@ def acl_spec(att: Attachment, policy: NetworkPolicy,
                   rule("reject", "no IPv6", destination="::/0")]
         if policy.blocked:
             egress.insert(1, rule("reject", "blocked ranges", destination=",".join(policy.blocked)))
+        own = collapse(a for a in host_addresses if not ipaddress.IPv4Address(a) in ipaddress.IPv4Network(att.subnet))
+        if own:
+            egress.insert(1, rule("reject", "the host's own addresses", destination=",".join(own)))
         default = "allow"
     elif policy.mode == "allowlist":
         elements = collapse(addresses)
@@ -537,7 +656,8 @@ def acl_spec(att: Attachment, policy: NetworkPolicy,
         raise ValueError(f"no rules for mode {policy.mode}")
     nic = {"security.acls": acl_name(att.container),
            "security.acls.default.egress.action": default,
-           "security.acls.default.ingress.action": "allow"}
+           "security.acls.default.ingress.action": "allow",
+           "security.ipv4_filtering": "true", "security.mac_filtering": "true"}
     return egress, ingress, nic
 
 
@@ -750,52 +870,102 @@ def _nft_binary() -> str:
     return found
 
 
+# Installed by 'coi setup' (root:root 0755): the one command a coi user may run through
+# sudo. It takes one JSON request on stdin and touches only coi's tables (coi.nfthelper).
+HELPER = "/usr/local/libexec/coi/coi-nft"
+
+
+def apply_request(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str] = ()) -> dict[str, Any]:
+    """The helper request that puts one container's rules on (the helper generates them)."""
+    return {"action": "apply", "container": att.container, "ipv4": att.ipv4, "veth": att.veth,
+            "gateway": att.gateway, "subnet": att.subnet, "mode": policy.mode,
+            "blocked": list(policy.blocked), "allowed": list(addresses), "log": bool(policy.log_blocked)}
+
+
 class NftBackend:
-    """Host nftables, run as root or through the configured privileged command."""
+    """Host nftables: in-process as root, else the helper through the privileged command
+    (``[*privileged_command, HELPER]``, e.g. ``sudo -n /usr/local/libexec/coi/coi-nft``)."""
 
     name = "nftables"
 
-    def __init__(self, privileged_command: Iterable[str] = ()) -> None:
+    def __init__(self, privileged_command: Iterable[str] = (), *, helper: str = HELPER) -> None:
         prefix = tuple(privileged_command)
         if os.geteuid() == 0:
-            self.argv = [_nft_binary()]
-        elif prefix:
             _nft_binary()
-            # Through sudo and the like the name is resolved by the privileged
-            # command's own safe PATH (sudoers rules usually name /usr/sbin/nft).
-            self.argv = [*prefix, "nft"]
+            self.argv: list[str] = []  # root: the helper's code runs in this process
+        elif prefix:
+            if not os.path.exists(helper):
+                raise BackendUnavailable(f"coi's nft helper {helper} is not installed "
+                                         "(run 'sudo coi setup --user $USER')")
+            self.argv = [*prefix, helper]
         else:
             raise BackendUnavailable(
                 "host nftables need root, and [network] privileged_command is not set "
-                "(for example privileged_command = [\"sudo\", \"-n\"] with a sudoers rule for nft)")
+                f"(for example privileged_command = [\"sudo\", \"-n\"] with the sudoers rule for {helper} "
+                "that 'sudo coi setup --user NAME' writes)")
         self.via = "" if os.geteuid() == 0 else " via " + " ".join(prefix)
 
     @property
     def description(self) -> str:
         return f"host nftables (inet + bridge){self.via}"
 
-    def run(self, script: str, what: str) -> None:
-        proc = subprocess.run([*self.argv, "-f", "-"], input=script, text=True, capture_output=True)
-        if proc.returncode != 0:
-            raise BackendUnavailable(f"{what}: nft failed: {_first_lines(proc.stderr)}")
+    def request(self, request: Mapping[str, Any], what: str) -> str:
+        """Run one helper request; its output (``list``) or BackendUnavailable."""
+        if not self.argv:
+            from coi import nfthelper
 
-    def ruleset(self) -> dict[str, Any]:
-        proc = subprocess.run([*self.argv, "-j", "list", "ruleset"], text=True, capture_output=True)
+            try:
+                return nfthelper.execute(request)
+            except nfthelper.HelperError as exc:
+                raise BackendUnavailable(f"{what}: {exc.message}") from None
+        try:
+            proc = subprocess.run(self.argv, input=json.dumps(request), text=True, capture_output=True,
+                                  timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendUnavailable(f"{what}: {' '.join(self.argv)} failed ({exc})") from None
         if proc.returncode != 0:
-            raise BackendUnavailable(f"nft list ruleset failed: {_first_lines(proc.stderr)}")
-        return json.loads(proc.stdout or "{}")
+            raise BackendUnavailable(f"{what}: {_first_lines(proc.stderr, 2)}")
+        return proc.stdout
+
+    def listing(self) -> dict[str, Any]:
+        """``{"containers": [...], "gate": bool}``: who has chains in coi's tables, and the gate."""
+        try:
+            data = json.loads(self.request({"action": "list"}, "listing coi's nft rules") or "{}")
+        except ValueError:
+            raise BackendUnavailable("listing coi's nft rules: the helper's answer is not JSON") from None
+        return data if isinstance(data, dict) else {}
+
+    def containers(self) -> set[str]:
+        """Containers that have chains or sets in coi's tables (what ``clean_orphans`` needs)."""
+        return {n for n in self.listing().get("containers", []) if isinstance(n, str) and _NAME.fullmatch(n)}
 
     def monitor_argv(self) -> list[str]:
-        return [*self.argv, "monitor", "trace"]
+        """``nft monitor trace`` as root; else the helper, which passes on coi's trace lines only."""
+        return [_nft_binary(), "monitor", "trace"] if not self.argv else list(self.argv)
+
+    def monitor_input(self) -> str:
+        """What to write to the monitor's stdin (then close it)."""
+        return "" if not self.argv else json.dumps({"action": "monitor"})
 
     def apply(self, att: Attachment, policy: NetworkPolicy, addresses: list[str]) -> None:
-        self.run(nft_apply_script(att, policy, addresses), f"rules for {att.container}")
+        self.request(apply_request(att, policy, addresses), f"rules for {att.container}")
 
     def update_allowed(self, container: str, addresses: list[str]) -> None:
-        self.run(nft_set_script(container, addresses), f"allowlist of {container}")
+        self.request({"action": "allow", "container": container, "addresses": list(addresses)},
+                     f"allowlist of {container}")
 
     def remove(self, container: str) -> None:
-        self.run(nft_remove_script(container), f"removing the rules of {container}")
+        self.request({"action": "remove", "container": container}, f"removing the rules of {container}")
+
+    def ensure_gate(self) -> None:
+        self.request({"action": "gate"}, "loading the bridge gate")
+
+    def open(self, veth: str) -> None:
+        """Let ``veth`` past the gate (for containers filtered by Incus ACLs)."""
+        self.request({"action": "open", "veth": veth}, f"opening the gate for {veth}")
+
+    def close(self, veth: str) -> None:
+        self.request({"action": "close", "veth": veth}, f"closing the gate for {veth}")
 
 
 def _first_lines(text: str, n: int = 4) -> str:
@@ -813,7 +983,7 @@ class AclBackend:
         self.client = client
 
     def apply(self, att: Attachment, policy: NetworkPolicy, addresses: list[str]) -> None:
-        egress, ingress, nic_settings = acl_spec(att, policy, addresses)
+        egress, ingress, nic_settings = acl_spec(att, policy, addresses, host_addresses=host_ipv4_addresses())
         name = acl_name(att.container)
         description = ACL_DESCRIPTION + att.container
         try:
@@ -831,22 +1001,24 @@ class AclBackend:
 
     def update_allowed(self, container: str, addresses: list[str], att: Attachment,
                        policy: NetworkPolicy) -> None:
-        egress, ingress, _ = acl_spec(att, policy, addresses)
+        egress, ingress, _ = acl_spec(att, policy, addresses, host_addresses=host_ipv4_addresses())
         self.client.put_network_acl(acl_name(container), egress=egress, ingress=ingress,
                                     description=ACL_DESCRIPTION + container)
 
     def remove(self, container: str, nic: str | None = None) -> None:
+        """Take the ACL off the NIC and delete it; the NIC itself (its pinned address and
+        interface name) and its anti-spoofing stay."""
         name = acl_name(container)
         try:
             inst = self.client.instance(container)
         except NotFoundError:
             inst = None
         if inst is not None:
-            local = (inst.get("devices") or {})
-            for dev, spec in local.items():
+            for dev, spec in (inst.get("devices") or {}).items():
                 if spec.get("type") == "nic" and spec.get("security.acls") == name:
+                    kept = {k: v for k, v in spec.items() if not k.startswith("security.acls")}
                     try:
-                        self.client.remove_device(container, dev)
+                        self.client.update_instance(container, devices={dev: kept})
                     except NotFoundError:
                         pass
         self._delete_acl(name)
@@ -879,10 +1051,17 @@ def apply(client: Any, container: str, policy: NetworkPolicy, *, sessions_dir: P
     store = Store(sessions_dir)
     _stop_watcher(store, container)
     if policy.mode == "open":
-        remove(container, sessions_dir=sessions_dir, client=client)
+        remove(container, sessions_dir=sessions_dir, client=client, privileged_command=policy.privileged_command)
+        inst = client.instance(container)
+        if is_pinned(inst):  # the gate holds only coi's pinned interfaces
+            att = find_attachment(client, container)
+            _open_gate(att, policy, log)
+            store.save_record(container, {"container": container, "backend": OPEN_BACKEND, "mode": "open",
+                                          "attachment": asdict(att), "policy": policy.to_json(),
+                                          "project": getattr(client, "project", "default"), "watcher": None})
         return "open (no filtering)"
     att = find_attachment(client, container)
-    _drop_stale_address(store, att, client=client, log=log)
+    _drop_stale_address(store, att, client=client, log=log, privileged_command=policy.privileged_command)
     addresses: list[str] = []
     resolution = None
     if policy.mode == "allowlist":
@@ -928,6 +1107,7 @@ def _enforce(client: Any, store: Store, att: Attachment, policy: NetworkPolicy, 
             acl.apply(att, policy, addresses)
             if known is None:
                 store.save_capability(AclBackend.name, True)
+            _open_gate(att, policy, log)
             return acl, acl.description
         except BackendUnavailable as exc:
             store.save_capability(AclBackend.name, False, str(exc))
@@ -945,33 +1125,52 @@ def _enforce(client: Any, store: Store, att: Attachment, policy: NetworkPolicy, 
                    f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root, or {OPEN_HINT}")
 
 
-def _drop_stale_address(store: Store, att: Attachment, *, client: Any, log: Log) -> None:
+# The record's backend of a container opened in the gate without coi's nft rules (open mode).
+OPEN_BACKEND = "open"
+
+
+def _open_gate(att: Attachment, policy: NetworkPolicy, log: Log) -> None:
+    """Let a container past the bridge gate whose traffic coi's nft rules do not filter
+    (open mode, Incus ACLs); they open it themselves otherwise."""
+    if not att.veth.startswith(HOST_NAME_PREFIX):
+        return  # not one of coi's pinned interfaces: the gate does not hold it
+    try:
+        NftBackend(policy.privileged_command).open(att.veth)
+    except BackendUnavailable as exc:
+        log(f"Warning: could not open the coi bridge gate for {att.container} ({exc}); "
+            "where 'coi setup' loaded the gate, the container has no network")
+
+
+def _drop_stale_address(store: Store, att: Attachment, *, client: Any, log: Log,
+                        privileged_command: Sequence[str]) -> None:
     """Rules left for another container that had this address are stale now: remove them."""
     for name, record in store.records().items():
         if name != att.container and (record.get("attachment") or {}).get("ipv4") == att.ipv4:
             log(f"Network: removing stale rules of {name} (its address {att.ipv4} now belongs to {att.container})")
-            remove(name, sessions_dir=Path(store.root).parent, client=client)
+            remove(name, sessions_dir=Path(store.root).parent, client=client, privileged_command=privileged_command)
 
 
-def remove(container: str, *, sessions_dir: Path, client: Any = None) -> None:
+def remove(container: str, *, sessions_dir: Path, client: Any, privileged_command: Sequence[str] = ()) -> None:
     """Remove a container's rules and its watcher; call when coi stops or deletes it.
 
-    Harmless when there is nothing to remove. ``client`` is needed only when the
-    Incus ACL backend was used (it is created from the environment otherwise).
+    Harmless when there is nothing to remove. ``privileged_command`` comes from the
+    caller's trusted config (never from the record).
     """
     store = Store(sessions_dir)
     record = store.record(container) or {}
     _stop_watcher(store, container)
-    policy = NetworkPolicy.from_json(record.get("policy") or {"mode": "open"})
-    if record.get("backend") == AclBackend.name:
-        if client is None:
-            from coi.incus import Incus
-
-            client = Incus.from_environment(project=record.get("project", "default"))
-        AclBackend(client).remove(container)
+    if record.get("backend") in (AclBackend.name, OPEN_BACKEND):
+        if record["backend"] == AclBackend.name:
+            AclBackend(client).remove(container)
+        veth = (record.get("attachment") or {}).get("veth")
+        if veth:
+            try:
+                NftBackend(privileged_command).close(veth)
+            except BackendUnavailable:
+                pass  # the gate is not loaded here, or coi may not change it: nothing is open either
     else:
         try:
-            NftBackend(policy.privileged_command).remove(container)
+            NftBackend(privileged_command).remove(container)
         except BackendUnavailable:
             if record.get("backend") == NftBackend.name:
                 raise CoiError(f"could not remove the network rules of {container}",
@@ -992,11 +1191,11 @@ def clean_orphans(existing: set[str], *, sessions_dir: Path, client: Any = None,
     for name, record in store.records().items():
         if name not in existing:
             gone.add(name)
-            remove(name, sessions_dir=sessions_dir, client=client)
+            remove(name, sessions_dir=sessions_dir, client=client, privileged_command=tuple(privileged_command))
     privileged = tuple(privileged_command)
     try:
         nft = NftBackend(privileged)
-        for name in sorted(containers_in_ruleset(nft.ruleset()) - existing):
+        for name in sorted(nft.containers() - existing):
             nft.remove(name)
             gone.add(name)
     except BackendUnavailable:
@@ -1039,14 +1238,21 @@ def backend_report(config_network: Any = None, *, sessions_dir: Path | None = No
         return BackendReport("fail", "none", f"{acl_note}; host nftables unavailable: {exc}",
                              "set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root; "
                              "until then only --network=open sessions start")
-    refused = nft_refusal("add table inet coi_doctor_probe\ndelete table inet coi_doctor_probe\n", nft.argv)
-    if refused is not None:
-        return BackendReport("fail", "host nftables", f"{acl_note}; nft{nft.via} refused: {refused}",
-                             "check the privileged command and sudoers rule")
-    if acl is None and nft_refusal(nft_probe("bridge", "ct state established accept"), nft.argv) is not None:
+    try:
+        listing = nft.listing()  # read-only; through the helper it proves the sudoers rule works
+    except BackendUnavailable as exc:
+        return BackendReport("fail", "host nftables", f"{acl_note}; coi's nft helper{nft.via} failed: {exc}",
+                             "run 'sudo coi setup --user $USER' (it installs the helper and its sudoers rule)")
+    if acl is None and os.geteuid() == 0 and \
+            nft_refusal(nft_probe("bridge", "ct state established accept"), [_nft_binary()]) is not None:
         # Incus emits bridge-family conntrack rules for ACLs: without them here, ACLs cannot work.
         acl_note = "Incus network ACLs unavailable (no bridge-family conntrack in this kernel)"
-    return BackendReport("ok", "host nftables", f"{acl_note}; {nft.description}")
+    if not listing.get("gate"):
+        return BackendReport("warn", "host nftables",
+                             f"{acl_note}; {nft.description}; the bridge gate is not loaded, so a container "
+                             "started outside coi (or after a reboot) runs unfiltered",
+                             "run 'sudo coi setup' (it loads the gate, before Incus starts on systemd hosts)")
+    return BackendReport("ok", "host nftables", f"{acl_note}; {nft.description}; bridge gate loaded")
 
 
 def nft_probe(family: str, rule: str) -> str:
@@ -1100,18 +1306,31 @@ def _stop_watcher(store: Store, container: str) -> None:
              first_interval=0.001, max_interval=0.05)
 
 
+# What the watcher inherits from coi's environment: enough to find the daemon and the
+# user's own config, nothing that could steer Python (PYTHONPATH and the like).
+WATCHER_ENV = ("HOME", "USER", "LOGNAME", "LANG", "XDG_CONFIG_HOME", "INCUS_SOCKET", "INCUS_DIR")
+
+
+def watcher_argv(container: str, sessions_dir: Path) -> list[str]:
+    """Isolated Python (``-I``: no current directory, user site or PYTHON* variables on
+    the path), so nothing from a workspace can be imported by it."""
+    return [sys.executable, "-I", "-m", "coi.netwatch", container, str(Path(sessions_dir))]
+
+
 def _start_watcher(store: Store, container: str, *, sessions_dir: Path, client: Any) -> int:
-    """Start ``python -m coi.netwatch`` detached (own session, no terminal); returns its pid."""
-    argv = [sys.executable, "-m", "coi.netwatch", container, str(Path(sessions_dir))]
-    env = dict(os.environ)
+    """Start the watcher detached (own session, no terminal, cwd ``/``); returns its pid."""
+    env = {k: os.environ[k] for k in WATCHER_ENV if k in os.environ}
+    env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     socket_path = getattr(client, "path", None)
     if socket_path:
         env["INCUS_SOCKET"] = socket_path
-    log_path = store.log_path(container)
-    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
-               (os.POSIX_SPAWN_DUP2, 1, 2)]
-    return os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
+    fd = os.open(store.log_path(container), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        proc = subprocess.Popen(watcher_argv(container, sessions_dir), cwd="/", env=env, stdin=subprocess.DEVNULL,
+                                stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    return proc.pid
 
 
 def log_file(policy: NetworkPolicy, sessions_dir: Path) -> Path:

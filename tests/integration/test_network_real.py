@@ -282,8 +282,11 @@ def test_a_normal_user_applies_rules_through_sudo(incus, coi_user, nft_sudo, box
         out = json.loads(proc.stdout)
         assert out.get("ok") == "host nftables (inet + bridge) via sudo -n", out
         assert box in nft_chains()
-        removed = run_as(coi_user, "import sys; from pathlib import Path; from coi import network; "
-                                   "network.remove(sys.argv[1], sessions_dir=Path(sys.argv[2]))", box, str(sessions_dir))
+        removed = run_as(coi_user, "import json, sys; from pathlib import Path; from coi import network; "
+                                   "from coi.incus import Incus; network.remove(sys.argv[1], "
+                                   "sessions_dir=Path(sys.argv[2]), client=Incus.from_environment(), "
+                                   "privileged_command=json.loads(sys.argv[3]))", box, str(sessions_dir),
+                         json.dumps(nft_sudo))
         assert removed.returncode == 0, removed.stderr
         assert box not in nft_chains()
     finally:

@@ -98,7 +98,12 @@ def test_plan_carries_privileged_command_and_logging_and_round_trips():
     policy = network.plan(cfg, None, env={})
     assert policy.privileged_command == ("sudo", "-n")
     assert (policy.log_blocked, policy.log_path) == (True, "/tmp/n.log")
-    assert network.NetworkPolicy.from_json(policy.to_json()) == policy
+    # The record never carries the privileged command: it comes from trusted config when used.
+    assert "privileged_command" not in policy.to_json()
+    assert network.NetworkPolicy.from_json(policy.to_json()) == replace(policy, privileged_command=())
+    assert network.NetworkPolicy.from_json(policy.to_json(), privileged_command=("sudo", "-n")) == policy
+    planted = {**policy.to_json(), "privileged_command": ["sh", "-c", "touch /tmp/pwned"]}
+    assert network.NetworkPolicy.from_json(planted).privileged_command == ()
     assert network.plan(cfg, "open", env={}).log_blocked is False
 
 
@@ -109,10 +114,14 @@ def rules(script: str) -> list[str]:
     return [line for line in script.splitlines() if line.startswith("add rule")]
 
 
+GATE_RULES = ["add rule bridge coi gate iifname @open accept", 'add rule bridge coi gate iifname "coi*" drop']
+
+
 def test_restricted_ruleset():
     script = network.nft_apply_script(ATT, network.plan(net_config(), None, env={}))
     t, c = "coi", ATT.container
     assert rules(script) == [
+        *GATE_RULES,
         f"add rule inet {t} {c}.deny meta l4proto tcp reject with tcp reset",
         f"add rule inet {t} {c}.deny reject with icmpx admin-prohibited",
         f"add rule inet {t} {c}.host ip saddr 10.195.0.23 ct state established,related accept",
@@ -155,19 +164,23 @@ def test_allowlist_ruleset_uses_a_set_of_collapsed_addresses():
 
 def test_logging_marks_refused_packets_for_the_trace_monitor():
     policy = replace(network.plan(net_config(), None, env={}), log_blocked=True)
-    assert rules(network.nft_apply_script(ATT, policy))[0] == f"add rule inet coi {ATT.container}.deny meta nftrace set 1"
+    assert rules(network.nft_apply_script(ATT, policy))[len(GATE_RULES)] == \
+        f"add rule inet coi {ATT.container}.deny meta nftrace set 1"
 
 
 def test_bridge_rules_use_only_what_the_bridge_family_supports_here():
     for mode, domains in (("restricted", ()), ("allowlist", ("a.example",))):
         policy = replace(network.plan(net_config(allowed_domains=domains), mode, env={}), log_blocked=True)
-        bridge = [r for r in rules(network.nft_apply_script(ATT, policy, ["192.0.2.1"])) if " bridge " in r]
+        script = network.nft_apply_script(ATT, policy, ["192.0.2.1"])
+        bridge = [r for r in rules(script) if " bridge " in r and " gate " not in r]
         assert bridge and all(r.endswith(" drop") and " ct " not in r and "reject" not in r for r in bridge)
+        assert [r for r in rules(script) if " gate " in r] == GATE_RULES
 
 
 def test_apply_script_replaces_earlier_rules_in_the_same_transaction():
     script = network.nft_apply_script(ATT, network.plan(net_config(), None, env={}))
-    assert script.startswith(network.nft_remove_script(ATT.container))
+    assert script.startswith(network.nft_gate_script() + network.nft_remove_script(ATT.container))
+    assert script.endswith('add element bridge coi open { "veth1234abcd" }\n')  # opened with its rules
     assert ".fwd" not in script  # 'fwd' is an nft keyword
 
 
@@ -225,7 +238,42 @@ def test_acl_spec_restricted():
     assert ingress == [{"action": "drop", "state": "enabled", "source": "10.195.0.2-10.195.0.254",
                         "description": "no connections from other containers on the bridge"}]
     assert nic == {"security.acls": ATT.container, "security.acls.default.egress.action": "allow",
-                   "security.acls.default.ingress.action": "allow"}
+                   "security.acls.default.ingress.action": "allow",
+                   "security.ipv4_filtering": "true", "security.mac_filtering": "true"}
+
+
+def test_acl_spec_restricted_refuses_the_hosts_own_addresses():
+    policy = network.plan(net_config(), None, env={})
+    egress, _, _ = network.acl_spec(ATT, policy, host_addresses=["203.0.113.7", "10.195.0.1", "192.0.2.9"])
+    assert ("reject", "192.0.2.9,203.0.113.7") in [(r["action"], r["destination"]) for r in egress]
+
+
+class _AclIncus:
+    """Just what AclBackend.remove reads and writes."""
+
+    def __init__(self, devices):
+        self.devices = devices
+        self.patched, self.deleted = [], []
+
+    def instance(self, name):
+        return {"name": name, "devices": self.devices}
+
+    def update_instance(self, name, *, devices):
+        self.patched.append(devices)
+
+    def delete_network_acl(self, name):
+        self.deleted.append(name)
+
+
+def test_acl_removal_keeps_the_pinned_nic():
+    nic = {"type": "nic", "network": "coibr0", "ipv4.address": "10.195.0.23", "host_name": "coi0123456789ab",
+           "security.acls": ATT.container, "security.acls.default.egress.action": "allow",
+           "security.ipv4_filtering": "true"}
+    fake = _AclIncus({"eth0": nic})
+    network.AclBackend(fake).remove(ATT.container)
+    assert fake.patched == [{"eth0": {"type": "nic", "network": "coibr0", "ipv4.address": "10.195.0.23",
+                                      "host_name": "coi0123456789ab", "security.ipv4_filtering": "true"}}]
+    assert fake.deleted == [ATT.container]
 
 
 def test_acl_spec_allowlist():
@@ -395,11 +443,16 @@ def nft_calls(monkeypatch):
     calls: list[str] = []
 
     class FakeNft(network.NftBackend):
-        def __init__(self, privileged_command=()):
-            self.argv, self.via = ["nft"], ""
+        """Records the script the helper would run for each request (no nft, no sudo)."""
 
-        def run(self, script, what):
-            calls.append(script)
+        def __init__(self, privileged_command=()):
+            self.argv, self.via = [], ""
+
+        def request(self, request, what):
+            from coi import nfthelper
+
+            calls.append(nfthelper.script_for(nfthelper.validate(request)))
+            return ""
 
     monkeypatch.setattr(network, "NftBackend", FakeNft)
     return calls
