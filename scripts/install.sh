@@ -39,8 +39,10 @@ echo "Installing coi from $repo into $prefix..."
 # The launcher pip generates imports 're' (18 ms, more than Python's own start);
 # coi's needs nothing but its entry point.
 rm -f /usr/local/bin/coi
+# -I: isolated, so no PYTHONPATH, user site or current directory (a cloned project
+# may hold a package named coi) is ever on the path of the coi the user runs.
 cat > /usr/local/bin/coi <<LAUNCHER
-#!$prefix/bin/python
+#!$prefix/bin/python -I
 import os, sys
 from coi.cli.main import main
 code = main()

@@ -64,6 +64,52 @@ def check_network(config) -> Check:
                  blocking=False)
 
 
+def check_state_dir(config) -> Check:
+    """coi's state directory: the user's alone (records in it are acted on later)."""
+    import stat
+
+    path = Path(config.paths.sessions_dir)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return Check("state directory", "ok", f"{path} is made (mode 0700) at the first session", blocking=False)
+    except OSError as exc:
+        return Check("state directory", "fail", f"{path}: {exc.strerror}", "set [paths] sessions_dir")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid():
+        return Check("state directory", "fail", f"{path} belongs to uid {st.st_uid}, not to you",
+                     "set [paths] sessions_dir in your own config to a directory of your own")
+    if mode != 0o700:
+        return Check("state directory", "warn", f"{path} has mode {mode:04o}; coi narrows it to 0700 at its "
+                     "next use", f"chmod 700 {path}", blocking=False)
+    return Check("state directory", "ok", f"{path} is yours alone (0700)", blocking=False)
+
+
+def check_isolated_python() -> Check:
+    """coi runs Python isolated (``-I``): nothing from the current directory or PYTHONPATH loads."""
+    import sys
+
+    if sys.flags.isolated:
+        return Check("isolated python", "ok", "coi runs with python -I (no PYTHONPATH or current directory)",
+                     blocking=False)
+    return Check("isolated python", "warn", "coi runs without python -I: PYTHONPATH or the current directory "
+                 "could put a project's code in front of coi's", "reinstall: sudo scripts/install.sh", blocking=False)
+
+
+def _autostart(client: Incus, server: dict[str, Any], config) -> Check:
+    """Session containers must not start again on their own after a host reboot."""
+    from coi import naming, sessions
+
+    loose = [i["name"] for i in client.instances(recursion=1)
+             if sessions.is_coi(i, naming.container_prefix())
+             and (i.get("config") or {}).get("boot.autostart") != "false"]
+    if loose:
+        return Check("autostart", "warn", f"{len(loose)} coi container(s) start again after a host reboot: "
+                     + ", ".join(loose[:5]), "incus config set NAME boot.autostart=false (or end the session)",
+                     blocking=False)
+    return Check("autostart", "ok", "no coi container starts again on its own after a reboot", blocking=False)
+
+
 def _subids() -> Check:
     bad = [p for p in ("/etc/subuid", "/etc/subgid")
            if not (Path(p).exists() and root_subid_ok(Path(p).read_text()))]
@@ -95,7 +141,7 @@ def run_checks(config, *, socket_env: Mapping[str, str] | None = None,
     except CoiError as exc:
         checks.append(Check("daemon", "fail", exc.message, exc.hint))
     if server is not None:
-        for probe in (_storage, _bridge, _profile, _idmap, _image):
+        for probe in (_storage, _bridge, _profile, _idmap, _image, _autostart):
             try:
                 checks.append(probe(client, server, config))
             except CoiError as exc:
@@ -103,6 +149,8 @@ def run_checks(config, *, socket_env: Mapping[str, str] | None = None,
     else:
         checks.append(Check("storage, bridge, profile, image", "skip", "daemon not reachable", blocking=False))
     checks.append(_subids())
+    checks.append(check_state_dir(config))
+    checks.append(check_isolated_python())
     checks.append(check_nftables())
     checks.append(check_network(config))
     has_tmux = shutil.which("tmux") is not None

@@ -42,7 +42,9 @@ KNOWN_TERMS = {"xterm", "xterm-256color", "xterm-color", "screen", "screen-256co
                "rxvt-unicode-256color", "ansi"}
 # Every container coi starts from a coi image: Docker inside needs nesting and
 # these syscall interceptions.
+# boot.autostart=false: after a host reboot Incus does not start them again on its own.
 CONTAINER_CONFIG = {
+    "boot.autostart": "false",
     "security.nesting": "true",
     "security.syscalls.intercept.mknod": "true",
     "security.syscalls.intercept.setxattr": "true",
@@ -151,12 +153,52 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
     if not shift:
         config["raw.idmap"] = f"uid {host_uid} {code_uid}\ngid {host_gid} {code_uid}"
     disk = {"type": "disk", **({"shift": "true"} if shift else {})}
-    devices = {"workspace": {**disk, "source": str(workspace), "path": WORKSPACE}}
+    # Sources without links (``check_mount_sources`` holds them to that on every start).
+    devices = {"workspace": {**disk, "source": os.path.realpath(workspace), "path": WORKSPACE}}
     for i, mount in enumerate(mounts, 1):
-        devices[f"mount{i}"] = {**disk, "source": str(mount.host), "path": mount.container}
+        devices[f"mount{i}"] = {**disk, "source": os.path.realpath(mount.host), "path": mount.container}
     if storage is not None:
-        devices["storage"] = {**disk, "source": str(storage), "path": STORAGE}
+        devices["storage"] = {**disk, "source": os.path.realpath(storage), "path": STORAGE}
     return config, devices
+
+
+def check_mount_sources(instance: Mapping[str, Any]) -> None:
+    """Refuse to start a container whose host directories changed since it was created.
+
+    Mount sources are recorded without symbolic links; an agent that swaps a
+    mounted directory inside the workspace for a link (to ``~/.ssh``, say)
+    would otherwise have the link's target mounted at the next start.
+    """
+    for device, spec in (instance.get("devices") or {}).items():
+        source = spec.get("source", "")
+        if spec.get("type") != "disk" or spec.get("pool") or not source.startswith("/"):
+            continue
+        if os.path.realpath(source) != os.path.normpath(source) or not os.path.isdir(source):
+            now = "a link" if os.path.islink(source) or os.path.realpath(source) != os.path.normpath(source) \
+                else "missing or not a directory"
+            raise CoiError(f"mount source {source} of {instance.get('name')} ({device}) is {now} now; "
+                           "coi will not start the container with it",
+                           f"put the directory back, or remove the container: coi kill {instance.get('name')}")
+
+
+# Loads the environment file written next to a command (see ``env_via_file``), removes
+# it, and runs the command. A second start after Incus lost track of the first finds
+# the file gone and goes on to the command's own guard.
+_ENV_LOADER = 'if [ -f "$0" ]; then . "$0"; fi; rm -f "$0"; exec "$@"'
+
+
+def env_file_text(env: Mapping[str, str]) -> bytes:
+    """``export KEY='value'`` lines a POSIX shell reads back byte for byte."""
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items()).encode()
+
+
+def env_via_file(client: Incus, name: str, command: list[str], env: Mapping[str, str], *, uid: int) -> list[str]:
+    """``command`` with ``env`` set from a file written through the REST API, so that no
+    value (an API key given with ``--env``) appears in a process list on the host, as the
+    arguments of ``incus exec`` would."""
+    path = f"/tmp/.coi-env-{os.urandom(8).hex()}"
+    client.push_file(name, path, env_file_text(env), uid=uid, gid=uid, mode=0o600)
+    return ["sh", "-c", _ENV_LOADER, path, *command]
 
 
 def tmux_argv(*args: str) -> list[str]:
@@ -370,13 +412,15 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
 
 
 def create_container(client: Incus, name: str, *, image: str, config: Mapping[str, str],
-                     devices: Mapping[str, Mapping[str, str]], files: Mapping[str, bytes] | None = None) -> None:
+                     devices: Mapping[str, Mapping[str, str]], files: Mapping[str, bytes] | None = None,
+                     ephemeral: bool = False) -> None:
     """Create a stopped container and write ``files`` (root's, replacing links) into it;
     an interruption meanwhile acts once it exists, and then removes it again."""
     created = False
     try:
         with deferred_signals():
-            client.create_instance(name, image=image, profiles=["coi"], config=config, devices=devices)
+            client.create_instance(name, image=image, profiles=["coi"], config=config, devices=devices,
+                                   ephemeral=ephemeral)
             created = True
         for path, content in (files or {}).items():
             try:
@@ -386,7 +430,7 @@ def create_container(client: Incus, name: str, *, image: str, config: Mapping[st
             client.push_file(name, path, content, mode=0o644)
     except BaseException:
         if created:
-            with _signals_ignored():
+            with signals_ignored():
                 remove_container(client, name)
         raise
 
@@ -419,7 +463,8 @@ def _signal_handlers(handler, signals=_SIGNALS) -> Iterator[None]:
             signal.signal(s, old)
 
 
-def _signals_ignored():
+def signals_ignored():
+    """Ignore Ctrl+C, SIGTERM and SIGHUP for the block: a clean-up that must not be cut short."""
     return _signal_handlers(signal.SIG_IGN)
 
 
@@ -437,7 +482,7 @@ def cleanup_on_interrupt(client: Incus, session: Session) -> Iterator[None]:
         yield
     except BaseException:
         if session.created:
-            with _signals_ignored():
+            with signals_ignored():
                 remove_container(client, session.name)
         raise
 
@@ -453,13 +498,16 @@ def remove_container(client: Incus, name: str) -> None:
 
 
 def ensure_running(client: Incus, name: str) -> None:
-    """Start the container if needed and wait until it accepts commands.
+    """Start the container if needed (its mount sources checked first) and wait until it
+    accepts commands.
 
     Readiness is proven with ``true``: harmless to run again when Incus loses
     track of it (see ``once_argv``).
     """
-    if client.instance(name)["status"] == "Running":
+    inst = client.instance(name)
+    if inst["status"] == "Running":
         return
+    check_mount_sources(inst)
     with deferred_signals():
         client.start(name)
 

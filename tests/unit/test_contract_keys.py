@@ -128,6 +128,8 @@ CASES = [
 @pytest.mark.parametrize("key, toml, probe, base", [(*c, "")[:4] for c in CASES], ids=[c[0] for c in CASES])
 def test_each_key_has_an_effect(tmp_path, monkeypatch, key, toml, probe, base):
     monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: None)  # mounts and storage are not made here
+    import coi.statedir
+    monkeypatch.setattr(coi.statedir, "check_state_dir", lambda path, exposed=(): path)  # tests/security has it
     baseline = probe(derived(tmp_path / "a", base, monkeypatch))
     changed = probe(derived(tmp_path / "b", toml, monkeypatch))
     assert changed != baseline, key

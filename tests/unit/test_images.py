@@ -262,7 +262,7 @@ def test_builders_get_nesting_config_and_coi_profile(fake, config, script):
                                     and not c[1].endswith("-unpack")]
     assert name.startswith("coi-test-build-")
     assert cfg == images.CONTAINER_CONFIG == {
-        "security.nesting": "true", "security.syscalls.intercept.mknod": "true",
+        "boot.autostart": "false", "security.nesting": "true", "security.syscalls.intercept.mknod": "true",
         "security.syscalls.intercept.setxattr": "true"}
     assert profiles == ["coi"]
 

@@ -76,6 +76,13 @@ class Context:
         return self.loaded_config.config
 
     @cached_property
+    def sessions_dir(self) -> Path:
+        """``[paths] sessions_dir``, checked to be the user's alone (``coi.statedir``)."""
+        from coi.statedir import check_state_dir
+
+        return check_state_dir(self.config.paths.sessions_dir)
+
+    @cached_property
     def incus(self) -> Incus:
         from coi.incus import Incus
 

@@ -62,6 +62,6 @@ def complete(ctx: Context, *, what: str) -> int:
     else:
         from coi import state
 
-        for s in state.saved_sessions(ctx.config.paths.sessions_dir):
+        for s in state.saved_sessions(ctx.sessions_dir):
             ctx.ui.out(s.session_id)
     return 0

@@ -22,16 +22,45 @@ def file_help(ctx: Context) -> int:
 # ---- container -------------------------------------------------------------
 
 def container_launch(ctx: Context, *, launch_image: str, name: str, ephemeral: bool = False) -> int:
-    from coi.sessions import CONTAINER_CONFIG
+    """Create and start, filtered like a session: the network rules go on before it runs
+    (the coi bridge gives a container without rules no network at all)."""
+    from coi import network, sessions
+    from coi.cli.commands.sessions import _start_isolated
 
-    ctx.incus.create_instance(name, image=launch_image, profiles=["coi"], config=CONTAINER_CONFIG,
-                              ephemeral=ephemeral, start=True)
+    client = ctx.incus
+    network.check_name(name)
+    config, devices, files = dict(sessions.CONTAINER_CONFIG), {}, None
+    with network.address_lock(ctx.sessions_dir / "locks"):
+        pin = network.pin_nic(client, client.instances(recursion=1))
+        if pin:
+            config.update(pin.config)
+            devices.update(pin.devices)
+            files = pin.files
+        sessions.create_container(client, name, image=launch_image, config=config, devices=devices, files=files,
+                                  ephemeral=ephemeral)
+    try:
+        with sessions.interruptible():
+            _start_isolated(ctx, name, ctx.ui.detail)
+    except BaseException:
+        with sessions.signals_ignored():
+            sessions.remove_container(client, name)
+            network.remove(name, sessions_dir=ctx.sessions_dir, client=client,
+                           privileged_command=ctx.config.network.privileged_command)
+        raise
     ctx.ui.info(f"Launched {name}")
     return 0
 
 
 def container_start(ctx: Context, *, name: str) -> int:
-    ctx.incus.start(name)
+    """Start a container; one of coi's gets its network rules first, as a session would."""
+    from coi import sessions
+    from coi.cli.commands.sessions import _start_isolated
+
+    inst = ctx.incus.instance(name)
+    if sessions.is_coi(inst, naming.container_prefix()):
+        _start_isolated(ctx, name, ctx.ui.detail)
+    else:
+        ctx.incus.start(name)
     return 0
 
 
@@ -92,8 +121,9 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
         return result.exit_code
     client.instance(name)  # a clear error for an unknown container
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
-    argv = client.exec_argv(name, sessions.once_argv(command, terminal=terminal), user=user, group=group, cwd=cwd,
-                            env=variables, terminal=terminal)
+    guarded = sessions.env_via_file(client, name, sessions.once_argv(command, terminal=terminal), variables,
+                                    uid=user or 0)
+    argv = client.exec_argv(name, guarded, user=user, group=group, cwd=cwd, terminal=terminal)
     return sessions.run_streamed(argv, timeout=None, warn=ctx.ui.warn, stdin=True)
 
 

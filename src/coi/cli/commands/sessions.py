@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from coi import naming
 from coi.cli.context import Context
@@ -35,6 +35,7 @@ def _request(ctx: Context, *, slot: int, env: list[str], mount: list[str], stora
     sessions.check_mounts(mounts, storage=storage_path is not None)
     if not ctx.workspace.is_dir():
         raise NotFoundError(f"workspace {ctx.workspace} is not a directory")
+    _check_state_exposure(ctx, [*(m.host for m in mounts), *([storage_path] if storage_path else [])])
     shift = _use_shift(ctx)
     ctx.ui.detail("Workspace mount: " + ("idmapped (shift=true)" if shift else
                                          f"raw.idmap {os.getuid()} -> {cfg.incus.code_uid}"))
@@ -44,9 +45,17 @@ def _request(ctx: Context, *, slot: int, env: list[str], mount: list[str], stora
         image=cfg.defaults.image, env=extra_env, mounts=mounts, storage=storage_path,
         tool=get_tool(cfg.tool.name), binary=cfg.tool.binary, max_slots=cfg.defaults.max_slots,
         prefix=_prefix(), code_uid=cfg.incus.code_uid, host_uid=os.getuid(), host_gid=os.getgid(),
-        shift=shift, lock_dir=cfg.paths.sessions_dir / "locks",
+        shift=shift, lock_dir=ctx.sessions_dir / "locks",
         base_config={**sessions.CONTAINER_CONFIG, **limits}, session_id=session_id,
         profile=ctx.loaded_config.profile)
+
+
+def _check_state_exposure(ctx: Context, mounted: Iterable[Path] = ()) -> None:
+    """Refuse before anything is made when coi's state directory lies inside (or around) the
+    workspace or a mount: a container could then write the records coi acts on."""
+    from coi.statedir import check_state_dir
+
+    check_state_dir(ctx.config.paths.sessions_dir, exposed=[ctx.workspace, *mounted])
 
 
 def _use_shift(ctx: Context) -> bool:
@@ -62,20 +71,24 @@ def _use_shift(ctx: Context) -> bool:
 
 def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
           env: list[str], mount: list[str], storage: str | None = None, background: bool = False,
-          debug: bool = False, tmux: bool = True, extra: list[str]) -> int:
-    from coi import sessions
+          debug: bool = False, tmux: bool = True, generation: int = 1, extra: list[str]) -> int:
+    from coi import sessions, state
 
     if extra:
         raise UsageError(f"unexpected argument {extra[0]!r}", f"did you mean --resume={extra[0]}?")
+    if generation < 1 or (generation != 1 and not resume):
+        raise UsageError("--generation N picks a save to resume: N >= 1, with --resume",
+                         "coi shell --resume --generation 2; see 'coi info' for the generations")
+    _check_state_exposure(ctx)
     client = ctx.incus
     cfg = ctx.config
+    state.save_limits(cfg.sessions)  # a bad [sessions] value fails now, not when the session is saved
     saved = None
     persistent = ctx.flag_values.get("defaults.persistent", (None, None))[1]
     if resume:
-        from coi import state
-
-        saved = state.find_session(cfg.paths.sessions_dir, cfg.tool.name,
-                                   session_id=None if resume == "latest" else resume, workspace=ctx.workspace)
+        saved = state.find_session(ctx.sessions_dir, cfg.tool.name,
+                                   session_id=None if resume == "latest" else resume, workspace=ctx.workspace,
+                                   generation=generation)
         if persistent is None:
             persistent = bool(saved.metadata.get("persistent"))
         if saved.metadata.get("profile") and "defaults.profile" not in ctx.flag_values:
@@ -104,8 +117,10 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
         argv = sessions.attach_argv(client, session.name, code_uid=req.code_uid, term=os.environ.get("TERM"))
     else:
         agent = None if debug else _agent_command(req, session, saved)
-        argv = client.exec_argv(session.name, agent or ["bash", "-l"], user=req.code_uid, group=req.code_uid,
-                                cwd=sessions.WORKSPACE, env=_agent_env(req), terminal=True)
+        command = sessions.env_via_file(client, session.name, agent or ["bash", "-l"], _agent_env(req),
+                                        uid=req.code_uid)
+        argv = client.exec_argv(session.name, command, user=req.code_uid, group=req.code_uid,
+                                cwd=sessions.WORKSPACE, terminal=True)
     code = sessions.run_attached(argv)
     return _after_attach(ctx, session.name, code, req.code_uid)
 
@@ -144,7 +159,7 @@ def _start_isolated(ctx: Context, name: str, log) -> None:
     from coi import network, sessions
 
     policy = network.plan(ctx.config.network)
-    early = network.applies_before_start(ctx.incus.instance(name), policy, ctx.config.paths.sessions_dir)
+    early = network.applies_before_start(ctx.incus.instance(name), policy, ctx.sessions_dir)
     if early:
         _isolate(ctx, name, policy, log)
     sessions.ensure_running(ctx.incus, name)
@@ -155,14 +170,15 @@ def _start_isolated(ctx: Context, name: str, log) -> None:
 def _isolate(ctx: Context, name: str, policy, log) -> None:
     from coi import network
 
-    backend = network.apply(ctx.incus, name, policy, sessions_dir=ctx.config.paths.sessions_dir, log=log)
+    backend = network.apply(ctx.incus, name, policy, sessions_dir=ctx.sessions_dir, log=log)
     log(f"Network: {policy.mode} ({backend})")
 
 
 def _unisolate(ctx: Context, name: str) -> None:
     from coi import network
 
-    network.remove(name, sessions_dir=ctx.config.paths.sessions_dir, client=ctx.incus)
+    network.remove(name, sessions_dir=ctx.sessions_dir, client=ctx.incus,
+                   privileged_command=ctx.config.network.privileged_command)
 
 
 def _need_terminal(what: str, name: str) -> None:
@@ -191,7 +207,7 @@ def _inject_credentials(ctx: Context, name: str, req) -> None:
     from coi import sessions
     from coi.tools import host_home
 
-    files = req.tool.credentials(host_home())
+    files = req.tool.credentials(host_home(), full_host_config=ctx.config.tool.full_host_config)
     dirs = sorted({str(Path(rel).parent) for rel in files} - {"."})
     for rel in dirs:
         ctx.incus.make_dir(name, f"{sessions.CODE_HOME}/{rel}", uid=req.code_uid, gid=req.code_uid, mode=0o700)
@@ -214,7 +230,8 @@ def _after_attach(ctx: Context, name: str, code: int, code_uid: int) -> int:
         ctx.ui.info(f"Detached; container {name} keeps running. Re-attach with: coi attach {name}")
         return 0
     if sessions.wait_stopped(client, name, timeout=60):
-        end_session(ctx, name)
+        with sessions.signals_ignored():  # the save and the delete run to their end
+            end_session(ctx, name)
         return 0
     ctx.ui.info(f"Container {name} keeps running. Re-attach with: coi attach {name}")
     return 0
@@ -235,8 +252,8 @@ def end_session(ctx: Context, name: str, *, inst: dict[str, Any] | None = None) 
     if session_id:
         ctx.ui.info("Saving session data...")
         slot = cfg.get(f"{key}slot", "")
-        state.save_session(client, name, tool=get_tool(tool),
-                           sessions_dir=ctx.config.paths.sessions_dir, metadata={
+        state.save_session(client, name, tool=get_tool(tool), limits=state.save_limits(ctx.config.sessions),
+                           warn=ctx.ui.warn, sessions_dir=ctx.sessions_dir, metadata={
                                "session_id": session_id, "container_name": name, "persistent": persistent,
                                "workspace": cfg.get(f"{key}workspace", ""), "tool": tool,
                                "slot": int(slot) if slot.isdigit() else None,
@@ -251,8 +268,6 @@ def end_session(ctx: Context, name: str, *, inst: dict[str, Any] | None = None) 
 
 def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         storage: str | None = None, capture: bool = False, timeout: float = 0, command: list[str]) -> int:
-    import subprocess
-
     from coi import sessions
 
     if not command:
@@ -261,31 +276,45 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
     client = ctx.incus
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage)
+    # SIGTERM and SIGHUP end coi run the way Ctrl+C does, in every phase: whatever it
+    # made (container, rules, watcher) is removed again.
     with sessions.interruptible():
         session = sessions.open_session(client, req, ctx.ui.detail)
-    env_vars = _agent_env(req)
-    try:
-        _start_isolated(ctx, session.name, ctx.ui.detail)
-        if capture:
-            if timeout:  # coreutils' timeout inside: exits 124 like coi run does
-                command = ["timeout", f"{timeout:g}", *command]
-            result = client.exec(session.name, sessions.once_argv(command), env=env_vars, user=req.code_uid,
-                                 group=req.code_uid, cwd=sessions.WORKSPACE)
-            stderr = sessions.checked_stderr(result, ctx.ui.warn)
-            ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": stderr, "exit_code": result.exit_code}))
-            return result.exit_code
-        terminal = sys.stdin.isatty()
-        argv = client.exec_argv(session.name, sessions.once_argv(command, terminal=terminal), user=req.code_uid,
-                                group=req.code_uid, cwd=sessions.WORKSPACE, env=env_vars, terminal=terminal)
         try:
-            return sessions.run_streamed(argv, timeout=timeout or None, warn=ctx.ui.warn)
-        except subprocess.TimeoutExpired:
-            ctx.ui.error(f"command timed out after {timeout:g}s")
-            return 124
-    finally:
-        if not session.persistent:
-            sessions.remove_container(client, session.name)
-            _unisolate(ctx, session.name)
+            return _run_command(ctx, session, req, command, capture=capture, timeout=timeout)
+        finally:
+            if not session.persistent:
+                with sessions.signals_ignored():  # a second signal must not cut the clean-up short
+                    sessions.remove_container(client, session.name)
+                    _unisolate(ctx, session.name)
+
+
+def _run_command(ctx: Context, session, req, command: list[str], *, capture: bool, timeout: float) -> int:
+    import subprocess
+
+    from coi import sessions
+
+    client = ctx.incus
+    _start_isolated(ctx, session.name, ctx.ui.detail)
+    env_vars = _agent_env(req)
+    if capture:
+        if timeout:  # coreutils' timeout inside: exits 124 like coi run does
+            command = ["timeout", f"{timeout:g}", *command]
+        result = client.exec(session.name, sessions.once_argv(command), env=env_vars, user=req.code_uid,
+                             group=req.code_uid, cwd=sessions.WORKSPACE)
+        stderr = sessions.checked_stderr(result, ctx.ui.warn)
+        ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": stderr, "exit_code": result.exit_code}))
+        return result.exit_code
+    terminal = sys.stdin.isatty()
+    guarded = sessions.env_via_file(client, session.name, sessions.once_argv(command, terminal=terminal),
+                                    env_vars, uid=req.code_uid)
+    argv = client.exec_argv(session.name, guarded, user=req.code_uid, group=req.code_uid, cwd=sessions.WORKSPACE,
+                            terminal=terminal)
+    try:
+        return sessions.run_streamed(argv, timeout=timeout or None, warn=ctx.ui.warn)
+    except subprocess.TimeoutExpired:
+        ctx.ui.error(f"command timed out after {timeout:g}s")
+        return 124
 
 
 # ---- attach, list, info ------------------------------------------------------------
@@ -334,7 +363,7 @@ def list_sessions(ctx: Context, *, all: bool = False, format: str = "text") -> i
     if all:
         from coi import state
 
-        saved = state.saved_sessions(ctx.config.paths.sessions_dir)
+        saved = state.saved_sessions(ctx.sessions_dir)
     from coi.cli.render import render_sessions
 
     render_sessions(ctx.ui, containers, saved, format=format, include_saved=all)
@@ -345,7 +374,7 @@ def info(ctx: Context, *, session_id: str | None = None) -> int:
     from coi import state
 
     cfg = ctx.config
-    saved = state.find_session(cfg.paths.sessions_dir, cfg.tool.name, session_id=session_id,
+    saved = state.find_session(ctx.sessions_dir, cfg.tool.name, session_id=session_id,
                                workspace=ctx.workspace)
     md = saved.metadata
     exists = ctx.incus.exists(md.get("container_name", "")) if md.get("container_name") else False
@@ -356,6 +385,9 @@ def info(ctx: Context, *, session_id: str | None = None) -> int:
                          ("Saved at", md.get("saved_at")), ("Size", f"{saved.size()} bytes"),
                          ("Path", str(saved.path))):
         ctx.ui.out(f"{label}: {value}")
+    for gen in state.generations(saved):
+        ctx.ui.out(f"Generation {gen.generation}: saved at {gen.metadata.get('saved_at')}, "
+                   f"{gen.generation_size()} bytes")
     return 0
 
 
@@ -431,7 +463,7 @@ def persist(ctx: Context, *, names: list[str], all: bool = False, force: bool = 
         tool = (inst.get("config") or {}).get(f"{key}tool") or ctx.config.tool.name
         if sid:
             try:
-                saved = state.find_session(ctx.config.paths.sessions_dir, tool, session_id=sid,
+                saved = state.find_session(ctx.sessions_dir, tool, session_id=sid,
                                            workspace=ctx.workspace)
                 state.update_metadata(saved, persistent=True)
             except NotFoundError:
@@ -447,11 +479,12 @@ def clean(ctx: Context, *, force: bool = False, sessions: bool = False, all: boo
     client = ctx.incus
     stopped = [i for i in client.instances(recursion=1) if svc.is_coi(i, _prefix())
                and svc.is_stopped(i) and i["config"].get(f"{naming.CONFIG_PREFIX}persistent") != "true"]
-    saved = state.saved_sessions(ctx.config.paths.sessions_dir) if (sessions or all) else []
+    saved = state.saved_sessions(ctx.sessions_dir) if (sessions or all) else []
     from coi import network
 
-    existing = {i["name"] for i in client.instances(recursion=1)}
-    for name in network.clean_orphans(existing, sessions_dir=ctx.config.paths.sessions_dir, client=client,
+    # Every project: a container that still exists anywhere keeps its rules.
+    existing = {i["name"] for i in client.instances(recursion=1, all_projects=True)}
+    for name in network.clean_orphans(existing, sessions_dir=ctx.sessions_dir, client=client,
                                       privileged_command=ctx.config.network.privileged_command):
         ctx.ui.info(f"Removed network rules of {name}")
     if not stopped and not saved:
