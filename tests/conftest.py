@@ -26,12 +26,15 @@ OUTSIDER = "coi-outsider"  # a user *not* in the Incus admin group
 ADMIN_GROUP = "incus-admin"
 
 
+TIERS = ("unit", "integration", "e2e", "security", "acceptance")
+
+
 def pytest_collection_modifyitems(items):
     """Tests carry their tier as a marker; the folder decides when they do not."""
     for item in items:
-        if not any(item.get_closest_marker(m) for m in ("unit", "integration", "e2e", "security")):
+        if not any(item.get_closest_marker(m) for m in TIERS):
             tier = Path(str(item.fspath)).parent.name
-            if tier in ("unit", "integration", "e2e", "security"):
+            if tier in TIERS:
                 item.add_marker(getattr(pytest.mark, tier))
 
 
@@ -223,6 +226,23 @@ def session_user(coi_user, sandbox_image, nft_sudo):
 
 
 # ---- images: the full coi image -----------------------------------------------------
+
+
+@pytest.fixture
+def real_user(coi_user, coi_image, nft_sudo):
+    """The test user as a new user is: the real coi image and the real agent (Claude Code),
+    the default restricted network."""
+    cfg = coi_user.home / ".config" / "coi"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text(f'[defaults]\nimage = "{coi_image}"\n\n'
+                                     f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
+    for p in (coi_user.home / ".config", cfg, cfg / "config.toml"):
+        os.chown(p, coi_user.uid, coi_user.gid)
+    yield coi_user
+    subprocess.run(coi_user.argv(["coi", "kill", "--all", "--force"]), capture_output=True)
+    shutil.rmtree(coi_user.home / ".coi", ignore_errors=True)
+    shutil.rmtree(cfg, ignore_errors=True)
+
 
 
 @pytest.fixture(scope="session")

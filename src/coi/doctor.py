@@ -64,6 +64,11 @@ def check_network(config) -> Check:
                  blocking=False)
 
 
+def _node_ok(version: str) -> bool:
+    major = version.lstrip("v").split(".")[0]
+    return major.isdigit() and int(major) >= MIN_NODE
+
+
 def check_state_dir(config) -> Check:
     """coi's state directory: the user's alone (records in it are acted on later)."""
     import stat
@@ -207,9 +212,17 @@ def _idmap(client: Incus, server: dict[str, Any], config) -> Check:
                  "a kernel >= 5.12 with idmapped mount support gives per-mount UID shifting", blocking=False)
 
 
+MIN_NODE = 22  # what the agents need (Claude Code declares >= 22)
+
+
 def _image(client: Incus, server: dict[str, Any], config) -> Check:
     alias = config.defaults.image
     if client.image_exists(alias):
-        return Check("image", "ok", f"image {alias} present")
+        props = client.image_by_alias(alias).get("properties") or {}
+        node = props.get("coi.node", "")
+        if props.get("coi.kind") == "coi" and not _node_ok(node):
+            return Check("image", "warn", f"image {alias} has Node.js {node or 'of an older build'}; "
+                         f"the agents need {MIN_NODE} or newer", "rebuild it: coi build --force", blocking=False)
+        return Check("image", "ok", f"image {alias} present" + (f" (Node.js {node})" if node else ""))
     return Check("image", "warn", f"image {alias} not built yet", "run 'coi build'", blocking=False)
 

@@ -35,9 +35,9 @@ Log = Callable[[str], None]
 
 PROFILES = ["coi"]
 COI_ALIAS = "coi"
-DEFAULT_BASE = "bootstrap:debian/bookworm"
+DEFAULT_BASE = "bootstrap:debian/trixie"  # Debian 13, today's stable; bookworm stays selectable
 REMOTE_SERVER = "https://images.linuxcontainers.org"
-IMAGE_FORMAT = "1"  # bump when the way the coi image is built changes outside the script
+IMAGE_FORMAT = "2"  # bump when the way the coi image is built changes outside the script
 
 # Agent tools the coi image can carry: tool -> (registry, package).
 TOOL_PACKAGES: dict[str, tuple[str, str]] = {
@@ -51,7 +51,8 @@ TOOL_PACKAGES: dict[str, tuple[str, str]] = {
 # The steps of coi-image.sh, in order: (argument, what the user sees).
 COI_STEPS: tuple[tuple[str, str], ...] = (
     ("packages", "Install base packages (git, curl, build tools, python3, tmux, ...)"),
-    ("nodejs", "Install Node.js and npm"),
+    ("nodejs", "Install Node.js (22 or newer) and npm"),
+    ("tmux", "Configure tmux for the agents"),
     ("gh", "Install the GitHub CLI"),
     ("docker", "Install Docker"),
     ("user", "Create user code"),
@@ -137,10 +138,10 @@ def parse_base(ref: str | None, *, default: str = DEFAULT_BASE) -> Base:
 
 
 def _fallback_for(remote: str) -> str:
-    """The bootstrap base closest to a remote alias (Debian 13 -> trixie, else bookworm)."""
+    """The bootstrap base closest to a remote alias (Debian 12 -> bookworm, else the default, trixie)."""
     parts = remote.lower().split("/")
-    if parts[0] == "debian" and len(parts) > 1 and parts[1] in ("13", "trixie"):
-        return "bootstrap:debian/trixie"
+    if parts[0] == "debian" and len(parts) > 1 and parts[1] in ("12", "bookworm"):
+        return "bootstrap:debian/bookworm"
     return DEFAULT_BASE
 
 
@@ -198,8 +199,10 @@ def coi_inputs_hash(*, tools: Iterable[str], config: Any, base: str | None = Non
 
 
 def normalise_tools(tools: Iterable[str]) -> list[str]:
-    """Agent tools in a stable order, without duplicates; unknown names are refused."""
+    """Agent tools in a stable order, without duplicates (``all``: every one); unknown names are refused."""
     wanted = [t.strip() for t in tools if t.strip()]
+    if "all" in wanted:  # coi build --tools all
+        wanted = [t for t in wanted if t != "all"] + list(TOOL_PACKAGES)
     unknown = [t for t in wanted if t not in TOOL_PACKAGES]
     if unknown:
         raise UsageError(f"unknown agent tool {unknown[0]!r}",
@@ -271,13 +274,21 @@ def _now_iso() -> str:
 
 @dataclass
 class _Build:
-    """One builder's lifetime: steps, progress, log file, and clean-up."""
+    """One builder's lifetime: steps, progress, log file, and clean-up.
+
+    ``log`` gets one line per step (and the build's own messages); the steps'
+    own output (apt, npm, pip) goes to the log file, and to ``output`` too
+    (``--verbose``). ``progress`` shows a spinner with the elapsed time while a
+    step runs (a terminal line that is rewritten; "" clears it).
+    """
 
     client: Any
     alias: str
     log: Log
     log_file: Path
     total: int
+    output: Log | None = None
+    progress: Callable[[str], None] | None = None
     builder: str = field(default_factory=lambda: naming.builder_name(naming.container_prefix()))
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.monotonic)
@@ -312,8 +323,45 @@ class _Build:
 
     def fail(self, detail: str, hint: str | None = None) -> BuildError:
         message = f"build of image {self.alias} failed at step '{self.current}': {detail}; log: {self.log_file}"
+        if self.output is None:  # not shown as it ran: the end of the log says why
+            for line in self._tail(15):
+                self.log("    | " + line)
         self._write("# " + message)
         return BuildError(message, hint or "fix the cause shown above (and in the log), then build again")
+
+    def _tail(self, count: int) -> list[str]:
+        try:
+            lines = self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+        return [line for line in lines if not line.startswith("# ")][-count:]
+
+    @contextmanager
+    def _spinner(self) -> Iterator[None]:
+        """While a step runs: a spinner, the step and the time so far, redrawn a few times a second."""
+        if self.progress is None:
+            yield
+            return
+        import threading
+
+        done = threading.Event()
+        began = time.monotonic()
+
+        def spin() -> None:
+            frames = "|/-\\"
+            i = 0
+            while not done.wait(0.25):
+                step = _elapsed(time.monotonic() - began)
+                self.progress(f"{frames[i % 4]} [{self.number}/{self.total}] {self.current}  {step}")  # type: ignore[misc]
+                i += 1
+        ticker = threading.Thread(target=spin, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+            self.progress("")
 
     # ---- running things in the builder ----
 
@@ -326,10 +374,11 @@ class _Build:
         """
         from coi.incus import EXEC_NOT_STARTED
 
-        for _ in range(3 if idempotent else 1):
-            code, lost = self._run_once(command, env=env, cwd=cwd, lost_marker=EXEC_NOT_STARTED)
-            if not lost:
-                break
+        with self._spinner():
+            for _ in range(3 if idempotent else 1):
+                code, lost = self._run_once(command, env=env, cwd=cwd, lost_marker=EXEC_NOT_STARTED)
+                if not lost:
+                    break
         if code != 0:
             raise self.fail(f"exit code {code}")
 
@@ -351,7 +400,8 @@ class _Build:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 lost = lost or lost_marker in line
                 self._write(line)
-                self.log("    " + line)
+                if self.output is not None:
+                    self.output("    " + line)
             code = proc.wait()
         except BaseException:
             proc.kill()
@@ -574,7 +624,7 @@ def _run_build(build: _Build, body: Callable[[], dict[str, Any]]) -> dict[str, A
 
 
 def build_custom(client: Any, *, name: str, script: Path, base: str | None, force: bool, config: Any,
-                 log: Log) -> dict[str, Any]:
+                 log: Log, output: Log | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build image ``name``: ``script`` run as root in a builder from ``base`` (default: coi)."""
     _check_alias(name)
     script = Path(script)
@@ -591,7 +641,7 @@ def build_custom(client: Any, *, name: str, script: Path, base: str | None, forc
     if parsed.remote is None:
         parsed = _local_base(client, parsed, log)
 
-    build = _Build(client, name, log, log_path(config, name), total=4)
+    build = _Build(client, name, log, log_path(config, name), total=4, output=output, progress=progress)
 
     def body() -> dict[str, Any]:
         build.say(f"Building image {name} from {parsed.ref} with {script} (log: {build.log_file})")
@@ -609,7 +659,8 @@ def build_custom(client: Any, *, name: str, script: Path, base: str | None, forc
     return _run_build(build, body)
 
 
-def build_coi(client: Any, *, force: bool, tools: list[str], config: Any, log: Log) -> dict[str, Any]:
+def build_coi(client: Any, *, force: bool, tools: list[str], config: Any, log: Log, output: Log | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the ``coi`` image: the tools of the contract plus the chosen agent tools."""
     tools = normalise_tools(tools)
     parsed = parse_base(config.build.base)
@@ -619,7 +670,8 @@ def build_coi(client: Any, *, force: bool, tools: list[str], config: Any, log: L
     script = coi_script().read_bytes()
     inputs = coi_inputs_hash(tools=tools, config=config, script=script)
     ca_files = host_ca_files()
-    build = _Build(client, COI_ALIAS, log, log_path(config, COI_ALIAS), total=3 + len(COI_STEPS))
+    build = _Build(client, COI_ALIAS, log, log_path(config, COI_ALIAS), total=3 + len(COI_STEPS), output=output,
+                   progress=progress)
     env = {"CODE_UID": str(config.incus.code_uid), "COI_TOOLS": " ".join(tools), "HOME": "/root"}
 
     def body() -> dict[str, Any]:
@@ -634,7 +686,9 @@ def build_coi(client: Any, *, force: bool, tools: list[str], config: Any, log: L
         for arg, title in COI_STEPS:
             build.step(title + (f": {', '.join(tools)}" if arg == "tools" else ""))
             build.run(["/bin/bash", _COI_SCRIPT_PATH, arg], env=env)
+        _, node = build.capture(["/usr/local/bin/node", "--version"])
         properties = {"coi.kind": "coi", "coi.version": __version__, "coi.base": used.ref,
+                      "coi.node": node.strip(),
                       "coi.script_hash": _sha([script]), "coi.inputs": inputs, "coi.tools": ",".join(tools),
                       "coi.code_uid": str(config.incus.code_uid), "coi.built_at": _now_iso()}
         return build.finish(properties=properties, replace=force,

@@ -201,6 +201,14 @@ def env_via_file(client: Incus, name: str, command: list[str], env: Mapping[str,
     return ["sh", "-c", _ENV_LOADER, path, *command]
 
 
+def as_user(command: list[str], *, uid: int, gid: int | None = None) -> list[str]:
+    """``command`` run as ``uid`` with that user's full group list, as a login gives it
+    (``docker``, ``sudo``): Incus's own ``user``/``group`` start a process with no
+    supplementary groups. Run the result as root; ``setpriv`` drops to the user."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--init-groups", "--",
+            *command]
+
+
 def tmux_argv(*args: str) -> list[str]:
     return ["tmux", "-S", TMUX_SOCKET, *args]
 
@@ -521,7 +529,7 @@ def ensure_running(client: Incus, name: str) -> None:
 
 def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE,
               capture: bool = True, retry: bool = True):
-    return client.exec(name, argv, env=tmux_env(), user=code_uid, group=code_uid, cwd=cwd, capture=capture,
+    return client.exec(name, as_user(argv, uid=code_uid), env=tmux_env(), cwd=cwd, capture=capture,
                        retry=retry)
 
 
@@ -617,7 +625,7 @@ def start_tmux(client: Incus, name: str, *, code_uid: int, env: Mapping[str, str
 def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, bash: bool = False) -> list[str]:
     env = {**tmux_env(), "TERM": terminal_type(term)}
     command = ["bash", "-l"] if bash else tmux_argv("attach-session", "-t", naming.tmux_session(name))
-    return client.exec_argv(name, command, user=code_uid, group=code_uid, cwd=WORKSPACE, env=env,
+    return client.exec_argv(name, as_user(command, uid=code_uid), cwd=WORKSPACE, env=env,
                             terminal=True)
 
 

@@ -55,6 +55,15 @@ class Tool:
             return argv + [self.session_flag, session_id]
         return argv
 
+    def resume_command(self, state: Path, *, binary: str = "", session_id: str | None = None) -> list[str]:
+        """argv that resumes the conversation saved in ``state``. Claude Code's own id is read
+        from its transcripts; with none (the agent never talked: not logged in, say) it starts
+        fresh, since ``--continue`` would only say "No conversation found" and exit."""
+        agent_id = self.find_session_id(state)
+        if self.name == "claude" and agent_id is None:
+            return self.command(binary=binary, session_id=session_id)
+        return self.command(binary=binary, resume_id=agent_id, resume_latest=agent_id is None)
+
     def find_session_id(self, state: Path) -> str | None:
         """The tool's own id of its latest conversation in a saved state dir."""
         if self.name != "claude":
@@ -102,8 +111,12 @@ TOOLS: dict[str, Tool] = {
                    session_flag="--session-id", resume_flag="--resume", continue_flag="--continue",
                    sandbox_settings=(
                        (".claude/settings.json", {"permissions": {"defaultMode": "bypassPermissions"}}),
+                       # Straight to the prompt: onboarding, the bypass-permissions warning, the
+                       # auto-mode nudge and notice, the workspace trust question all answered.
                        (".claude.json", {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True,
-                                         "projects": {"/workspace": {"hasTrustDialogAccepted": True}}}),
+                                         "hasSeenAutoDefaultNudge": True, "hasSeenAutoDefaultNotice": True,
+                                         "projects": {"/workspace": {"hasTrustDialogAccepted": True,
+                                                                     "hasCompletedProjectOnboarding": True}}}),
                    ),
                    kept_keys=((".claude.json", CLAUDE_CONFIG_KEYS),)),
     "aider": Tool("aider", "aider", ".aider", env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY")),

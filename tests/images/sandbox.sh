@@ -19,3 +19,7 @@ if ! id code >/dev/null 2>&1; then
 fi
 mkdir -p /workspace
 chown code:code /workspace
+# A supplementary group of code's (as docker and sudo are in the coi image): the
+# tests check that every process coi starts as code has it.
+getent group coi-extra >/dev/null || groupadd coi-extra
+usermod -aG coi-extra code

@@ -124,7 +124,8 @@ def test_custom_build_from_a_one_line_script(coi_user, incus, base_image, worksp
     assert proc.returncode == 0, proc.stderr
     assert seconds < WARM_BUILD_LIMIT
     err = proc.stderr
-    assert "[1/4] Launch builder" in err and "elapsed" in err and "hello-from-script" in err
+    assert "[1/4] Launch builder" in err and "elapsed" in err
+    assert "hello-from-script" not in err  # a step's own output goes to the log (--verbose shows it)
     assert f"Image {alias} ready: fingerprint" in err
     assert not incus.exists(_builder(err))
 
@@ -154,6 +155,7 @@ def test_failing_script_names_step_and_log_and_leaves_nothing(coi_user, incus, b
     assert "failed at step 'Run broken.sh as root'" in proc.stderr
     assert "exit code 3" in proc.stderr and str(log) in proc.stderr
     assert "about-to-fail" in log.read_text()
+    assert "    | about-to-fail" in proc.stderr  # the end of the log, shown with the failure
     assert not incus.exists(_builder(proc.stderr))
     assert not incus.image_exists(alias)
     assert coi_user.run(["image", "exists", alias]).returncode == 1
@@ -202,7 +204,8 @@ def test_force_replaces_only_after_a_successful_publish(coi_user, incus, base_im
 
 def test_ctrl_c_during_a_build_cleans_up(coi_user, incus, base_image, workspace, alias):
     script = _script(workspace, "echo step-started\nsleep 300\n", name="slow.sh")
-    argv = coi_user.argv(["coi", "build", "custom", alias, "--script", str(script), "--base", base_image])
+    argv = coi_user.argv(["coi", "build", "custom", alias, "--script", str(script), "--base", base_image,
+                          "--verbose"])  # the step's own output, streamed
     proc = subprocess.Popen(argv, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, like a terminal's job
     seen = []
@@ -329,7 +332,7 @@ def test_dns_repair_of_a_dead_stub_resolver(coi_user, incus, broken_dns_base, wo
     proc = coi_user.run(["build", "custom", fixed, "--script", str(script), "--base", broken_dns_base])
     assert proc.returncode == 0, proc.stderr
     assert f"bridge's resolver {gateway} (inside the image only)" in proc.stderr
-    assert "DNS repaired" in proc.stderr and "names-resolve" in proc.stderr
+    assert "DNS repaired" in proc.stderr and "names-resolve" in _log_of(coi_user, fixed).read_text()
 
     name = launched(fixed)
     assert incus.exec(name, ["cat", "/etc/resolv.conf"]).stdout == f"nameserver {gateway}\n"

@@ -211,14 +211,14 @@ def _build(fake, config, script, **kw):
 
 @pytest.mark.parametrize("ref, default, expected", [
     (None, "coi", images.Base("coi", alias="coi")),
-    ("", images.DEFAULT_BASE, images.Base("bootstrap:debian/bookworm")),
+    ("", images.DEFAULT_BASE, images.Base("bootstrap:debian/trixie")),
     ("bootstrap:debian/trixie", "coi", images.Base("bootstrap:debian/trixie")),
     ("images:debian/12", "coi", images.Base("images:debian/12", remote="debian/12",
                                             fallback="bootstrap:debian/bookworm")),
     ("images:debian/13", "coi", images.Base("images:debian/13", remote="debian/13",
                                             fallback="bootstrap:debian/trixie")),
     ("images:ubuntu/24.04", "coi", images.Base("images:ubuntu/24.04", remote="ubuntu/24.04",
-                                               fallback="bootstrap:debian/bookworm")),
+                                               fallback="bootstrap:debian/trixie")),
     ("my-image", "coi", images.Base("my-image", alias="my-image")),
 ])
 def test_parse_base(ref, default, expected):
@@ -469,7 +469,7 @@ def test_coi_build_refuses_existing_image_and_runs_every_step(fake, config):
     assert steps == [arg for arg, _ in images.COI_STEPS]
     assert result["properties"]["coi.inputs"] == images.coi_inputs_hash(tools=["claude"], config=config)
     assert result["properties"]["coi.tools"] == "claude"
-    assert "[12/12] Finalise, stop and publish the image" in " ".join(lines)
+    assert "[13/13] Finalise, stop and publish the image" in " ".join(lines)
 
 
 def test_coi_build_failure_names_the_script_step(fake, config):

@@ -88,7 +88,8 @@ HOST_CLAUDE_JSON = {
     "numStartups": 42,
 }
 SANDBOX = {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True,
-           "projects": {"/workspace": {"hasTrustDialogAccepted": True}}}
+           "hasSeenAutoDefaultNudge": True, "hasSeenAutoDefaultNotice": True,
+           "projects": {"/workspace": {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}}}
 SIGNED_IN = {"oauthAccount": HOST_CLAUDE_JSON["oauthAccount"], "userID": "u-1", "primaryApiKey": "sk-ant-key",
              "customApiKeyResponses": {"approved": ["abc"], "rejected": []}, "lastOnboardingVersion": "1.0.0"}
 
@@ -127,3 +128,14 @@ def test_full_host_config_leaves_the_other_files_as_they_are(tmp_path):
     minimal = TOOLS["claude"].credentials(tmp_path)
     assert minimal[".claude/.credentials.json"] == b'{"t": 1}'
     assert json.loads(minimal[".claude/settings.json"]) == {"x": 1, "permissions": {"defaultMode": "bypassPermissions"}}
+
+
+def test_claude_resumes_its_own_transcript_or_starts_fresh(tmp_path):
+    from coi.tools import get_tool
+
+    claude = get_tool("claude")
+    assert claude.resume_command(tmp_path, session_id="s1") == ["claude", "--session-id", "s1"]
+    (tmp_path / "projects" / "-workspace").mkdir(parents=True)
+    (tmp_path / "projects" / "-workspace" / "abc.jsonl").write_text("{}\n")
+    assert claude.resume_command(tmp_path, session_id="s1") == ["claude", "--resume", "abc"]
+    assert get_tool("codex").resume_command(tmp_path) == get_tool("codex").command(resume_latest=True)

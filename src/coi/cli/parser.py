@@ -193,7 +193,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = _command(sub, "build", "images:build", "build the coi image", "coi build --force")
     p.add_argument("--force", action="store_true", help="replace an existing image")
     p.add_argument("--tools", default=None, metavar="LIST",
-                   help="agent tools to install, comma-separated (default: [build] tools, 'claude')")
+                   help="agent tools to install, comma-separated, or 'all' (claude, codex, gemini, opencode, aider; "
+                        "default: [build] tools, 'claude')")
     bsub = p.add_subparsers(title="build commands", metavar="ACTION", parser_class=_Parser)
     q = _command(bsub, "custom", "images:build_custom", "build an image from a script run as root",
                  "coi build custom coi-rust --script rust.sh")

@@ -31,6 +31,13 @@ class UI:
         if self.verbose and not self.quiet:
             print(text, file=sys.stderr, flush=True)
 
+    def progress(self, text: str) -> None:
+        """A status line rewritten in place on a terminal (a spinner); "" clears it. Nothing elsewhere."""
+        if self.quiet or not sys.stderr.isatty():
+            return
+        sys.stderr.write("\r\033[K" + text)
+        sys.stderr.flush()
+
     def warn(self, text: str) -> None:
         print(self._paint("Warning:", "33") + " " + text, file=sys.stderr, flush=True)
 

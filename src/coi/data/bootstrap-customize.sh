@@ -33,4 +33,6 @@ done
 # using the container: keep /tmp instead (it lives on the container's disk).
 mkdir -p "$root/etc/tmpfiles.d"
 echo 'd /tmp 1777 root root -' > "$root/etc/tmpfiles.d/tmp.conf"
+# Debian 13 mounts a tmpfs on /tmp at boot, which would hide what coi put there.
+chroot "$root" systemctl mask tmp.mount >/dev/null 2>&1 || true
 rm -f "$root/etc/hostname"

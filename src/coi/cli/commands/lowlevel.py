@@ -109,9 +109,18 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
     from coi import sessions
 
     client = ctx.incus
+    as_code = user is not None and user == ctx.config.incus.code_uid
+
+    def started(argv: list[str]) -> list[str]:
+        """code gets its full group list, as a login would (Incus's user/group give none)."""
+        return sessions.as_user(argv, uid=user, gid=group) if as_code else argv  # type: ignore[arg-type]
+
+    incus_user, incus_group = (None, None) if as_code else (user, group)
+    if as_code:  # what a login as code would have; --env values win
+        variables = {**sessions.tmux_env(), "LOGNAME": "code", "SHELL": "/bin/bash", **variables}
     if capture:  # the user's command, guarded like coi run's: never started twice
-        result = client.exec(name, sessions.once_argv(command), env=variables, user=user or 0, group=group or 0,
-                             cwd=cwd)
+        result = client.exec(name, started(sessions.once_argv(command)), env=variables, user=incus_user or 0,
+                             group=incus_group or 0, cwd=cwd)
         stderr = sessions.checked_stderr(result, ctx.ui.warn)
         if format == "raw":
             sys.stdout.write(result.stdout)
@@ -123,7 +132,7 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     guarded = sessions.env_via_file(client, name, sessions.once_argv(command, terminal=terminal), variables,
                                     uid=user or 0)
-    argv = client.exec_argv(name, guarded, user=user, group=group, cwd=cwd, terminal=terminal)
+    argv = client.exec_argv(name, started(guarded), user=incus_user, group=incus_group, cwd=cwd, terminal=terminal)
     return sessions.run_streamed(argv, timeout=None, warn=ctx.ui.warn, stdin=True)
 
 

@@ -119,7 +119,7 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
         agent = None if debug else _agent_command(req, session, saved)
         command = sessions.env_via_file(client, session.name, agent or ["bash", "-l"], _agent_env(req),
                                         uid=req.code_uid)
-        argv = client.exec_argv(session.name, command, user=req.code_uid, group=req.code_uid,
+        argv = client.exec_argv(session.name, sessions.as_user(command, uid=req.code_uid),
                                 cwd=sessions.WORKSPACE, terminal=True)
     code = sessions.run_attached(argv)
     return _after_attach(ctx, session.name, code, req.code_uid)
@@ -189,8 +189,7 @@ def _need_terminal(what: str, name: str) -> None:
 def _agent_command(req, session, saved) -> list[str]:
     if saved is None:
         return req.tool.command(binary=req.binary, session_id=session.session_id)
-    agent_id = req.tool.find_session_id(saved.path / "state")
-    return req.tool.command(binary=req.binary, resume_id=agent_id, resume_latest=agent_id is None)
+    return req.tool.resume_command(saved.path / "state", binary=req.binary, session_id=session.session_id)
 
 
 def _restore_state(ctx: Context, name: str, saved, req) -> None:
@@ -300,15 +299,15 @@ def _run_command(ctx: Context, session, req, command: list[str], *, capture: boo
     if capture:
         if timeout:  # coreutils' timeout inside: exits 124 like coi run does
             command = ["timeout", f"{timeout:g}", *command]
-        result = client.exec(session.name, sessions.once_argv(command), env=env_vars, user=req.code_uid,
-                             group=req.code_uid, cwd=sessions.WORKSPACE)
+        result = client.exec(session.name, sessions.as_user(sessions.once_argv(command), uid=req.code_uid),
+                             env=env_vars, cwd=sessions.WORKSPACE)
         stderr = sessions.checked_stderr(result, ctx.ui.warn)
         ctx.ui.out(json.dumps({"stdout": result.stdout, "stderr": stderr, "exit_code": result.exit_code}))
         return result.exit_code
     terminal = sys.stdin.isatty()
     guarded = sessions.env_via_file(client, session.name, sessions.once_argv(command, terminal=terminal),
                                     env_vars, uid=req.code_uid)
-    argv = client.exec_argv(session.name, guarded, user=req.code_uid, group=req.code_uid, cwd=sessions.WORKSPACE,
+    argv = client.exec_argv(session.name, sessions.as_user(guarded, uid=req.code_uid), cwd=sessions.WORKSPACE,
                             terminal=terminal)
     try:
         return sessions.run_streamed(argv, timeout=timeout or None, warn=ctx.ui.warn)

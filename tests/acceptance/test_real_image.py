@@ -1,0 +1,115 @@
+"""What the README tells a person to do, on the real ``coi`` image with the real agent
+(Claude Code, not logged in: its prompt needs no credentials), as a normal user.
+
+The image is the one ``coi build`` makes by default (Debian 13, Node.js from PyPI,
+Docker, gh); it is built once and cached while its inputs stay the same.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from coi.wait import wait_for
+from terminal import Terminal
+
+pytestmark = pytest.mark.acceptance
+
+# What Claude Code shows at its input prompt when nobody is logged in.
+PROMPT = "Not logged in"
+# Dialogs a sandbox must never show (trust, permission mode, onboarding, theme).
+DIALOGS = ("trust this folder", "Do you trust", "auto mode your default", "Choose the text style",
+           "Select login method", "Press Enter to continue", "WARNING: Claude Code running in Bypass")
+
+
+def start(user, workspace, *args: str) -> str:
+    proc = user.run(["shell", "--background", *args], cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    return next(l.split(": ", 1)[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+
+
+def pane(user, name: str) -> str:
+    proc = user.run(["tmux", "capture", name])
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def in_container(user, name: str, script: str) -> subprocess.CompletedProcess[str]:
+    """A command as code, the way the agent's own commands run."""
+    return user.run(["container", "exec", name, "--user", "1000", "--", "sh", "-c", script])
+
+
+def test_claude_starts_straight_at_its_prompt(real_user, workspace):
+    name = start(real_user, workspace)
+    wait_for(lambda: PROMPT in pane(real_user, name), timeout=60, what="Claude Code's prompt")
+    screen = pane(real_user, name)
+    assert "❯" in screen and "bypass permissions on" in screen, screen
+    assert not [d for d in DIALOGS if d.lower() in screen.lower()], screen
+    versions = in_container(real_user, name, "node --version; claude --version; tmux -S ~/.tmux-coi.sock show -g focus-events")
+    assert versions.returncode == 0, versions.stderr
+    node, claude, focus = versions.stdout.splitlines()
+    assert int(node.lstrip("v").split(".")[0]) >= 22 and "Claude Code" in claude and focus.endswith("on")
+
+
+DOCKER_IMAGE = ('tar -C / -chf /tmp/true.tar usr/bin/true $(ldd /usr/bin/true | grep -o "/[^ ]*" | sed "s#^/##") '
+                '&& docker import /tmp/true.tar coi-acceptance-true >/dev/null '
+                '&& docker run --rm --network none coi-acceptance-true /usr/bin/true && echo ran-in-docker')
+
+
+def test_coi_run_has_docker_git_gh_and_sudo(real_user, workspace):
+    proc = real_user.run(["run", "--", "sh", "-c",
+                          f"id -Gn; {DOCKER_IMAGE}; git --version; gh --version | head -n1; sudo -n id -u"],
+                         cwd=workspace)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert {"docker", "sudo"} <= set(lines[0].split()), lines
+    assert "ran-in-docker" in lines and lines[-1] == "0", lines
+    assert any(l.startswith("git version") for l in lines) and any(l.startswith("gh version") for l in lines)
+
+
+def test_a_session_detaches_attaches_uses_docker_and_poweroff_saves(real_user, workspace, incus):
+    term = Terminal(real_user.argv(["coi", "shell"], env={"TERM": "xterm-256color"}), cwd=str(workspace))
+    term.wait_for("Workspace: ")
+    name = next(l.split(": ", 1)[1].strip() for l in term.output().splitlines() if l.startswith("Container: "))
+    term.wait_for(PROMPT, timeout=90)
+    term.detach()
+    assert term.finish() == 0 and incus.instance(name)["status"] == "Running"
+
+    term = Terminal(real_user.argv(["coi", "attach", name], env={"TERM": "xterm-256color"}), cwd=str(workspace))
+    term.wait_for(PROMPT, timeout=60)  # the agent is still there
+    term.detach()
+    assert term.finish() == 0
+
+    # The agent's shell in the same session: Docker as code, then the person ends it.
+    term = Terminal(real_user.argv(["coi", "attach", name, "--bash"], env={"TERM": "xterm-256color"}),
+                    cwd=str(workspace))
+    term.wait_for("code@")
+    term.type(f"{DOCKER_IMAGE} > /workspace/docker.out 2>&1; echo docker-$((40 + 2))-done")
+    term.wait_for("docker-42-done", timeout=120)
+    assert "ran-in-docker" in (workspace / "docker.out").read_text()
+    term.type("sudo poweroff")
+    term.wait_for("Session data saved", timeout=120)
+    assert term.finish() == 0
+    assert not incus.exists(name)
+    saved = json.loads(real_user.run(["list", "--all", "--format", "json"], cwd=workspace).stdout)["saved_sessions"]
+    assert [s["container_name"] for s in saved] == [name]
+
+
+def test_resume_starts_the_real_agent_with_its_state_in_place(real_user, workspace, incus):
+    name = start(real_user, workspace)
+    wait_for(lambda: PROMPT in pane(real_user, name), timeout=60, what="Claude Code's prompt")
+    marker = in_container(real_user, name, "mkdir -p ~/.claude/todos && echo kept > ~/.claude/todos/coi-test.json")
+    assert marker.returncode == 0, marker.stderr
+    assert real_user.run(["shutdown", name, "--timeout", "30"], cwd=workspace).returncode == 0
+
+    name = start(real_user, workspace, "--resume")
+    wait_for(lambda: PROMPT in pane(real_user, name), timeout=60, what="the resumed Claude Code's prompt")
+    state = in_container(real_user, name, "cat ~/.claude/todos/coi-test.json; ps -o args= -C claude")
+    assert state.returncode == 0, state.stderr
+    assert state.stdout.splitlines()[0] == "kept"
+    # No conversation was had (nobody logged in): the agent starts again rather than
+    # stopping at "No conversation found to continue".
+    assert "claude" in state.stdout and "No conversation found" not in pane(real_user, name), state.stdout
+    assert real_user.run(["kill", name]).returncode == 0
