@@ -228,6 +228,30 @@ def session_user(coi_user, sandbox_image, nft_sudo):
 # ---- images: the full coi image -----------------------------------------------------
 
 
+AGENTS_IMAGE = "coi-agents-test"  # the coi image with --tools all; cached like the others
+
+
+@pytest.fixture(scope="session")
+def agents_image(incus, base_image):
+    """The coi image with every agent tool (``coi build --tools all``), built once by coi's own
+    code and reused while its inputs are unchanged."""
+    from coi.config import default_config
+    from coi.errors import NotFoundError
+    from coi.images import build_coi, coi_inputs_hash
+
+    config = default_config(env=os.environ)
+    wanted = coi_inputs_hash(tools=["all"], config=config)
+    try:
+        have = (incus.image_by_alias(AGENTS_IMAGE).get("properties") or {}).get("coi.inputs")
+    except NotFoundError:
+        have = None
+    if have != wanted:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("COI_CONTAINER_PREFIX", TEST_PREFIX)
+            build_coi(incus, force=True, tools=["all"], config=config, log=print, alias=AGENTS_IMAGE)
+    return AGENTS_IMAGE
+
+
 @pytest.fixture
 def real_user(coi_user, coi_image, nft_sudo):
     """The test user as a new user is: the real coi image and the real agent (Claude Code),

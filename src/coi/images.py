@@ -212,6 +212,25 @@ def normalise_tools(tools: Iterable[str]) -> list[str]:
     return sorted(set(wanted), key=list(TOOL_PACKAGES).index)
 
 
+# Agent tools a base cannot carry: aider-chat needs Python 3.12 or older; Debian 13 has 3.13.
+UNSUPPORTED = {"bootstrap:debian/trixie": {"aider": "aider-chat needs Python 3.12 or older (Debian 13 has 3.13)"}}
+
+
+def tools_for_base(tools: Iterable[str], base_ref: str, log: Log) -> list[str]:
+    """The tools to install on ``base_ref``: ``all`` leaves out (and says so) what the base
+    cannot carry; a tool named explicitly that it cannot carry is refused before any builder exists."""
+    requested = [t.strip() for t in tools if t.strip()]
+    chosen = normalise_tools(requested)
+    unsupported = UNSUPPORTED.get(base_ref, {})
+    for tool in [t for t in chosen if t in unsupported]:
+        if tool in requested:
+            raise UsageError(f"cannot install {tool} on {base_ref}: {unsupported[tool]}",
+                             'build on Debian 12: [build] base = "bootstrap:debian/bookworm" (or COI_BUILD_BASE)')
+        log(f"Leaving out {tool}: {unsupported[tool]}")
+        chosen.remove(tool)
+    return chosen
+
+
 # --- network inside the builder ---------------------------------------------
 
 
@@ -660,22 +679,22 @@ def build_custom(client: Any, *, name: str, script: Path, base: str | None, forc
 
 
 def build_coi(client: Any, *, force: bool, tools: list[str], config: Any, log: Log, output: Log | None = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build the ``coi`` image: the tools of the contract plus the chosen agent tools."""
-    tools = normalise_tools(tools)
+              progress: Callable[[str], None] | None = None, alias: str = COI_ALIAS) -> dict[str, Any]:
+    """Build the ``coi`` image (under ``alias``): the tools of the contract plus the chosen agent tools."""
     parsed = parse_base(config.build.base)
-    _refuse_existing(client, COI_ALIAS, force, "coi build")
+    tools = tools_for_base(tools, parsed.ref, log)
+    _refuse_existing(client, alias, force, "coi build")
     if parsed.remote is None:
         parsed = _local_base(client, parsed, log)
     script = coi_script().read_bytes()
     inputs = coi_inputs_hash(tools=tools, config=config, script=script)
     ca_files = host_ca_files()
-    build = _Build(client, COI_ALIAS, log, log_path(config, COI_ALIAS), total=3 + len(COI_STEPS), output=output,
+    build = _Build(client, alias, log, log_path(config, alias), total=3 + len(COI_STEPS), output=output,
                    progress=progress)
     env = {"CODE_UID": str(config.incus.code_uid), "COI_TOOLS": " ".join(tools), "HOME": "/root"}
 
     def body() -> dict[str, Any]:
-        build.say(f"Building image {COI_ALIAS} from {parsed.ref} with tools {', '.join(tools)} "
+        build.say(f"Building image {alias} from {parsed.ref} with tools {', '.join(tools)} "
                   f"(log: {build.log_file})")
         used = build.launch(parsed)
         build.wait_network()

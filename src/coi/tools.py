@@ -26,6 +26,9 @@ class Tool:
     # Host JSON files (relative to the home) of which only these top-level keys
     # are copied, unless the user opts in with [tool] full_host_config.
     kept_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Other files (relative to the home) the tool reads its first-run answers from
+    # (trust, telemetry, updates), written when coi copies nothing there itself.
+    seed_files: tuple[tuple[str, bytes], ...] = ()
 
     def credentials(self, host_home: Path, *, full_host_config: bool = False) -> dict[str, bytes]:
         """What to write into the agent's home: only the essential files, with
@@ -41,6 +44,8 @@ class Tool:
                 files[rel] = _json_bytes({key: host[key] for key in keys if key in host})
         for rel, settings in self.sandbox_settings:
             files[rel] = _json_bytes(merge_settings(_json_object(files.get(rel, b"{}")), settings))
+        for rel, content in self.seed_files:
+            files.setdefault(rel, content)
         return files
 
     def command(self, *, binary: str = "", session_id: str | None = None,
@@ -120,8 +125,21 @@ TOOLS: dict[str, Tool] = {
                    ),
                    kept_keys=((".claude.json", CLAUDE_CONFIG_KEYS),)),
     "aider": Tool("aider", "aider", ".aider", env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY")),
-    "codex": Tool("codex", "codex", ".codex", env_vars=("OPENAI_API_KEY",)),
-    "gemini": Tool("gemini", "gemini", ".gemini", env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY")),
+    # Codex: /workspace trusted, no update check or full-access warning; without a login
+    # it opens at its sign-in screen (that needs credentials, which coi does not copy).
+    "codex": Tool("codex", "codex", ".codex", env_vars=("OPENAI_API_KEY",),
+                  seed_files=((".codex/config.toml",
+                               b'check_for_update_on_startup = false\n\n[projects."/workspace"]\n'
+                               b'trust_level = "trusted"\n\n[notice]\nhide_full_access_warning = true\n'),)),
+    # Gemini CLI: no folder-trust question, no usage statistics, no auto-update; without a
+    # key it opens at its sign-in screen.
+    "gemini": Tool("gemini", "gemini", ".gemini", env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+                   sandbox_settings=((".gemini/settings.json", {
+                       # An API key given to the agent (GEMINI_API_KEY) is used without asking.
+                       "security": {"folderTrust": {"enabled": False}, "auth": {"selectedType": "gemini-api-key"}},
+                       "privacy": {"usageStatisticsEnabled": False},
+                       "general": {"disableAutoUpdate": True, "disableUpdateNag": True}}),
+                       (".gemini/trustedFolders.json", {"/workspace": "TRUST_FOLDER"}))),
     "opencode": Tool("opencode", "opencode", ".local/share/opencode",
                      env_vars=("ANTHROPIC_API_KEY", "OPENAI_API_KEY")),
 }

@@ -113,3 +113,40 @@ def test_resume_starts_the_real_agent_with_its_state_in_place(real_user, workspa
     # stopping at "No conversation found to continue".
     assert "claude" in state.stdout and "No conversation found" not in pane(real_user, name), state.stdout
     assert real_user.run(["kill", name]).returncode == 0
+
+
+# Every other agent of 'coi build --tools all', from the real binaries: what a person sees first.
+# Codex and Gemini CLI need credentials to get further than their sign-in screen (Gemini
+# CLI takes a key given to the agent); no trust, update, telemetry or theme question comes first.
+AGENTS = [
+    ("opencode", [], "Ask anything"),
+    ("gemini", ["-e", "GEMINI_API_KEY=not-a-real-key"], "Type your message"),
+    ("gemini", [], "Gemini API key"),
+    ("codex", [], "Welcome to Codex"),
+]
+
+
+@pytest.mark.parametrize("tool, args, first_screen", AGENTS, ids=[f"{a[0]}{'-key' if a[1] else ''}" for a in AGENTS])
+def test_every_agent_opens_at_its_own_screen(coi_user, agents_image, nft_sudo, workspace, tool, args, first_screen):
+    cfg = coi_user.home / ".config" / "coi" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'[defaults]\nimage = "{agents_image}"\n[tool]\nname = "{tool}"\n'
+                   f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
+    try:
+        name = start(coi_user, workspace, *args)
+        wait_for(lambda: first_screen in pane(coi_user, name), timeout=90, what=f"{tool}'s first screen")
+        screen = pane(coi_user, name).lower()
+        assert not [d for d in ("trust the files", "do you trust", "update available", "usage statistics",
+                                "select a theme") if d in screen], screen
+        version = in_container(coi_user, name, f"{tool} --version")
+        assert version.returncode == 0 and version.stdout.strip(), version.stderr
+    finally:
+        coi_user.run(["kill", "--all", "--force"])
+        cfg.unlink(missing_ok=True)
+
+
+def test_aider_is_left_out_of_all_on_debian_13_with_the_reason(coi_user, agents_image, incus):
+    tools = incus.image_by_alias(agents_image)["properties"]["coi.tools"].split(",")
+    assert tools == ["claude", "codex", "gemini", "opencode"]
+    proc = coi_user.run(["build", "--force", "--tools", "aider"])
+    assert proc.returncode == 2 and "Python 3.12 or older" in proc.stderr and "bookworm" in proc.stderr

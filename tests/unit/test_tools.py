@@ -58,9 +58,15 @@ def test_credentials_without_host_files_still_allow_sandboxed_use(tmp_path):
     assert json.loads(files[".claude/settings.json"]) == {"permissions": {"defaultMode": "bypassPermissions"}}
 
 
-def test_api_key_tools_copy_no_files(tmp_path):
+def test_api_key_tools_copy_nothing_from_the_host(tmp_path):
+    (tmp_path / ".codex").mkdir()
+    (tmp_path / ".codex" / "auth.json").write_text('{"OPENAI_API_KEY": "host-secret"}')
+    (tmp_path / ".gemini").mkdir()
+    (tmp_path / ".gemini" / "oauth_creds.json").write_text('{"token": "host-secret"}')
     for name in ("aider", "codex", "gemini", "opencode"):
-        assert TOOLS[name].credentials(tmp_path) == {}
+        files = TOOLS[name].credentials(tmp_path)
+        assert not [c for c in files.values() if b"host-secret" in c]
+        assert set(files) <= {".codex/config.toml", ".gemini/settings.json", ".gemini/trustedFolders.json"}
         assert TOOLS[name].env_vars
 
 
@@ -139,3 +145,19 @@ def test_claude_resumes_its_own_transcript_or_starts_fresh(tmp_path):
     (tmp_path / "projects" / "-workspace" / "abc.jsonl").write_text("{}\n")
     assert claude.resume_command(tmp_path, session_id="s1") == ["claude", "--resume", "abc"]
     assert get_tool("codex").resume_command(tmp_path) == get_tool("codex").command(resume_latest=True)
+
+
+def test_codex_and_gemini_get_their_first_run_answers(tmp_path):
+    import tomllib
+
+    from coi.tools import get_tool
+
+    codex = get_tool("codex").credentials(tmp_path)
+    config = tomllib.loads(codex[".codex/config.toml"].decode())
+    assert config["projects"]["/workspace"]["trust_level"] == "trusted"
+    assert config["check_for_update_on_startup"] is False
+    gemini = get_tool("gemini").credentials(tmp_path)
+    settings = json.loads(gemini[".gemini/settings.json"])
+    assert settings["security"]["folderTrust"]["enabled"] is False
+    assert settings["privacy"]["usageStatisticsEnabled"] is False
+    assert json.loads(gemini[".gemini/trustedFolders.json"]) == {"/workspace": "TRUST_FOLDER"}

@@ -158,6 +158,12 @@ step_tools() {
   for tool in $COI_TOOLS; do
     case "$tool" in
       aider)
+        # aider-chat's releases need Python 3.12 or older (numpy 1.26 has no build for 3.13).
+        if ! python3 -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
+          echo "aider-chat needs Python 3.12 or older and this base has $(python3 -V):" \
+            "build it on Debian 12 ([build] base = \"bootstrap:debian/bookworm\")" >&2
+          exit 2
+        fi
         apt_install pipx
         PIPX_HOME=/opt/pipx PIPX_BIN_DIR=/usr/local/bin pipx install --force aider-chat
         ;;
