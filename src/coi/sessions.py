@@ -615,11 +615,16 @@ def start_tmux(client: Incus, name: str, *, code_uid: int, env: Mapping[str, str
         if result.exit_code != 0 and not has_tmux_session(client, name, code_uid):
             result = exec_code(client, name, [*argv, *command], code_uid=code_uid)
     except NotFoundError as exc:  # Incus: "Command not found"
-        if "command not found" in exc.message.lower():
-            raise CoiError(f"could not start tmux in {name}: the image has no tmux", hint) from None
+        if "command not found" in exc.message.lower():  # setpriv (util-linux) itself is missing
+            raise CoiError(f"could not start tmux in {name}: the image has no setpriv (util-linux)", hint) from None
         raise
     if result.exit_code != 0 and not has_tmux_session(client, name, code_uid):
-        raise CoiError(f"could not start tmux in {name}: {result.stderr.strip() or result.stdout.strip()}", hint)
+        why = result.stderr.strip() or result.stdout.strip()
+        if why.startswith("setpriv: uid") and "not found" in why:
+            why = f"the image has no user with uid {code_uid} (code)"
+        elif "failed to execute tmux" in why:
+            why = "the image has no tmux"
+        raise CoiError(f"could not start tmux in {name}: {why}", hint)
 
 
 def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, bash: bool = False) -> list[str]:

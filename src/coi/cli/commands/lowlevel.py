@@ -224,9 +224,18 @@ def tmux_send(ctx: Context, *, name: str, text: str) -> int:
     _running_session(ctx, name)
     target = naming.tmux_session(name)
     code_uid = ctx.config.incus.code_uid
+    from coi.errors import OperationFailedError
+    from coi.incus import EXEC_NOT_STARTED
+
     for keys in (["-l", text], ["Enter"]):
-        result = sessions.exec_code(ctx.incus, name, sessions.tmux_argv("send-keys", "-t", target, *keys),
-                                    code_uid=code_uid, cwd=sessions.CODE_HOME, retry=False)  # keys once
+        try:
+            result = sessions.exec_code(ctx.incus, name, sessions.tmux_argv("send-keys", "-t", target, *keys),
+                                        code_uid=code_uid, cwd=sessions.CODE_HOME, retry=False)  # keys once
+        except OperationFailedError as exc:
+            if EXEC_NOT_STARTED not in exc.message:
+                raise
+            raise OperationFailedError("Incus lost track of the command (tmux send-keys): the keys may or may "
+                                       "not have been typed", f"look at the pane first: coi tmux capture {name}") from None
         if result.exit_code != 0:
             raise CoiError(f"tmux send-keys failed: {result.stderr.strip()}")
     return 0
