@@ -207,22 +207,27 @@ def sandbox_image(incus, base_image, tmp_path_factory):
     return SANDBOX_IMAGE
 
 
+def configured(user: User, config: str):
+    """``user`` with ``config`` as their own coi config for one test; afterwards their
+    sessions, saved state and config are removed."""
+    cfg = user.home / ".config" / "coi"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text(config)
+    for p in (user.home / ".config", cfg, cfg / "config.toml"):
+        os.chown(p, user.uid, user.gid)
+    yield user
+    # Remove every coi-test- container the test left (sessions of this user).
+    subprocess.run(user.argv(["coi", "kill", "--all", "--force"]), capture_output=True)
+    shutil.rmtree(user.home / ".coi", ignore_errors=True)
+    shutil.rmtree(cfg, ignore_errors=True)
+
+
 @pytest.fixture
 def session_user(coi_user, sandbox_image, nft_sudo):
     """The test user, configured to use the test image and the stand-in agent; sessions
     run in the default network mode (restricted), enforced with nft through 'sudo -n'."""
-    cfg = coi_user.home / ".config" / "coi"
-    cfg.mkdir(parents=True, exist_ok=True)
-    (cfg / "config.toml").write_text(
-        f'[defaults]\nimage = "{sandbox_image}"\n\n[tool]\nbinary = "fake-claude"\n\n'
-        f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
-    for p in (coi_user.home / ".config", cfg, cfg / "config.toml"):
-        os.chown(p, coi_user.uid, coi_user.gid)
-    yield coi_user
-    # Remove every coi-test- container the test left (sessions of this user).
-    subprocess.run(coi_user.argv(["coi", "kill", "--all", "--force"]), capture_output=True)
-    shutil.rmtree(coi_user.home / ".coi", ignore_errors=True)
-    shutil.rmtree(cfg, ignore_errors=True)
+    yield from configured(coi_user, f'[defaults]\nimage = "{sandbox_image}"\n\n[tool]\nbinary = "fake-claude"\n\n'
+                                    f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
 
 
 # ---- images: the full coi image -----------------------------------------------------
@@ -256,17 +261,8 @@ def agents_image(incus, base_image):
 def real_user(coi_user, coi_image, nft_sudo):
     """The test user as a new user is: the real coi image and the real agent (Claude Code),
     the default restricted network."""
-    cfg = coi_user.home / ".config" / "coi"
-    cfg.mkdir(parents=True, exist_ok=True)
-    (cfg / "config.toml").write_text(f'[defaults]\nimage = "{coi_image}"\n\n'
-                                     f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
-    for p in (coi_user.home / ".config", cfg, cfg / "config.toml"):
-        os.chown(p, coi_user.uid, coi_user.gid)
-    yield coi_user
-    subprocess.run(coi_user.argv(["coi", "kill", "--all", "--force"]), capture_output=True)
-    shutil.rmtree(coi_user.home / ".coi", ignore_errors=True)
-    shutil.rmtree(cfg, ignore_errors=True)
-
+    yield from configured(coi_user, f'[defaults]\nimage = "{coi_image}"\n\n'
+                                    f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
 
 
 @pytest.fixture(scope="session")

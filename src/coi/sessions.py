@@ -685,11 +685,23 @@ def run_streamed(argv: list[str], *, timeout: float | None, warn: Log, stdin: bo
             return code
 
 
-def run_attached(argv: list[str]) -> int:
-    """Hand the terminal to ``argv`` (``incus exec -t``) until it returns."""
+ATTACH_RETRY_WINDOW = 2.0  # seconds: a failure this quick is Incus's, not the session's end
+
+
+def run_attached(argv: list[str], *, again_if_lost: bool = False) -> int:
+    """Hand the terminal to ``argv`` (``incus exec -t``) until it returns.
+
+    ``again_if_lost``: for ``tmux attach``, which is harmless to run twice: a failure
+    within ``ATTACH_RETRY_WINDOW`` (Incus's "Failed to retrieve PID" under load, say)
+    tries once more instead of leaving the person outside a running session.
+    """
     import subprocess
 
-    return subprocess.run(argv).returncode
+    started = time.monotonic()
+    code = subprocess.run(argv).returncode
+    if again_if_lost and code != 0 and time.monotonic() - started < ATTACH_RETRY_WINDOW:
+        code = subprocess.run(argv).returncode
+    return code
 
 
 def is_stopped(instance: Mapping[str, Any]) -> bool:

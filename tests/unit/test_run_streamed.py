@@ -48,3 +48,15 @@ def test_the_command_s_own_stderr_passes_through(tmp_path, capfd):
     script.chmod(0o755)
     assert sessions.run_streamed([str(script)], timeout=10, warn=print) == 3
     assert capfd.readouterr().err == "real error\n"
+
+
+def test_a_quick_attach_failure_is_tried_once_more(tmp_path):
+    """tmux attach that Incus failed to start (it exits at once) is run again, once."""
+    counter = tmp_path / "count"
+    script = tmp_path / "attach"
+    script.write_text(f'#!/bin/sh\necho x >> {counter}\n[ "$(wc -l < {counter})" -ge 2 ] && exit 0\nexit 1\n')
+    script.chmod(0o755)
+    assert sessions.run_attached([str(script)], again_if_lost=True) == 0
+    assert counter.read_text().count("x") == 2
+    counter.unlink()
+    assert sessions.run_attached([str(script)]) == 1  # bash and the like: never twice

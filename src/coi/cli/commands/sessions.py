@@ -121,7 +121,7 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
                                         uid=req.code_uid)
         argv = client.exec_argv(session.name, sessions.as_user(command, uid=req.code_uid),
                                 cwd=sessions.WORKSPACE, terminal=True)
-    code = sessions.run_attached(argv)
+    code = sessions.run_attached(argv, again_if_lost=tmux)
     return _after_attach(ctx, session.name, code, req.code_uid)
 
 
@@ -347,8 +347,8 @@ def attach(ctx: Context, *, name: str | None = None, slot: int = 0, bash: bool =
                        f"start it again with 'coi shell --persistent --slot {inst['config'].get('user.coi.slot', 'N')}'")
     if not bash and not sessions.has_tmux_session(client, name, code_uid):
         raise CoiError(f"container {name} has no coi tmux session", f"open a shell with 'coi attach {name} --bash'")
-    code = sessions.run_attached(sessions.attach_argv(client, name, code_uid=code_uid,
-                                                      term=os.environ.get("TERM"), bash=bash))
+    argv = sessions.attach_argv(client, name, code_uid=code_uid, term=os.environ.get("TERM"), bash=bash)
+    code = sessions.run_attached(argv, again_if_lost=not bash)
     return _after_attach(ctx, name, code, code_uid)
 
 
