@@ -173,9 +173,9 @@ def check_mount_sources(instance: Mapping[str, Any]) -> None:
         source = spec.get("source", "")
         if spec.get("type") != "disk" or spec.get("pool") or not source.startswith("/"):
             continue
-        if os.path.realpath(source) != os.path.normpath(source) or not os.path.isdir(source):
-            now = "a link" if os.path.islink(source) or os.path.realpath(source) != os.path.normpath(source) \
-                else "missing or not a directory"
+        linked = os.path.realpath(source) != os.path.normpath(source)
+        if linked or not os.path.isdir(source):
+            now = "a link" if linked else "missing or not a directory"
             raise CoiError(f"mount source {source} of {instance.get('name')} ({device}) is {now} now; "
                            "coi will not start the container with it",
                            f"put the directory back, or remove the container: coi kill {instance.get('name')}")
@@ -399,15 +399,10 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
             host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
             base_config=req.base_config, profile=req.profile)
-        pin = network.pin_nic(client, instances)
-        if pin:
-            config.update(pin.config)
-            devices.update(pin.devices)
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)
         try:
-            create_container(client, name, image=req.image, config=config, devices=devices,
-                             files=pin.files if pin else None)
+            create_pinned(client, name, image=req.image, config=config, devices=devices, instances=instances)
         except NotFoundError:
             raise
         except CoiError as exc:
@@ -417,6 +412,33 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
                                     else f"build it with 'coi build custom {req.image} --script FILE'") from None
             raise
         return Session(name, slot, session_id, req.persistent, True, req.workspace)
+
+
+def create_pinned(client: Incus, name: str, *, image: str, config: Mapping[str, str],
+                  devices: Mapping[str, Mapping[str, str]], instances: list[dict[str, Any]],
+                  ephemeral: bool = False) -> None:
+    """``create_container`` with the NIC pinned to a free address (``coi.network.pin_nic``),
+    so its rules can go on before it starts. Call under ``network.address_lock`` with a
+    fresh list of ``instances``."""
+    from coi import network
+
+    config, devices = dict(config), dict(devices)
+    pin = network.pin_nic(client, instances)
+    if pin:
+        config.update(pin.config)
+        devices.update(pin.devices)
+    create_container(client, name, image=image, config=config, devices=devices, files=pin.files if pin else None,
+                     ephemeral=ephemeral)
+
+
+def launch_container(client: Incus, name: str, *, image: str, ephemeral: bool, lock_dir: Path) -> None:
+    """A stopped container of ``coi container launch``: coi's settings and a pinned NIC."""
+    from coi import network
+
+    network.check_name(name)
+    with network.address_lock(lock_dir):
+        create_pinned(client, name, image=image, config=CONTAINER_CONFIG, devices={},
+                      instances=client.instances(recursion=1), ephemeral=ephemeral)
 
 
 def create_container(client: Incus, name: str, *, image: str, config: Mapping[str, str],

@@ -28,16 +28,8 @@ def container_launch(ctx: Context, *, launch_image: str, name: str, ephemeral: b
     from coi.cli.commands.sessions import _start_isolated
 
     client = ctx.incus
-    network.check_name(name)
-    config, devices, files = dict(sessions.CONTAINER_CONFIG), {}, None
-    with network.address_lock(ctx.sessions_dir / "locks"):
-        pin = network.pin_nic(client, client.instances(recursion=1))
-        if pin:
-            config.update(pin.config)
-            devices.update(pin.devices)
-            files = pin.files
-        sessions.create_container(client, name, image=launch_image, config=config, devices=devices, files=files,
-                                  ephemeral=ephemeral)
+    sessions.launch_container(client, name, image=launch_image, ephemeral=ephemeral,
+                              lock_dir=ctx.sessions_dir / "locks")
     try:
         with sessions.interruptible():
             _start_isolated(ctx, name, ctx.ui.detail)
