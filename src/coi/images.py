@@ -212,25 +212,6 @@ def normalise_tools(tools: Iterable[str]) -> list[str]:
     return sorted(set(wanted), key=list(TOOL_PACKAGES).index)
 
 
-# Agent tools a base cannot carry: aider-chat needs Python 3.12 or older; Debian 13 has 3.13.
-UNSUPPORTED = {"bootstrap:debian/trixie": {"aider": "aider-chat needs Python 3.12 or older (Debian 13 has 3.13)"}}
-
-
-def tools_for_base(tools: Iterable[str], base_ref: str, log: Log) -> list[str]:
-    """The tools to install on ``base_ref``: ``all`` leaves out (and says so) what the base
-    cannot carry; a tool named explicitly that it cannot carry is refused before any builder exists."""
-    requested = [t.strip() for t in tools if t.strip()]
-    chosen = normalise_tools(requested)
-    unsupported = UNSUPPORTED.get(base_ref, {})
-    for tool in [t for t in chosen if t in unsupported]:
-        if tool in requested:
-            raise UsageError(f"cannot install {tool} on {base_ref}: {unsupported[tool]}",
-                             'build on Debian 12: [build] base = "bootstrap:debian/bookworm" (or COI_BUILD_BASE)')
-        log(f"Leaving out {tool}: {unsupported[tool]}")
-        chosen.remove(tool)
-    return chosen
-
-
 # --- network inside the builder ---------------------------------------------
 
 
@@ -682,7 +663,7 @@ def build_coi(client: Any, *, force: bool, tools: list[str], config: Any, log: L
               progress: Callable[[str], None] | None = None, alias: str = COI_ALIAS) -> dict[str, Any]:
     """Build the ``coi`` image (under ``alias``): the tools of the contract plus the chosen agent tools."""
     parsed = parse_base(config.build.base)
-    tools = tools_for_base(tools, parsed.ref, log)
+    tools = normalise_tools(tools)
     _refuse_existing(client, alias, force, "coi build")
     if parsed.remote is None:
         parsed = _local_base(client, parsed, log)

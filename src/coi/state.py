@@ -331,7 +331,7 @@ def save_session(client: Incus, container: str, *, tool: Tool, sessions_dir: Pat
                  warn: Warn = _quiet) -> SavedSession:
     """Copy the agent's state out of ``container`` as the session's newest save; returns the newest.
 
-    Credentials are left out: they are injected fresh on every start. When the
+    Credentials and logins are left out: they are injected fresh on every start. When the
     agent's state is empty and the newest save is not, that save stays the newest.
     """
     session_id = check_session_id(metadata["session_id"])
@@ -339,12 +339,10 @@ def save_session(client: Incus, container: str, *, tool: Tool, sessions_dir: Pat
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root, 0o700)
     target = root / session_id
-    prefix = tool.state_dir + "/"
-    credentials = [rel[len(prefix):] for rel in tool.credential_files if rel.startswith(prefix)]
     staging = Path(tempfile.mkdtemp(prefix=f".{session_id}.", dir=root))
     try:
         report = copy_state(client, container, f"{CODE_HOME}/{tool.state_dir}", staging / "state",
-                            limits=limits, warn=warn, exclude=credentials)
+                            limits=limits, warn=warn, exclude=tool.unsaved_files())
         current = load(target)
         if report.files == 0 and current is not None and _has_files(target / "state"):
             warn(f"the agent's state in {container} is empty: the save of "

@@ -29,6 +29,11 @@ class Tool:
     # Other files (relative to the home) the tool reads its first-run answers from
     # (trust, telemetry, updates), written when coi copies nothing there itself.
     seed_files: tuple[tuple[str, bytes], ...] = ()
+    # Shell run before the agent (``$0``: its binary) that signs it in, the way the tool
+    # documents, with a key it was given (-e); and the files that login is kept in
+    # (relative to the home), which are never saved with the session.
+    sign_in: str = ""
+    login_files: tuple[str, ...] = ()
 
     def credentials(self, host_home: Path, *, full_host_config: bool = False) -> dict[str, bytes]:
         """What to write into the agent's home: only the essential files, with
@@ -53,12 +58,19 @@ class Tool:
         """argv that starts the tool fresh, or in its own resume mode."""
         argv = [binary or self.executable]
         if resume_id and self.resume_flag:
-            return argv + [self.resume_flag, resume_id]
-        if (resume_id or resume_latest) and self.continue_flag:
-            return argv + [self.continue_flag]
-        if session_id and self.session_flag:
-            return argv + [self.session_flag, session_id]
+            argv += [self.resume_flag, resume_id]
+        elif (resume_id or resume_latest) and self.continue_flag:
+            argv += [self.continue_flag]
+        elif session_id and self.session_flag:
+            argv += [self.session_flag, session_id]
+        if self.sign_in:
+            return ["sh", "-c", f'{self.sign_in}; exec "$0" "$@"', *argv]
         return argv
+
+    def unsaved_files(self) -> list[str]:
+        """Files of the state dir (relative to it) a save leaves out: credentials and logins."""
+        prefix = self.state_dir + "/"
+        return [rel[len(prefix):] for rel in self.credential_files + self.login_files if rel.startswith(prefix)]
 
     def resume_command(self, state: Path, *, binary: str = "", session_id: str | None = None) -> list[str]:
         """argv that resumes the conversation saved in ``state``. Claude Code's own id is read
@@ -124,13 +136,23 @@ TOOLS: dict[str, Tool] = {
                                                                      "hasCompletedProjectOnboarding": True}}}),
                    ),
                    kept_keys=((".claude.json", CLAUDE_CONFIG_KEYS),)),
-    "aider": Tool("aider", "aider", ".aider", env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY")),
-    # Codex: /workspace trusted, no update check or full-access warning; without a login
-    # it opens at its sign-in screen (that needs credentials, which coi does not copy).
+    # Aider: no analytics question, update check, release notes or .gitignore question;
+    # edits accepted without asking (the sandbox's no-prompt mode). With a key (-e) it
+    # opens at its prompt, without one at its OpenRouter sign-in.
+    "aider": Tool("aider", "aider", ".aider", env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
+                  seed_files=((".aider.conf.yml",
+                               b"analytics-disable: true\ncheck-update: false\nshow-release-notes: false\n"
+                               b"gitignore: false\nyes-always: true\n"),)),
+    # Codex: /workspace trusted, no update check or full-access warning. An OPENAI_API_KEY
+    # given to the agent signs it in as Codex documents (codex login --with-api-key), so it
+    # opens at its prompt; without one (coi copies no host login) at its sign-in screen.
     "codex": Tool("codex", "codex", ".codex", env_vars=("OPENAI_API_KEY",),
                   seed_files=((".codex/config.toml",
                                b'check_for_update_on_startup = false\n\n[projects."/workspace"]\n'
-                               b'trust_level = "trusted"\n\n[notice]\nhide_full_access_warning = true\n'),)),
+                               b'trust_level = "trusted"\n\n[notice]\nhide_full_access_warning = true\n'),),
+                  sign_in=('[ -e "$HOME/.codex/auth.json" ] || [ -z "${OPENAI_API_KEY:-}" ]'
+                           ' || printenv OPENAI_API_KEY | "$0" login --with-api-key >/dev/null 2>&1'),
+                  login_files=(".codex/auth.json",)),
     # Gemini CLI: no folder-trust question, no usage statistics, no auto-update; without a
     # key it opens at its sign-in screen.
     "gemini": Tool("gemini", "gemini", ".gemini", env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY"),

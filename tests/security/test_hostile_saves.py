@@ -194,6 +194,19 @@ def test_bad_names_are_skipped_and_never_requested(container, saves):
 
 # ---- credentials ---------------------------------------------------------------------
 
+def test_the_codex_login_made_from_the_key_is_never_saved(client, container, tmp_path):
+    """Codex signs in with the key it was given into ~/.codex/auth.json; the agent may also
+    plant a login there. Neither is read or kept on the host."""
+    codex_home = f"{state.CODE_HOME}/.codex"
+    container.file(f"{codex_home}/auth.json", b'{"OPENAI_API_KEY": "sk-secret"}')
+    container.file(f"{codex_home}/sessions/s.jsonl", b"{}")
+    metadata = {"session_id": str(uuid.uuid4()), "container_name": "c1", "persistent": False,
+                "workspace": "/w", "tool": "codex", "slot": 1, "image": "coi"}
+    saved = state.save_session(client, "c1", tool=TOOLS["codex"], sessions_dir=tmp_path / "coi", metadata=metadata)
+    assert sorted(entries(saved.path / "state")) == ["sessions", "sessions/s.jsonl"]
+    assert f"{codex_home}/auth.json" not in container.pulled
+
+
 @pytest.mark.parametrize("plant", ["directory", "file", "link", "deep-directory"])
 def test_whatever_sits_at_the_credentials_path_is_left_out(container, saves, plant):
     where = f"{HOME}/.credentials.json"

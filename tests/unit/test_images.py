@@ -595,11 +595,3 @@ def test_ctrl_c_during_publish_waits_for_the_image_then_deletes_it(fake, config,
     assert fake.instances_by_name == {} and not fake.image_exists("coi-test-x")
 
 
-def test_all_tools_leave_out_what_the_base_cannot_carry():
-    said = []
-    assert images.tools_for_base(["all"], "bootstrap:debian/trixie", said.append) == [
-        "claude", "codex", "gemini", "opencode"]
-    assert said and "aider" in said[0]
-    assert images.tools_for_base(["all"], "bootstrap:debian/bookworm", said.append)[-1] == "aider"
-    with pytest.raises(UsageError, match="cannot install aider"):
-        images.tools_for_base(["claude", "aider"], "bootstrap:debian/trixie", said.append)

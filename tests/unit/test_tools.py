@@ -20,7 +20,6 @@ SID = "0b6c5f0e-1111-4222-8333-444455556666"
     ("claude", {"resume_latest": True}, ["claude", "--continue"]),
     ("claude", {"binary": "fake-claude", "session_id": SID}, ["fake-claude", "--session-id", SID]),
     ("aider", {"session_id": SID}, ["aider"]),
-    ("codex", {"resume_latest": True}, ["codex"]),
     ("gemini", {}, ["gemini"]),
     ("opencode", {"binary": "/opt/oc"}, ["/opt/oc"]),
 ])
@@ -66,7 +65,8 @@ def test_api_key_tools_copy_nothing_from_the_host(tmp_path):
     for name in ("aider", "codex", "gemini", "opencode"):
         files = TOOLS[name].credentials(tmp_path)
         assert not [c for c in files.values() if b"host-secret" in c]
-        assert set(files) <= {".codex/config.toml", ".gemini/settings.json", ".gemini/trustedFolders.json"}
+        assert set(files) <= {".aider.conf.yml", ".codex/config.toml", ".gemini/settings.json",
+                              ".gemini/trustedFolders.json"}
         assert TOOLS[name].env_vars
 
 
@@ -161,3 +161,45 @@ def test_codex_and_gemini_get_their_first_run_answers(tmp_path):
     assert settings["security"]["folderTrust"]["enabled"] is False
     assert settings["privacy"]["usageStatisticsEnabled"] is False
     assert json.loads(gemini[".gemini/trustedFolders.json"]) == {"/workspace": "TRUST_FOLDER"}
+
+
+
+def test_aider_gets_its_first_run_answers(tmp_path):
+    conf = TOOLS["aider"].credentials(tmp_path)[".aider.conf.yml"].decode().splitlines()
+    for line in ("analytics-disable: true", "check-update: false", "show-release-notes: false",
+                 "gitignore: false", "yes-always: true"):
+        assert line in conf
+
+
+def _fake_codex(tmp_path):
+    """A codex stand-in that records its logins (with the key read from stdin) and its start."""
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    binary = tmp_path / "codex"
+    binary.write_text('#!/bin/sh\nif [ "$1" = login ]; then echo "login $2 $(cat)" >> "$HOME/calls";'
+                      ' echo x > "$HOME/.codex/auth.json"; exit 0; fi\necho "start $*" >> "$HOME/calls"\n')
+    binary.chmod(0o755)
+    return home, str(binary)
+
+
+@pytest.mark.parametrize("key, logged_in, calls", [
+    ("sk-given", False, ["login --with-api-key sk-given", "start --flag"]),
+    ("sk-given", True, ["start --flag"]),  # a login of its own (ChatGPT, say) is kept
+    (None, False, ["start --flag"]),  # no key: Codex shows its sign-in screen
+])
+def test_codex_is_signed_in_with_the_key_it_was_given(tmp_path, key, logged_in, calls):
+    import subprocess
+
+    home, binary = _fake_codex(tmp_path)
+    if logged_in:
+        (home / ".codex" / "auth.json").write_text("{}")
+    argv = TOOLS["codex"].command(binary=binary)
+    argv.append("--flag")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), **({"OPENAI_API_KEY": key} if key else {})}
+    assert subprocess.run(argv, env=env).returncode == 0
+    assert (home / "calls").read_text().splitlines() == calls
+
+
+def test_logins_and_credentials_are_never_saved():
+    assert TOOLS["codex"].unsaved_files() == ["auth.json"]
+    assert TOOLS["claude"].unsaved_files() == [".credentials.json", "settings.json"]

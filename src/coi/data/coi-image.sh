@@ -153,20 +153,39 @@ npm_package() {
   esac
 }
 
+# Aider from PyPI, in its own environment (/opt/aider). Its releases need Python
+# 3.12 or older (numpy 1.26 has no build for 3.13): on a base whose python3 is
+# newer (Debian 13), Debian 12's Python 3.11 interpreter is installed next to it,
+# its packages alone taken from bookworm (the libraries stay the base's own).
+AIDER_HOME=/opt/aider
+
+install_aider() {
+  local python=python3 mirror
+  if ! python3 -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
+    mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
+    [ -n "$mirror" ] || mirror=$(awk '$1 == "URIs:" { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    echo "deb ${mirror:-http://deb.debian.org/debian} bookworm main" > /etc/apt/sources.list.d/coi-bookworm-python.list
+    printf 'Package: *\nPin: release n=bookworm\nPin-Priority: 100\n' > /etc/apt/preferences.d/coi-bookworm-python
+    apt-get update -q
+    apt_install python3.11/bookworm python3.11-minimal/bookworm \
+      libpython3.11-stdlib/bookworm libpython3.11-minimal/bookworm
+    # Nothing else comes from bookworm later: the agent's apt sees the base's suite only.
+    rm -f /etc/apt/sources.list.d/coi-bookworm-python.list /etc/apt/preferences.d/coi-bookworm-python
+    apt-get update -q
+    python=python3.11
+  fi
+  # The interpreter's venv module without ensurepip (Debian splits that off); the
+  # base's pip installs into it.
+  "$python" -m venv --clear --without-pip "$AIDER_HOME"
+  python3 -m pip --python "$AIDER_HOME/bin/python" install --disable-pip-version-check --no-cache-dir aider-chat
+  ln -sf "$AIDER_HOME/bin/aider" /usr/local/bin/aider
+}
+
 step_tools() {
   local tool package
   for tool in $COI_TOOLS; do
     case "$tool" in
-      aider)
-        # aider-chat's releases need Python 3.12 or older (numpy 1.26 has no build for 3.13).
-        if ! python3 -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
-          echo "aider-chat needs Python 3.12 or older and this base has $(python3 -V):" \
-            "build it on Debian 12 ([build] base = \"bootstrap:debian/bookworm\")" >&2
-          exit 2
-        fi
-        apt_install pipx
-        PIPX_HOME=/opt/pipx PIPX_BIN_DIR=/usr/local/bin pipx install --force aider-chat
-        ;;
+      aider) install_aider ;;
       *)
         package=$(npm_package "$tool")
         if [ -z "$package" ]; then
