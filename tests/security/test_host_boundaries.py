@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from coi import network, sessions
+from coi.sessions import commands
 from coi.errors import CoiError
 from coi.statedir import check_state_dir
 
@@ -139,7 +140,7 @@ def test_env_via_file_keeps_values_out_of_the_argv():
 def test_the_loader_runs_the_command_and_removes_the_file(tmp_path):
     env_file = tmp_path / "env"
     env_file.write_bytes(sessions.env_file_text({"V": "x y"}))
-    argv = ["sh", "-c", sessions._ENV_LOADER, str(env_file), "sh", "-c", 'printf %s "$V"']
+    argv = ["sh", "-c", commands._ENV_LOADER, str(env_file), "sh", "-c", 'printf %s "$V"']
     assert subprocess.run(argv, capture_output=True, text=True).stdout == "x y"
     assert not env_file.exists()
     # A second start (Incus lost track of the first) finds no file and still runs the command.

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the fake daemon lives there
 
-from coi import state  # noqa: E402
+from coi.sessions import state  # noqa: E402
 from coi.incus import Incus  # noqa: E402
 from coi.tools import TOOLS  # noqa: E402
 from fake_incus import FakeFiles, FakeIncus, error, socket_in  # noqa: E402

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from coi import sessions
+from coi.sessions import commands
 from coi.errors import OperationFailedError
 from coi.incus import EXEC_NOT_STARTED
 
@@ -26,18 +27,18 @@ def fake_incus(tmp_path, second_start: str, code: int) -> list[str]:
 
 
 def test_a_recovered_exit_status_is_returned_with_a_warning(tmp_path, capfd):
-    argv = fake_incus(tmp_path, sessions._RECOVERED, 42)
+    argv = fake_incus(tmp_path, commands._RECOVERED, 42)
     warnings = []
     assert sessions.run_streamed(argv, timeout=10, warn=warnings.append) == 42
     out, err = capfd.readouterr()
     assert out == "output\n"  # the command ran once; its output was shown once
-    assert EXEC_NOT_STARTED not in err and sessions._RECOVERED not in err
+    assert EXEC_NOT_STARTED not in err and commands._RECOVERED not in err
     assert warnings == ["Incus lost track of the command; its exit status was recovered, "
                         "its output may be incomplete"]
 
 
 def test_an_unknown_exit_status_is_an_error(tmp_path, capfd):
-    argv = fake_incus(tmp_path, sessions._LOST, 254)
+    argv = fake_incus(tmp_path, commands._LOST, 254)
     with pytest.raises(OperationFailedError, match="its result is unknown"):
         sessions.run_streamed(argv, timeout=10, warn=print)
 

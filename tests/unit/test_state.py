@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coi import state
+from coi.sessions import state
 from coi.config import Sessions
 from coi.errors import ConfigError, NotFoundError, UsageError
 from coi.tools import TOOLS

@@ -16,6 +16,7 @@ from coi.cli.ui import UI
 if TYPE_CHECKING:
     from coi.config import LoadedConfig
     from coi.incus import Incus
+    from coi.sessions.lifecycle import Place
 
 # Flags that are configuration values: they form the highest config layer and
 # are read back from the config, not passed to handlers.
@@ -40,6 +41,7 @@ class Context:
         self.ui = ui
         self.workspace = workspace
         self.flag_values = flag_values
+        self._loaded: LoadedConfig | None = None
 
     @classmethod
     def from_namespace(cls, kwargs: dict[str, Any]) -> Context:
@@ -60,16 +62,18 @@ class Context:
     def set_flag(self, key: str, label: str, value: Any) -> None:
         """Set a config value as if given on the command line (config is loaded again)."""
         self.flag_values[key] = (label, value)
-        self.__dict__.pop("loaded_config", None)
+        self._loaded = None
 
-    @cached_property
+    @property
     def loaded_config(self) -> LoadedConfig:
-        from coi.config import load_config
+        """The config of every layer, loaded on first use (its warnings printed then)."""
+        if self._loaded is None:
+            from coi.config import load_config
 
-        loaded = load_config(workspace=self.workspace, env=os.environ, flags=self.flag_values)
-        for warning in loaded.warnings:
-            self.ui.warn(warning)
-        return loaded
+            self._loaded = load_config(workspace=self.workspace, env=os.environ, flags=self.flag_values)
+            for warning in self._loaded.warnings:
+                self.ui.warn(warning)
+        return self._loaded
 
     @property
     def config(self):
@@ -87,3 +91,11 @@ class Context:
         from coi.incus import Incus
 
         return Incus.from_environment(project=self.config.incus.project)
+
+    @property
+    def place(self) -> Place:
+        """What the session services work with: client, config, workspace, state dir, output."""
+        from coi.sessions.lifecycle import Place
+
+        return Place(client=self.incus, config=self.config, workspace=self.workspace,
+                     sessions_dir=self.sessions_dir, messages=self.ui)

@@ -25,12 +25,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: list[str]) -> int:
     from coi.cli.context import Context
-    from coi.cli.parser import build_parser, normalise
+    from coi.cli.parser import build_parser, english_messages, normalise
     from coi.errors import CoiError
 
     command = next((a for a in args if not a.startswith("-")), None)
-    parser = build_parser(only=command)
-    ns = _parse(parser, args, normalise)  # exits 2 on usage errors
+    with english_messages():
+        parser = build_parser(only=command)
+        ns = _parse(parser, args, normalise)  # exits 2 on usage errors
     kwargs = dict(vars(ns))
     handler_ref = kwargs.pop("handler", None)
     if handler_ref is None:
@@ -52,6 +53,10 @@ def _run(args: list[str]) -> int:
     except KeyboardInterrupt:
         ctx.ui.error("interrupted")
         return 130
+    except BrokenPipeError:
+        # Output piped into something that closed early (``coi list | head``).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
         if debug:
             import traceback
@@ -59,10 +64,6 @@ def _run(args: list[str]) -> int:
             traceback.print_exc()
         ctx.ui.error(f"unexpected failure: {exc.__class__.__name__}: {exc}",
                      None if debug else "run again with --debug-traceback (or COI_DEBUG=1) and report it")
-        return 1
-    except BrokenPipeError:
-        # Output piped into something that closed early (``coi list | head``).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -7,14 +7,29 @@ imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
+from typing import Iterator
 
 from coi import __version__
+from coi.config import NETWORK_MODES
 
-# argparse looks each of its messages up in gettext catalogues, and a failed
-# lookup is not cached: ~140 file searches per parser build (20 ms). coi's
-# messages are English; take argparse's words as they are.
-argparse._ = lambda message: message  # type: ignore[attr-defined]
-argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
+
+@contextmanager
+def english_messages() -> Iterator[None]:
+    """argparse's own words as they are, for the block.
+
+    argparse looks each of its messages up in gettext catalogues, and a failed
+    lookup is not cached: ~140 file searches per parser build (20 ms). coi's
+    messages are English; the lookups are skipped while coi builds and uses its
+    parser, and argparse is left as it was afterwards.
+    """
+    saved = argparse._, argparse.ngettext  # type: ignore[attr-defined]
+    argparse._ = lambda message: message  # type: ignore[attr-defined]
+    argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        argparse._, argparse.ngettext = saved  # type: ignore[attr-defined]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +103,7 @@ def _session_flags(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
     p.add_argument("--storage", metavar="PATH", nargs="?", const="",
                    help="persistent host directory mounted at /storage "
                         "(alone: a directory of this workspace under [paths] storage_dir)")
-    p.add_argument("--network", choices=["restricted", "allowlist", "open"], default=None,
+    p.add_argument("--network", choices=list(NETWORK_MODES), default=None,
                    help="network mode (default: [network] mode, 'restricted')")
 
 
@@ -130,6 +145,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                  "coi shell --persistent --slot 2")
     _session_flags(p)
     p.add_argument("--background", action="store_true", help="start the session detached and return")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help='with --background, json prints {"container", "session_id", "slot", "workspace", '
+                        '"network"} on stdout (default: text)')
     p.add_argument("--debug", action="store_true", help="start bash instead of the agent")
     p.add_argument("--tmux", dest="tmux", action=argparse.BooleanOptionalAction, default=True,
                    help="run the agent inside tmux (default: on)")
@@ -158,7 +176,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                  "coi list --format json")
     _workspace(p)
     p.add_argument("--all", action="store_true", help="also list saved sessions")
-    p.add_argument("--format", default="text", help="text or json (default: text)")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="text or json (default: text)")
 
     p = _command(sub, "info", "sessions:info", "show a saved session (default: latest of this workspace)",
                  "coi info 0b6c...")
@@ -208,7 +226,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     q = _command(isub, "list", "images:image_list", "list coi-built images", "coi image list --all")
     q.add_argument("--all", action="store_true", help="every local image")
     q.add_argument("--prefix", default=None, metavar="P", help="only aliases starting with P")
-    q.add_argument("--format", default="table", help="table or json (default: table)")
+    q.add_argument("--format", choices=["table", "json"], default="table", help="table or json (default: table)")
     q = _command(isub, "publish", "images:image_publish", "publish a stopped container as an image",
                  "coi image publish coi-1a2b3c4d-1 my-image")
     q.add_argument("container", metavar="CONTAINER")
@@ -251,7 +269,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("--env", action="append", default=[], metavar="K=V")
     q.add_argument("--cwd", default="/workspace", metavar="DIR", help="working directory (default: /workspace)")
     q.add_argument("--capture", action="store_true", help="capture output instead of streaming it")
-    q.add_argument("--format", default=None, help="with --capture: json or raw (default: json)")
+    q.add_argument("--format", choices=["json", "raw"], default=None,
+                   help="with --capture: json or raw (default: json)")
     q.add_argument("command", nargs="*", help="the command and its arguments (after --)")
     q = _command(csub, "mount", "lowlevel:container_mount", "add a disk device to a container",
                  "coi container mount my-box data /srv/data /data")

@@ -60,7 +60,7 @@ def complete(ctx: Context, *, what: str) -> int:
         for c in sessions.list_containers(ctx.incus, naming.container_prefix(), with_state=False):
             ctx.ui.out(c.name)
     else:
-        from coi import state
+        from coi.sessions import state
 
         for s in state.saved_sessions(ctx.sessions_dir):
             ctx.ui.out(s.session_id)

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from coi.errors import CoiError, ConfigError, NotFoundError, TooLargeError, UsageError
 from coi.incus import Incus
+from coi.sessions.spec import CODE_HOME
 from coi.tools import Tool
 
 if TYPE_CHECKING:
     from coi.config import Sessions
 
-CODE_HOME = "/home/code"
 GENERATIONS = "generations"
 _MAX_NAME = 255  # bytes of one file name, as on Linux file systems
 _NOTED = 10  # warnings about single entries per save; further ones are only counted

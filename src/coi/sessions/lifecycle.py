@@ -1,0 +1,326 @@
+"""A session as a whole: the request built from the config, the start (files in, rules on,
+container up, agent in tmux), the end (saved, deleted unless persistent, rules off), and
+``coi run``'s one command in a session of its own.
+
+The security rule of a start lives here: a container's network rules go on before it
+runs where its address is known, and a start whose rules cannot be applied fails
+(fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from coi import naming
+from coi.errors import CoiError, NotFoundError
+from coi.messages import Log, Messages
+from coi.sessions import commands, containers, signals, spec, state, tmux
+
+if TYPE_CHECKING:
+    from coi.config import Config
+    from coi.incus import Incus
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where sessions of one command run: the client, the config, the workspace and
+    coi's (checked) state directory, and where progress goes."""
+
+    client: Incus
+    config: Config
+    workspace: Path
+    sessions_dir: Path
+    messages: Messages
+
+
+# ---- the request ---------------------------------------------------------------
+
+def check_state_exposure(place: Place, mounted: Iterable[Path] = ()) -> None:
+    """Refuse before anything is made when coi's state directory lies inside (or around) the
+    workspace or a mount: a container could then write the records coi acts on."""
+    from coi.statedir import check_state_dir
+
+    check_state_dir(place.config.paths.sessions_dir, exposed=[place.workspace, *mounted])
+
+
+def use_shift(place: Place) -> bool:
+    """idmapped mounts keep ids one to one, so they fit only when the host uid is code's."""
+    cfg = place.config
+    if cfg.incus.disable_shift or os.getuid() != cfg.incus.code_uid:
+        return False
+    features = place.client.server().get("environment", {}).get("kernel_features", {})
+    return features.get("idmapped_mounts") == "true"
+
+
+def request(place: Place, *, slot: int, env: list[str], mount: list[str], storage: str | None,
+            profile_env: Mapping[str, str], profile: str | None, session_id: str | None = None,
+            persistent: bool | None = None) -> spec.SessionRequest:
+    """What a session of this workspace is to be, every value checked before anything exists.
+
+    ``storage``: None (no storage), "" (the workspace's default directory) or a path.
+    """
+    from coi.tools import get_tool
+
+    cfg = place.config
+    extra_env = {k: os.environ[k] for k in cfg.tool.env_passthrough if k in os.environ}
+    extra_env.update(profile_env)
+    extra_env.update(spec.parse_env(env))
+    limits = spec.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
+    mounts = list(cfg.mounts.default) + [spec.parse_mount(m, cwd=Path.cwd()) for m in mount]
+    if storage == "":  # --storage alone
+        storage_path: Path | None = cfg.paths.storage_dir / naming.workspace_hash(str(place.workspace))
+    else:
+        storage_path = Path(os.path.abspath(os.path.expanduser(storage))) if storage else None
+    spec.check_mounts(mounts, storage=storage_path is not None)
+    if not place.workspace.is_dir():
+        raise NotFoundError(f"workspace {place.workspace} is not a directory")
+    check_state_exposure(place, [*(m.host for m in mounts), *([storage_path] if storage_path else [])])
+    shift = use_shift(place)
+    place.messages.detail("Workspace mount: " + ("idmapped (shift=true)" if shift else
+                                                 f"raw.idmap {os.getuid()} -> {cfg.incus.code_uid}"))
+    return spec.SessionRequest(
+        workspace=place.workspace, slot=slot,
+        persistent=cfg.defaults.persistent if persistent is None else persistent,
+        image=cfg.defaults.image, env=extra_env, mounts=mounts, storage=storage_path,
+        tool=get_tool(cfg.tool.name), binary=cfg.tool.binary, max_slots=cfg.defaults.max_slots,
+        prefix=naming.container_prefix(), code_uid=cfg.incus.code_uid, host_uid=os.getuid(), host_gid=os.getgid(),
+        shift=shift, lock_dir=place.sessions_dir / "locks",
+        base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile)
+
+
+def agent_env(req: spec.SessionRequest) -> dict[str, str]:
+    return spec.agent_environment(term=os.environ.get("TERM"), extra=req.env)
+
+
+def agent_command(req: spec.SessionRequest, session: spec.Session,
+                  saved: state.SavedSession | None) -> list[str]:
+    """The agent's argv: fresh, or resuming the conversation of ``saved``."""
+    if saved is None:
+        return req.tool.command(binary=req.binary, session_id=session.session_id)
+    return req.tool.resume_command(saved.path / "state", binary=req.binary, session_id=session.session_id)
+
+
+# ---- network rules around a start ------------------------------------------------
+
+def start_isolated(place: Place, name: str, log: Log) -> None:
+    """Start the container with its network rules in place (fail closed).
+
+    A pinned NIC (every container coi creates) is filtered before the container
+    starts; an older container's rules wait for its DHCP address after the start.
+    """
+    from coi import network
+
+    policy = network.plan(place.config.network)
+    early = network.applies_before_start(place.client.instance(name), policy, place.sessions_dir)
+    if early:
+        _isolate(place, name, policy, log)
+    containers.ensure_running(place.client, name)
+    if not early:
+        _isolate(place, name, policy, log)
+
+
+def _isolate(place: Place, name: str, policy: Any, log: Log) -> None:
+    from coi import network
+
+    backend = network.apply(place.client, name, policy, sessions_dir=place.sessions_dir, log=log)
+    log(f"Network: {policy.mode} ({backend})")
+
+
+def unisolate(place: Place, name: str) -> None:
+    """The container's network rules and watcher removed (none is fine)."""
+    from coi import network
+
+    network.remove(name, sessions_dir=place.sessions_dir, client=place.client,
+                   privileged_command=place.config.network.privileged_command)
+
+
+def remove(place: Place, name: str) -> None:
+    """The container and its rules gone, whatever state they were in."""
+    containers.remove_container(place.client, name)
+    unisolate(place, name)
+
+
+# ---- start ----------------------------------------------------------------------------
+
+def open_session(place: Place, req: spec.SessionRequest) -> spec.Session:
+    return containers.open_session(place.client, req, place.messages.info)
+
+
+def start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: state.SavedSession | None, *,
+          debug: bool, tmux_session: bool) -> None:
+    """Start the container and the agent in its tmux session (unless it already runs);
+    whatever this start made is removed again when it fails or is interrupted."""
+    with containers.cleanup_on_interrupt(place.client, session):
+        try:
+            _start(place, session, req, saved, debug=debug, tmux_session=tmux_session)
+        except BaseException:
+            if session.created:
+                unisolate(place, session.name)
+            raise
+
+
+def _start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: state.SavedSession | None, *,
+           debug: bool, tmux_session: bool) -> None:
+    client = place.client
+    # Files go in first: a new container is still stopped, so they are there
+    # before anything in it runs (and the boot does not slow the copy).
+    if saved is not None and session.created:
+        restore_state(place, session.name, saved, req)
+    inject_credentials(place, session.name, req)
+    start_isolated(place, session.name, place.messages.info)
+    place.messages.info("Starting session...")
+    # A container created just now cannot have a tmux session yet.
+    if tmux_session and (session.created or not tmux.has_tmux_session(client, session.name, req.code_uid)):
+        agent = None if debug else agent_command(req, session, saved)
+        tmux.start_tmux(client, session.name, code_uid=req.code_uid, env=agent_env(req),
+                        command=tmux.agent_shell_command(agent))
+
+
+def restore_state(place: Place, name: str, saved: state.SavedSession, req: spec.SessionRequest) -> None:
+    state_dir = saved.path / "state"
+    if state_dir.is_dir():
+        place.client.push_tree(name, state_dir, f"{spec.CODE_HOME}/{req.tool.state_dir}",
+                               uid=req.code_uid, gid=req.code_uid)
+
+
+def inject_credentials(place: Place, name: str, req: spec.SessionRequest) -> None:
+    """Fresh credentials on every start and resume: only the tool's essential files."""
+    from coi.tools import host_home
+
+    files = req.tool.credentials(host_home(), full_host_config=place.config.tool.full_host_config)
+    dirs = sorted({str(Path(rel).parent) for rel in files} - {"."})
+    for rel in dirs:
+        place.client.make_dir(name, f"{spec.CODE_HOME}/{rel}", uid=req.code_uid, gid=req.code_uid, mode=0o700)
+    for rel, content in files.items():
+        place.client.push_file(name, f"{spec.CODE_HOME}/{rel}", content, uid=req.code_uid, gid=req.code_uid,
+                               mode=0o600)
+    place.messages.detail(f"Copied {len(files)} credential/settings file(s) for {req.tool.name}")
+
+
+def attached_argv(place: Place, session: spec.Session, req: spec.SessionRequest,
+                  saved: state.SavedSession | None, *, debug: bool, tmux_session: bool) -> list[str]:
+    """The ``incus exec -t`` argv that puts the person in the session: tmux, or the agent
+    (a shell with ``debug``) straight in the terminal."""
+    client = place.client
+    if tmux_session:
+        return tmux.attach_argv(client, session.name, code_uid=req.code_uid, term=os.environ.get("TERM"))
+    agent = None if debug else agent_command(req, session, saved)
+    command = commands.env_via_file(client, session.name, agent or ["bash", "-l"], agent_env(req),
+                                    uid=req.code_uid)
+    return client.exec_argv(session.name, commands.as_user(command, uid=req.code_uid),
+                            cwd=spec.WORKSPACE, terminal=True)
+
+
+# ---- end -------------------------------------------------------------------------------
+
+def after_attach(place: Place, name: str, code: int) -> None:
+    """Detached, left bash, or the container stopped from inside: act accordingly."""
+    client = place.client
+    try:
+        inst = client.instance(name)
+    except NotFoundError:
+        return
+    if code == 0 and not spec.is_stopped(inst):
+        place.messages.info(f"Detached; container {name} keeps running. Re-attach with: coi attach {name}")
+        return
+    if containers.wait_stopped(client, name, timeout=60):
+        with signals.signals_ignored():  # the save and the delete run to their end
+            end(place, name)
+        return
+    place.messages.info(f"Container {name} keeps running. Re-attach with: coi attach {name}")
+
+
+def end(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
+    """Save the session of a (stopped or running) container, then delete it unless persistent."""
+    from coi.tools import get_tool
+
+    client = place.client
+    inst = inst or client.instance(name)
+    cfg = inst.get("config") or {}
+    key = spec.KEY
+    tool = cfg.get(f"{key}tool") or place.config.tool.name
+    persistent = cfg.get(f"{key}persistent") == "true"
+    session_id = cfg.get(f"{key}session_id")
+    if session_id:
+        place.messages.info("Saving session data...")
+        slot = cfg.get(f"{key}slot", "")
+        state.save_session(client, name, tool=get_tool(tool), limits=state.save_limits(place.config.sessions),
+                           warn=place.messages.warn, sessions_dir=place.sessions_dir, metadata={
+                               "session_id": session_id, "container_name": name, "persistent": persistent,
+                               "workspace": cfg.get(f"{key}workspace", ""), "tool": tool,
+                               "slot": int(slot) if slot.isdigit() else None,
+                               "image": cfg.get(f"{key}image", ""), "profile": cfg.get(f"{key}profile")})
+        place.messages.info("Session data saved")
+    if not persistent:
+        containers.remove_container(client, name)
+    unisolate(place, name)
+
+
+# ---- coi run --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Captured:
+    """``coi run --capture``'s result."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+
+    def to_json(self) -> str:
+        return json.dumps({"stdout": self.stdout, "stderr": self.stderr, "exit_code": self.exit_code})
+
+
+def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: bool,
+        timeout: float) -> int | Captured:
+    """``command`` in a session container of its own, removed afterwards unless persistent.
+
+    SIGTERM and SIGHUP end it the way Ctrl+C does, in every phase: whatever it made
+    (container, rules, watcher) is removed again. A run past ``timeout`` exits 124.
+    """
+    with signals.interruptible():
+        session = containers.open_session(place.client, req, place.messages.detail)
+        try:
+            return _run_command(place, session, req, command, capture=capture, timeout=timeout)
+        finally:
+            if not session.persistent:
+                with signals.signals_ignored():  # a second signal must not cut the clean-up short
+                    remove(place, session.name)
+
+
+def _run_command(place: Place, session: spec.Session, req: spec.SessionRequest, command: list[str], *,
+                 capture: bool, timeout: float) -> int | Captured:
+    import subprocess
+
+    client = place.client
+    start_isolated(place, session.name, place.messages.detail)
+    env_vars = agent_env(req)
+    if capture:
+        if timeout:  # coreutils' timeout inside: exits 124 like coi run does
+            command = ["timeout", f"{timeout:g}", *command]
+        result = client.exec(session.name, commands.as_user(commands.once_argv(command), uid=req.code_uid),
+                             env=env_vars, cwd=spec.WORKSPACE)
+        stderr = commands.checked_stderr(result, place.messages.warn)
+        return Captured(result.stdout, stderr, result.exit_code)
+    terminal = sys.stdin.isatty()
+    guarded = commands.env_via_file(client, session.name, commands.once_argv(command, terminal=terminal),
+                                    env_vars, uid=req.code_uid)
+    argv = client.exec_argv(session.name, commands.as_user(guarded, uid=req.code_uid), cwd=spec.WORKSPACE,
+                            terminal=terminal)
+    try:
+        return commands.run_streamed(argv, timeout=timeout or None, warn=place.messages.warn)
+    except subprocess.TimeoutExpired:
+        raise RunTimeout(timeout) from None
+
+
+class RunTimeout(CoiError):
+    """``coi run --timeout`` ran out (exit code 124, as coreutils' timeout)."""
+
+    exit_code = 124
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"command timed out after {timeout:g}s")
