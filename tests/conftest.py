@@ -115,6 +115,13 @@ class User:
             pytest.skip(f"Incus lost track of a command of 'coi {' '.join(args)}': {proc.stderr.strip()}")
         return proc
 
+    def background(self, workspace: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+        """``coi shell --background --format json ARGS`` in ``workspace``: what it printed
+        ({"container", "session_id", "slot", "workspace", "network"})."""
+        proc = self.run(["shell", "--background", "--format", "json", *args], cwd=workspace, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
     def argv(self, command: list[str], *, env: dict[str, str] | None = None) -> list[str]:
         base = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
                 "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",

@@ -25,9 +25,7 @@ DIALOGS = ("trust this folder", "Do you trust", "auto mode your default", "Choos
 
 
 def start(user, workspace, *args: str) -> str:
-    proc = user.run(["shell", "--background", *args], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    return next(l.split(": ", 1)[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    return user.background(workspace, *args)["container"]
 
 
 def pane(user, name: str) -> str:

@@ -104,8 +104,7 @@ def test_all_without_force_refuses_without_terminal(session_user, workspace):
 
 
 def test_attach_tmux_and_file_errors(session_user, workspace, incus, tmp_path):
-    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-    name = [l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0]
+    name = session_user.background(workspace, "--debug")["container"]
     for args, message in ((["attach", "coi-test-nope-1"], "not found"),
                           (["tmux", "send", "coi-test-nope-1", "x"], "not found"),
                           (["file", "pull", f"{name}:/etc", str(tmp_path)], "use -r"),
@@ -125,8 +124,7 @@ def test_attach_tmux_and_file_errors(session_user, workspace, incus, tmp_path):
 
 
 def test_file_push_pull_keep_modes_and_spaces(session_user, workspace):
-    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-    name = [l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0]
+    name = session_user.background(workspace, "--debug")["container"]
     src = workspace / "dir with space"
     src.mkdir()
     (src / "run me.sh").write_text("#!/bin/sh\necho hi\n")
@@ -162,8 +160,7 @@ def test_container_low_level(session_user, sandbox_image, container_name):
 
 
 def test_shutdown_saves_and_clean_removes_stopped(session_user, workspace, incus):
-    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-    name = [l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0]
+    name = session_user.background(workspace, "--debug")["container"]
     proc = session_user.run(["shutdown", name, "--timeout", "20"], cwd=workspace)
     assert proc.returncode == 0, proc.stderr
     assert "Session data saved" in proc.stderr and not incus.exists(name)
@@ -171,16 +168,14 @@ def test_shutdown_saves_and_clean_removes_stopped(session_user, workspace, incus
     saved = json.loads(proc.stdout)["saved_sessions"]
     assert [s["container_name"] for s in saved] == [name]
 
-    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-    name = [l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0]
+    name = session_user.background(workspace, "--debug")["container"]
     incus.stop(name, force=True)
     proc = session_user.run(["clean", "--force"], cwd=workspace)
     assert proc.returncode == 0 and not incus.exists(name)
 
 
 def test_persist_turns_ephemeral_persistent(session_user, workspace, incus):
-    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-    name = [l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0]
+    name = session_user.background(workspace, "--debug")["container"]
     assert session_user.run(["persist", name]).returncode == 0
     assert incus.instance(name)["config"]["user.coi.persistent"] == "true"
     assert session_user.run(["shutdown", name, "--timeout", "20"]).returncode == 0

@@ -21,8 +21,7 @@ def test_bash_completion_offers_commands_flags_and_live_names(session_user, work
     assert {"shell", "run", "attach", "image", "container"} <= complete(session_user, ["coi", ""])
     assert {"list", "cleanup"} <= complete(session_user, ["coi", "image", ""])
     assert "--persistent" in complete(session_user, ["coi", "shell", "--pers"])
-    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-    name = next(l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    name = session_user.background(workspace, "--debug")["container"]
     assert name in complete(session_user, ["coi", "attach", ""])
     assert name in complete(session_user, ["coi", "tmux", "send", ""])
     assert session_user.run(["shutdown", name, "--timeout", "20"]).returncode == 0

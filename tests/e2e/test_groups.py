@@ -22,9 +22,7 @@ def test_coi_run_has_codes_groups(session_user, workspace):
 
 
 def test_the_agent_in_tmux_and_container_exec_have_codes_groups(session_user, workspace):
-    proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    name = next(l.split(": ", 1)[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    name = session_user.background(workspace, "--debug")["container"]
     try:
         assert session_user.run(["tmux", "send", name, "id -Gn > /workspace/groups"]).returncode == 0
         wait_for(lambda: (workspace / "groups").exists() and (workspace / "groups").read_text(), timeout=20,

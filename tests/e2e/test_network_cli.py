@@ -31,9 +31,7 @@ def chains() -> set[str]:
 
 
 def start(user, workspace, *args: str) -> str:
-    proc = user.run(["shell", "--background", *args], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    name = next(line.split(": ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("Container: "))
+    name = user.background(workspace, *args)["container"]
     return name
 
 

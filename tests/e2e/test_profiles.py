@@ -42,16 +42,12 @@ def test_profile_environment_mounts_and_limits_reach_the_container(profile_user,
 
 def test_list_shows_limits_and_resume_reapplies_the_profile(profile_user, workspace, incus):
     user, _ = profile_user
-    proc = user.run(["shell", "--profile", "small", "--background", "--debug"], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    name = next(l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    name = user.background(workspace, "--profile", "small", "--debug")["container"]
     assert "Limits: cpu=1, memory=256MiB, processes=300" in user.run(["list"], cwd=workspace).stdout
     assert user.run(["shutdown", name, "--timeout", "20"], cwd=workspace).returncode == 0
     saved = json.loads(user.run(["list", "--all", "--format", "json"], cwd=workspace).stdout)["saved_sessions"]
     assert saved[0]["profile"] == "small"
-    proc = user.run(["shell", "--resume", "--background", "--debug"], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    name = next(l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    name = user.background(workspace, "--resume", "--debug")["container"]
     assert incus.instance(name)["config"]["limits.memory"] == "256MiB"
 
 

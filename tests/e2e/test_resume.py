@@ -82,8 +82,7 @@ def test_resume_in_a_fresh_container_remembers_and_refreshes_credentials(agent_u
 def test_bad_or_foreign_resume_is_refused(agent_user, workspace, coi_user, incus, arg, code, message):
     # A session saved in another workspace is never picked up.
     other = coi_user.workspace()
-    proc = agent_user.run(["shell", "--background", "--debug"], cwd=other)
-    name = next(l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    name = agent_user.background(other, "--debug")["container"]
     assert agent_user.run(["shutdown", name, "--timeout", "20"], cwd=other).returncode == 0
 
     proc = agent_user.run(["shell", arg], cwd=workspace)
@@ -122,9 +121,7 @@ def test_nothing_else_crosses_into_the_sandbox(agent_user, workspace):
                    cfg.read_text().replace("[tool]\n", '[tool]\nenv_passthrough = ["COI_ALLOWED_VAR"]\n'))
     env = {"SECRET_TOKEN": "leak", "SSH_AUTH_SOCK": "/tmp/agent.sock", "AWS_SECRET_ACCESS_KEY": "leak",
            "COI_ALLOWED_VAR": "allowed"}
-    proc = agent_user.run(["shell", "--background", "--debug"], cwd=workspace, env=env)
-    assert proc.returncode == 0, proc.stderr
-    name = next(l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: "))
+    name = agent_user.background(workspace, "--debug", env=env)["container"]
     probe = ('env; echo ---; ls -a /home/code /home; test -e /home/code/.ssh && echo HAS_SSH; '
              'test -e /home/code/.gitconfig && echo HAS_GITCONFIG; test -e /home/code/.aws && echo HAS_AWS; '
              f'test -e {home} && echo HAS_HOST_HOME; ls -a /home/code/.claude')

@@ -79,9 +79,7 @@ def test_exit_from_bash_keeps_container(session_user, workspace, incus):
 
 
 def test_persistent_container_survives_and_restarts(session_user, workspace, incus):
-    proc = session_user.run(["shell", "--persistent", "--background"], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    name = [l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0]
+    name = session_user.background(workspace, "--persistent")["container"]
     assert incus.instance(name)["config"]["user.coi.persistent"] == "true"
     assert session_user.run(["container", "exec", name, "--", "touch", "/opt/installed-here"]).returncode == 0
     proc = session_user.run(["shutdown", name, "--timeout", "30"], cwd=workspace)
@@ -109,9 +107,7 @@ def test_two_slots_have_their_own_homes(session_user, workspace):
 
 def test_hostile_environment_values_arrive_unchanged(session_user, workspace):
     value = "a 'b' \"c\" $HOME $(id) `id` \\ ; & | end\nsecond line"
-    proc = session_user.run(["shell", "--background", "--debug", "-e", f"HOSTILE={value}"], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    name = [l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0]
+    name = session_user.background(workspace, "--debug", "-e", f"HOSTILE={value}")["container"]
     assert session_user.run(["tmux", "send", name, 'printf %s "$HOSTILE" > /workspace/env.out']).returncode == 0
     deadline = time.monotonic() + 30
     out = workspace / "env.out"
@@ -163,3 +159,14 @@ def test_killed_coi_leaves_session_running_for_attach(session_user, workspace, i
     proc = session_user.run(["clean", "--force"], cwd=workspace)
     assert proc.returncode == 0, proc.stderr
     assert not incus.exists(name)
+
+
+def test_background_json_names_the_session(session_user, workspace, incus):
+    info = session_user.background(workspace, "--debug")
+    try:
+        assert set(info) == {"container", "session_id", "slot", "workspace", "network"}
+        assert info["workspace"] == str(workspace) and info["network"] == "restricted"
+        assert incus.instance(info["container"])["config"]["user.coi.session_id"] == info["session_id"]
+        assert incus.instance(info["container"])["config"]["user.coi.slot"] == str(info["slot"])
+    finally:
+        session_user.run(["kill", info["container"]])

@@ -33,9 +33,7 @@ def _own(user, *paths: Path) -> None:
 
 
 def start(user, workspace, *args: str, env: dict[str, str] | None = None) -> str:
-    proc = user.run(["shell", "--background", "--debug", *args], cwd=workspace, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return next(line.split(": ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("Container: "))
+    return user.background(workspace, "--debug", *args, env=env)["container"]
 
 
 def chains() -> set[str]:

@@ -65,3 +65,27 @@ def test_every_command_has_help_with_an_example():
             p = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction").choices[word]
         text = p.format_help()
         assert "example:" in text and p.description, path
+
+
+@pytest.mark.parametrize("args", [["list", "--format", "yaml"], ["image", "list", "--format", "xml"],
+                                  ["doctor", "--format", "csv"], ["config", "show", "--format", "ini"],
+                                  ["container", "exec", "c", "--capture", "--format", "text", "--", "true"],
+                                  ["shell", "--format", "yaml"]])
+def test_an_unknown_format_is_a_usage_error_everywhere(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "Error: argument --format: invalid choice" in capsys.readouterr().err
+
+
+def test_json_output_of_shell_needs_background(capsys):
+    assert main(["shell", "--format", "json"]) == 2
+    assert "--format json needs --background" in capsys.readouterr().err
+
+
+def test_argparse_is_left_as_it_was():
+    import argparse
+
+    before = argparse._  # type: ignore[attr-defined]
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    assert argparse._ is before  # type: ignore[attr-defined]
