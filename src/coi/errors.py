@@ -28,6 +28,14 @@ class NotFoundError(CoiError):
     """A named thing (container, image, session, network...) does not exist."""
 
 
+class ImageNotFoundError(NotFoundError):
+    """Incus has no image under the name a container was to be created from."""
+
+
+class CommandNotFoundError(NotFoundError):
+    """The command to run in a container does not exist there."""
+
+
 class ConflictError(CoiError):
     """The thing already exists or is in a state that forbids the operation."""
 
@@ -42,6 +50,15 @@ class PermissionDeniedError(CoiError):
 
 class OperationFailedError(CoiError):
     """Incus accepted a request but the operation failed; carries its reason."""
+
+
+class ExecLostError(OperationFailedError):
+    """Incus lost the PID of a command it was starting: whether it ran is unknown
+    (see ``coi.sessions.commands`` for what coi does about it)."""
+
+
+class TimedOutError(CoiError):
+    """Something waited for did not happen in time (what, and how long, in the message)."""
 
 
 class ConfigError(CoiError):

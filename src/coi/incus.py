@@ -22,8 +22,11 @@ from urllib.parse import quote, urlencode
 from coi.wait import wait_for
 from coi.errors import (
     CoiError,
+    CommandNotFoundError,
     ConflictError,
     DaemonUnavailableError,
+    ExecLostError,
+    ImageNotFoundError,
     NotFoundError,
     OperationFailedError,
     PermissionDeniedError,
@@ -215,8 +218,14 @@ def _raise_for(status: int, payload: Mapping[str, Any], what: str) -> None:
     lowered = reason.lower()
     if status == 404:
         raise NotFoundError(f"{what}: not found")
+    if "command not found" in lowered:
+        raise CommandNotFoundError(f"{what}: {reason}")
     if "not found" in lowered:
         raise NotFoundError(f"{what}: {reason}")
+    if EXEC_NOT_STARTED in reason:
+        raise ExecLostError(f"{what}: {reason}")
+    if "image not provided" in lowered:
+        raise ImageNotFoundError(f"{what}: {reason}")
     if status == 409 or "already exists" in lowered or "unique constraint failed" in lowered:
         raise ConflictError(f"{what}: {reason}")
     if status == 403:
@@ -521,8 +530,8 @@ class Incus:
         def attempt() -> dict[str, Any] | None:
             try:
                 return self.call("POST", f"/1.0/instances/{quote(name, safe='')}/exec", what, json_body=body)
-            except OperationFailedError as exc:
-                if retry and EXEC_NOT_STARTED in exc.message:
+            except ExecLostError:
+                if retry:
                     return None
                 raise
         op = wait_for(attempt, timeout=20, what=f"{name} to run a command")

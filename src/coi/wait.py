@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from typing import Callable, TypeVar
 
-from coi.errors import CoiError
+from coi.errors import TimedOutError
 
 T = TypeVar("T")
 
 
 def wait_for(check: Callable[[], T], *, timeout: float, what: str, hint: str | None = None,
              first_interval: float = 0.01, max_interval: float = 0.25) -> T:
-    """Call ``check`` until it returns a true value; raise CoiError at the deadline.
+    """Call ``check`` until it returns a true value; raise TimedOutError at the deadline.
 
     The interval starts small (readiness is usually a matter of milliseconds)
     and backs off, so a fast event is seen fast without a busy loop.
@@ -25,6 +25,6 @@ def wait_for(check: Callable[[], T], *, timeout: float, what: str, hint: str | N
             return result
         now = time.monotonic()
         if now >= deadline:
-            raise CoiError(f"timed out after {timeout:g}s waiting for {what}", hint)
+            raise TimedOutError(f"timed out after {timeout:g}s waiting for {what}", hint)
         time.sleep(min(interval, deadline - now))
         interval = min(interval * 2, max_interval)

@@ -576,3 +576,31 @@ def test_import_split_image_streams_a_multipart_body(daemon, client, tmp_path, n
     assert parts["metadata"][1] == metadata.read_bytes()
     assert parts["rootfs"][1] == rootfs.read_bytes()
     assert b'filename="rootfs.squashfs"' in parts["rootfs"][0]
+
+
+@pytest.mark.parametrize("status, reason, kind", [
+    (404, "whatever", "NotFoundError"),
+    (500, "Command not found", "CommandNotFoundError"),
+    (500, "Instance not found", "NotFoundError"),
+    (500, "Failed to retrieve PID of executing child process", "ExecLostError"),
+    (500, "Failed creating instance from image: Image not provided", "ImageNotFoundError"),
+    (409, "busy", "ConflictError"),
+    (500, "UNIQUE constraint failed: instances.name", "ConflictError"),
+    (403, "not allowed", "PermissionDeniedError"),
+    (500, "disk full", "OperationFailedError"),
+])
+def test_daemon_reasons_become_typed_errors(status, reason, kind):
+    from coi import errors
+    from coi.incus import _raise_for
+
+    with pytest.raises(errors.CoiError) as exc:
+        _raise_for(status, {"error": reason}, "thing")
+    assert type(exc.value).__name__ == kind
+
+
+def test_a_wait_that_runs_out_is_a_typed_timeout():
+    from coi.errors import TimedOutError
+    from coi.wait import wait_for
+
+    with pytest.raises(TimedOutError, match="timed out after"):
+        wait_for(lambda: False, timeout=0, what="nothing")

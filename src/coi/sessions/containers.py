@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from coi import naming
 from coi.config import Mount
-from coi.errors import CoiError, NotFoundError, OperationFailedError
+from coi.errors import CoiError, ImageNotFoundError, NotFoundError, OperationFailedError, TimedOutError
 from coi.messages import Log
 from coi.sessions.signals import deferred_signals, signals_ignored
 from coi.sessions.spec import (CONTAINER_CONFIG, KEY, STORAGE, ContainerInfo, Session, SessionRequest,
@@ -102,14 +102,12 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
             mount.host.mkdir(parents=True, exist_ok=True)
         try:
             create_pinned(client, name, image=req.image, config=config, devices=devices, instances=instances)
-        except NotFoundError:
-            raise
-        except CoiError as exc:
-            if "image not provided" in exc.message.lower() and not client.image_exists(req.image):
-                raise NotFoundError(f"image {req.image} not found",
-                                    "build it with 'coi build'" if req.image == "coi"
-                                    else f"build it with 'coi build custom {req.image} --script FILE'") from None
-            raise
+        except ImageNotFoundError:
+            if client.image_exists(req.image):
+                raise
+            raise NotFoundError(f"image {req.image} not found",
+                                "build it with 'coi build'" if req.image == "coi"
+                                else f"build it with 'coi build custom {req.image} --script FILE'") from None
         return Session(name, slot, session_id, req.persistent, True, req.workspace)
 
 
@@ -217,6 +215,6 @@ def wait_stopped(client: Incus, name: str, timeout: float) -> bool:
             return True
     try:
         wait_for(stopped, timeout=timeout, what=f"{name} to stop")
-    except CoiError:
+    except TimedOutError:
         return False
     return True

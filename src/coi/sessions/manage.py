@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from coi import naming
-from coi.errors import CoiError, NotFoundError, OperationFailedError
+from coi.errors import CoiError, ExecLostError, NotFoundError
 from coi.sessions import commands, containers, lifecycle, signals, spec, state, tmux
 from coi.sessions.lifecycle import Place
 
@@ -255,8 +255,6 @@ def tmux_sessions(place: Place) -> list[str]:
 
 def tmux_send(place: Place, name: str, text: str) -> None:
     """Type ``text`` and Enter into the session's pane, each at most once."""
-    from coi.incus import EXEC_NOT_STARTED
-
     _running_session(place, name)
     target = naming.tmux_session(name)
     for keys in (["-l", text], ["Enter"]):
@@ -264,10 +262,8 @@ def tmux_send(place: Place, name: str, text: str) -> None:
             result = commands.exec_code(place.client, name, tmux.tmux_argv("send-keys", "-t", target, *keys),
                                         code_uid=place.config.incus.code_uid, cwd=spec.CODE_HOME,
                                         retry=False)  # keys once
-        except OperationFailedError as exc:
-            if EXEC_NOT_STARTED not in exc.message:
-                raise
-            raise OperationFailedError("Incus lost track of the command (tmux send-keys): the keys may or may "
+        except ExecLostError:
+            raise ExecLostError("Incus lost track of the command (tmux send-keys): the keys may or may "
                                        "not have been typed", f"look at the pane first: coi tmux capture {name}") from None
         if result.exit_code != 0:
             raise CoiError(f"tmux send-keys failed: {result.stderr.strip()}")

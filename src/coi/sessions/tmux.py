@@ -7,7 +7,7 @@ import shlex
 from typing import TYPE_CHECKING, Mapping
 
 from coi import naming
-from coi.errors import CoiError, NotFoundError
+from coi.errors import CoiError, CommandNotFoundError
 from coi.sessions.commands import as_user, exec_code
 from coi.sessions.spec import CODE_HOME, TMUX_SOCKET, WORKSPACE, terminal_type, tmux_env
 
@@ -46,10 +46,8 @@ def start_tmux(client: Incus, name: str, *, code_uid: int, env: Mapping[str, str
         # keeps the usual case at 2 requests instead of 6.
         if result.exit_code != 0 and not has_tmux_session(client, name, code_uid):
             result = exec_code(client, name, [*argv, *command], code_uid=code_uid)
-    except NotFoundError as exc:  # Incus: "Command not found"
-        if "command not found" in exc.message.lower():  # setpriv (util-linux) itself is missing
-            raise CoiError(f"could not start tmux in {name}: the image has no setpriv (util-linux)", hint) from None
-        raise
+    except CommandNotFoundError:  # setpriv (util-linux) itself is missing
+        raise CoiError(f"could not start tmux in {name}: the image has no setpriv (util-linux)", hint) from None
     if result.exit_code != 0 and not has_tmux_session(client, name, code_uid):
         why = result.stderr.strip() or result.stdout.strip()
         if why.startswith("setpriv: uid") and "not found" in why:
