@@ -591,7 +591,7 @@ def test_import_split_image_streams_a_multipart_body(daemon, client, tmp_path, n
 ])
 def test_daemon_reasons_become_typed_errors(status, reason, kind):
     from coi import errors
-    from coi.incus import _raise_for
+    from coi.incus.failures import _raise_for
 
     with pytest.raises(errors.CoiError) as exc:
         _raise_for(status, {"error": reason}, "thing")

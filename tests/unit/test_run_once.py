@@ -71,11 +71,19 @@ def test_with_a_terminal_the_command_replaces_the_guard_and_its_status_is_lost(t
     assert again.returncode == 254 and commands.lost_track(again.returncode, again.stderr) is not None
 
 
+def catches_int(pid: int) -> bool:
+    """Whether the guard has set its trap (SIGINT caught, in /proc's SigCgt mask)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
 def test_a_signal_to_the_guard_ends_the_command(tmp_path):
     marker, child = tmp_path / "m", tmp_path / "child"
     argv = guarded(marker, "sh", "-c", f'echo $$ > "{child}"; exec sleep 60')
     proc = subprocess.Popen(argv)
-    while not child.exists() or not child.read_text().strip():
+    while not child.exists() or not child.read_text().strip() or not catches_int(proc.pid):
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)  # passed on as TERM: a background child ignores INT
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM

@@ -1,25 +1,18 @@
-"""The Incus client: the only module in coi that talks to Incus.
-
-It speaks the REST API over the daemon's unix socket (a small HTTP/1.1 client,
-no third-party code) and builds the argv of the ``incus`` command-line client for
-the one path that needs a real terminal (``incus exec -t``). Background
-operations are awaited with ``/1.0/operations/<id>/wait``; every HTTP or
-socket failure becomes a ``coi.errors`` exception in ``_raise_for``.
-"""
+"""The Incus client: one connection to one daemon, scoped to one project. Every REST
+call, and the argv of ``incus exec -t`` for the one path that needs a real terminal.
+Background operations are awaited with ``/1.0/operations/<id>/wait``; every HTTP or
+socket failure becomes a typed ``coi.errors`` exception in ``_raise_for``."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
-import socket
-import stat
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
-from coi.wait import wait_for
 from coi.errors import (
     CoiError,
     CommandNotFoundError,
@@ -32,30 +25,15 @@ from coi.errors import (
     PermissionDeniedError,
     TooLargeError,
 )
+from coi.incus.failures import EXEC_NOT_STARTED, GROUP_HINT, SETUP_HINT, _raise_for
+from coi.incus.files import Files
+from coi.incus.wire import DEFAULT_SOCKET, BodyLimit, _BadReply, _BodyTooLarge, _Response, _UnixConnection, socket_path
+from coi.wait import wait_for
 
-DEFAULT_SOCKET = "/var/lib/incus/unix.socket"
-SETUP_HINT = "run 'sudo coi setup' to install and start Incus"
-GROUP_HINT = (
-    "join the Incus admin group ('sudo usermod -aG incus-admin $USER'), "
-    "then log out and in again"
-)
-# What Incus says when it lost the PID of a command it was starting (seen while
-# a container boots, and under load). Usually the command did not run, but not
-# always: only a command that is safe to run twice may simply be tried again.
-EXEC_NOT_STARTED = "Failed to retrieve PID of executing child process"
+
 # One operation wait call blocks at most this long on the server; longer
 # operations are simply waited on again.
 _WAIT_CHUNK = 60
-
-
-def socket_path(env: Mapping[str, str] | None = None) -> str:
-    """The daemon socket: ``INCUS_SOCKET``, else ``$INCUS_DIR/unix.socket``."""
-    env = os.environ if env is None else env
-    if env.get("INCUS_SOCKET"):
-        return env["INCUS_SOCKET"]
-    if env.get("INCUS_DIR"):
-        return os.path.join(env["INCUS_DIR"], "unix.socket")
-    return DEFAULT_SOCKET
 
 
 @dataclass(frozen=True)
@@ -67,173 +45,7 @@ class ExecResult:
     stderr: str
 
 
-class _BadReply(Exception):
-    """The daemon's answer is not the HTTP/1.1 it should be."""
-
-
-class _BodyTooLarge(Exception):
-    """A reply body is over the caller's limit; the rest of it was not read."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit)
-        self.limit = limit
-
-
-_MAX_LINE = 65536
-# The most body bytes to accept for a reply, given its status and headers (None: any).
-BodyLimit = Callable[[int, Mapping[str, str]], "int | None"]
-# Bounds of the files API when a caller limits file content (pull_file's max_bytes):
-# a directory listing (~250,000 long names) and an error reply have their own.
-_MAX_LISTING = 64 << 20
-_MAX_ERROR_BODY = 1 << 20
-
-
-@dataclass
-class _Response:
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-    will_close: bool = False
-
-    def json(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.body or b"{}")
-        except ValueError:
-            return {}
-
-
-class _UnixConnection:
-    """HTTP/1.1 on the daemon's unix socket: just what the Incus API needs (keep-alive,
-    Content-Length and chunked bodies, streamed uploads). ``http.client`` would
-    do, but it imports the ``email`` package and ``ssl``: 20 ms on every command."""
-
-    def __init__(self, path: str, timeout: float | None) -> None:
-        self._path = path
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self._in: Any = None
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock, self._in = sock, sock.makefile("rb")
-
-    def close(self) -> None:
-        for part in (self._in, self.sock):
-            if part is not None:
-                part.close()
-        self.sock = self._in = None
-
-    def exchange(self, method: str, url: str, body: bytes | Iterable[bytes] | None,
-                 headers: Mapping[str, str], limit: BodyLimit | None = None) -> _Response:
-        """Send one request and read its reply; a body over ``limit`` raises _BodyTooLarge
-        with the rest of it unread (the caller must close the connection)."""
-        if self.sock is None:
-            self.connect()
-        assert self.sock is not None
-        head = {"Host": "incus", "Accept-Encoding": "identity", **headers}
-        if isinstance(body, (bytes, bytearray)):
-            head["Content-Length"] = str(len(body))
-        elif body is None and method in ("POST", "PUT", "PATCH"):
-            head["Content-Length"] = "0"
-        lines = [f"{method} {url} HTTP/1.1"] + [f"{k}: {v}" for k, v in head.items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if isinstance(body, (bytes, bytearray)):
-            self.sock.sendall(body)
-        elif body is not None:  # streamed; the caller sent Content-Length
-            for chunk in body:
-                self.sock.sendall(chunk)
-        return self._read_response(method, limit)
-
-    def _line(self) -> bytes:
-        line = self._in.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE:
-            raise _BadReply("header line too long")
-        return line
-
-    def _read_response(self, method: str, limit: BodyLimit | None = None) -> _Response:
-        status_line = self._line()
-        if not status_line:
-            raise ConnectionResetError("the daemon closed the connection")
-        version, _, rest = status_line.decode("latin-1").partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise _BadReply(f"bad status line {status_line[:80]!r}")
-        headers: dict[str, str] = {}
-        while (line := self._line()) not in (b"\r\n", b"\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip()] = value.strip()
-        h = {k.lower(): v.lower() for k, v in headers.items()}
-        status = int(code)
-        will_close = h.get("connection") == "close" or version == "HTTP/1.0"
-        most = limit(status, headers) if limit else None
-        if method == "HEAD" or status in (204, 304) or status < 200:
-            body = b""
-        elif h.get("transfer-encoding") == "chunked":
-            body = self._read_chunked(most)
-        elif "content-length" in h:
-            size = int(h["content-length"])
-            if most is not None and size > most:
-                raise _BodyTooLarge(most)  # refused before a byte of it is read
-            body = self._read_exactly(size)
-        else:  # delimited by the end of the connection
-            body, will_close = self._in.read(-1 if most is None else most + 1), True
-            if most is not None and len(body) > most:
-                raise _BodyTooLarge(most)
-        return _Response(status, headers, body, will_close)
-
-    def _read_exactly(self, size: int) -> bytes:
-        if size < 0:
-            raise _BadReply(f"negative body size {size}")
-        data = self._in.read(size)
-        if len(data) != size:
-            raise _BadReply(f"body ended after {len(data)} of {size} bytes")
-        return data
-
-    def _read_chunked(self, most: int | None = None) -> bytes:
-        """A chunked body; past ``most`` bytes in all, _BodyTooLarge before the next chunk is read."""
-        parts = []
-        total = 0
-        while True:
-            size = int(self._line().split(b";", 1)[0].strip() or b"x", 16)
-            total += size
-            if most is not None and total > most:
-                raise _BodyTooLarge(most)
-            if size == 0:
-                while self._line() not in (b"\r\n", b"\n", b""):  # trailers
-                    pass
-                return b"".join(parts)
-            parts.append(self._read_exactly(size))
-            self._line()
-
-
-def _raise_for(status: int, payload: Mapping[str, Any], what: str) -> None:
-    """Map an Incus error response to coi's error tree (the one place)."""
-    reason = str(payload.get("error") or f"HTTP {status}")
-    lowered = reason.lower()
-    if status == 404:
-        raise NotFoundError(f"{what}: not found")
-    if "command not found" in lowered:
-        raise CommandNotFoundError(f"{what}: {reason}")
-    if "not found" in lowered:
-        raise NotFoundError(f"{what}: {reason}")
-    if EXEC_NOT_STARTED in reason:
-        raise ExecLostError(f"{what}: {reason}")
-    if "image not provided" in lowered:
-        raise ImageNotFoundError(f"{what}: {reason}")
-    if status == 409 or "already exists" in lowered or "unique constraint failed" in lowered:
-        raise ConflictError(f"{what}: {reason}")
-    if status == 403:
-        raise PermissionDeniedError(f"{what}: {reason}", GROUP_HINT)
-    raise OperationFailedError(f"{what}: {reason}")
-
-
-class Incus:
+class Incus(Files):
     """A connection to one Incus daemon, scoped to one Incus project."""
 
     def __init__(self, path: str = DEFAULT_SOCKET, *, project: str = "default",
@@ -568,90 +380,6 @@ class Incus:
             argv += ["--env", f"{key}={value}"]
         return argv + ["--", *command]
 
-    # ---- files -----------------------------------------------------------
-
-    def _files_path(self, name: str) -> str:
-        return f"/1.0/instances/{quote(name, safe='')}/files"
-
-    def push_file(self, name: str, path: str, content: bytes, *, uid: int = 0, gid: int = 0,
-                  mode: int = 0o644) -> None:
-        self.call("POST", self._files_path(name), f"write {path} in container {name}",
-                  params={"path": path}, body=content,
-                  headers={"X-Incus-type": "file", "X-Incus-uid": str(uid), "X-Incus-gid": str(gid),
-                           "X-Incus-mode": f"{mode:04o}", "X-Incus-write": "overwrite",
-                           "Content-Type": "application/octet-stream"})
-
-    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
-        try:
-            self.call("POST", self._files_path(name), f"create {path} in container {name}",
-                      params={"path": path}, body=b"",
-                      headers={"X-Incus-type": "directory", "X-Incus-uid": str(uid),
-                               "X-Incus-gid": str(gid), "X-Incus-mode": f"{mode:04o}"})
-        except ConflictError:
-            pass  # already there
-
-    def pull_file(self, name: str, path: str, *, max_bytes: int | None = None) -> tuple[bytes, dict[str, Any]]:
-        """Content and ``{"type", "mode", "uid", "gid"}`` of one file.
-
-        For a directory the content is empty and ``entries`` lists its names.
-        With ``max_bytes``, content larger than that is refused (TooLargeError)
-        without being read; a directory listing is then bounded too (64 MiB).
-        """
-        what = f"read {path} in container {name}"
-        try:
-            resp = self.raw("GET", self._files_path(name), params={"path": path},
-                            limit=None if max_bytes is None else _files_limit(max_bytes))
-        except TooLargeError as exc:
-            raise TooLargeError(f"{what}: {exc.message}") from None
-        if resp.status >= 400:
-            _raise_for(resp.status, resp.json(), what)
-        h = {k.lower(): v for k, v in resp.headers.items()}
-        info: dict[str, Any] = {
-            "type": h.get("x-incus-type", "file"),
-            "mode": int(h.get("x-incus-mode", "0644"), 8),
-            "uid": int(h.get("x-incus-uid", "0")),
-            "gid": int(h.get("x-incus-gid", "0")),
-        }
-        if info["type"] == "directory":
-            info["entries"] = sorted(resp.json().get("metadata") or [])
-            return b"", info
-        return resp.body, info
-
-    def push_tree(self, name: str, local: Path, remote: str, *, uid: int | None = None,
-                  gid: int | None = None) -> None:
-        """Copy a host file or directory tree into the instance, keeping modes.
-
-        Owner: ``uid``/``gid`` when given, else root.
-        """
-        for src, dst in _walk_local(local, PurePosixPath(remote)):
-            if src.is_symlink():
-                continue  # never copy what a link points at, which may be outside the tree
-            st = src.lstat()
-            mode = stat.S_IMODE(st.st_mode)
-            owner = {"uid": uid or 0, "gid": gid or 0}
-            if src.is_dir():
-                self.make_dir(name, str(dst), mode=mode, **owner)
-            elif src.is_file():
-                self.push_file(name, str(dst), src.read_bytes(), mode=mode, **owner)
-
-    def pull_tree(self, name: str, remote: str, local: Path) -> None:
-        """Copy a file or directory tree out of the instance, keeping modes."""
-        content, info = self.pull_file(name, remote)
-        if info["type"] == "directory":
-            local.mkdir(parents=True, exist_ok=True)
-            for entry in info["entries"]:
-                self.pull_tree(name, str(PurePosixPath(remote) / entry), local / entry)
-            os.chmod(local, info["mode"])
-        elif info["type"] == "file":
-            local.write_bytes(content)
-            os.chmod(local, info["mode"])
-        # symlinks and special files are skipped on purpose: nothing from the
-        # container may point a host path somewhere else.
-
-    def delete_file(self, name: str, path: str) -> None:
-        self.call("DELETE", self._files_path(name), f"delete {path} in container {name}",
-                  params={"path": path})
-
     # ---- images ----------------------------------------------------------
 
     def images(self) -> list[dict[str, Any]]:
@@ -755,21 +483,3 @@ class Incus:
         self.call("PUT", f"/1.0/network-acls/{quote(name, safe='')}", f"network ACL {name}",
                   json_body={"egress": egress, "ingress": ingress, "description": description,
                              "config": {}})
-
-
-def _files_limit(max_bytes: int) -> BodyLimit:
-    """Body bounds of one files-API read: ``max_bytes`` for content, fixed ones otherwise."""
-    def limit(status: int, headers: Mapping[str, str]) -> int:
-        if status >= 300:
-            return _MAX_ERROR_BODY
-        kind = next((v for k, v in headers.items() if k.lower() == "x-incus-type"), "file")
-        return _MAX_LISTING if kind == "directory" else max_bytes
-    return limit
-
-
-def _walk_local(local: Path, remote: PurePosixPath) -> Iterator[tuple[Path, PurePosixPath]]:
-    """Pairs (host path, container path), parents before children."""
-    yield local, remote
-    if local.is_dir() and not local.is_symlink():
-        for child in sorted(local.iterdir()):
-            yield from _walk_local(child, remote / child.name)
