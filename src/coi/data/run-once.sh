@@ -40,11 +40,12 @@ exec 3<&0
 "$@" <&3 3<&- &
 p=$!
 exec 3<&-
-trap 'kill -TERM $p 2>/dev/null' INT TERM HUP
+trap 'got=1; kill -TERM $p 2>/dev/null' INT TERM HUP
 while :; do
+  got=
   wait $p
   rc=$?
-  kill -0 $p 2>/dev/null || break  # wait returned for a signal: the command still runs
+  [ -n "$got" ] || break  # wait returned for a signal: wait again for the command's own status
 done
 echo $rc > "$m/rc"
 exit $rc
