@@ -374,7 +374,7 @@ def test_result_and_properties(fake, config, script):
     props = result["properties"]
     assert props["coi.kind"] == "custom"
     assert props["coi.base"] == "coi-base-debian-bookworm"
-    assert props["coi.script_hash"] == images._sha([script.read_bytes()])
+    assert props["coi.script_hash"] == images.sha([script.read_bytes()])
     assert props["coi.version"] and props["coi.built_at"].endswith("Z")
     assert result["alias"] == "coi-test-x" and result["size"] == 4096
     assert lines[-1].startswith("Image coi-test-x ready")
@@ -400,7 +400,7 @@ def test_working_resolver_is_left_alone(fake, config, script):
 
 
 def test_broken_non_stub_resolver_fails_the_build(fake, config, script, monkeypatch):
-    monkeypatch.setattr(images, "_DNS_TIMEOUT", 0.2)
+    monkeypatch.setattr(images.dns, "_DNS_TIMEOUT", 0.2)
     fake.resolver_broken = True
     fake.resolv_conf = "nameserver 192.0.2.1\n"
     with pytest.raises(images.BuildError, match="names do not resolve"):
@@ -557,7 +557,7 @@ def test_publish_container_needs_a_stopped_container():
 
 
 def test_no_dhcp_address_fails_the_network_step(fake, config, script, monkeypatch):
-    monkeypatch.setattr(images, "_NETWORK_TIMEOUT", 0.1)
+    monkeypatch.setattr(images.dns, "_NETWORK_TIMEOUT", 0.1)
     monkeypatch.setattr(fake, "instance_state", lambda name: {"network": {"eth0": {"addresses": []}}})
     with pytest.raises(images.BuildError, match=r"failed at step 'Wait for the network \(DHCP and DNS\)': "
                                                 r"eth0 got no IPv4 address"):

@@ -18,10 +18,13 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from coi.errors import CoiError, NotFoundError
-from coi.incus import Incus
+from coi.images.log import Log
+
+if TYPE_CHECKING:
+    from coi.incus import Incus
 
 SUITES = ("bookworm", "trixie")
 PACKAGES = ("systemd-sysv", "systemd-resolved", "dbus", "udev", "iproute2", "sudo", "ca-certificates",
@@ -31,6 +34,7 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
 def alias_for(suite: str) -> str:
+    """The local alias the bootstrap base of ``suite`` is cached under."""
     return f"coi-base-debian-{suite}"
 
 
@@ -94,7 +98,7 @@ def _metadata_tar(suite: str, properties: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def ensure_base(client: Incus, suite: str, *, log: Callable[[str], None],
+def ensure_base(client: Incus, suite: str, *, log: Log,
                 force: bool = False, workdir: Path | None = None) -> str:
     """Alias of the bootstrap base for ``suite``, building and importing it if needed."""
     alias = alias_for(suite)
