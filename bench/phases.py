@@ -38,7 +38,7 @@ TARGETS = {
     "coi.cli.render": [("render_sessions", "render", True)],
     "coi.images.builder": [("Builder.launch", "launch builder", True), ("Builder.remove", "delete builder", True)],
     "coi.images.dns": [("wait_for_network", "wait network", True)],
-    "coi.images.run": [("run_streamed", "exec in builder", True)],
+    "coi.images.run": [("run_in_builder", "exec in builder", True)],
     "coi.images.publish": [("unpack", "unpack image", True)],
     "coi.images.bootstrap": [("ensure_base", "base image check", True)],
     "coi.doctor": [("*", "doctor checks", True)],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import platform
 import shlex
 import subprocess
@@ -76,8 +77,9 @@ def host_debian_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
 
 
 def _metadata_tar(suite: str, properties: dict[str, str]) -> bytes:
+    """The image's metadata (``metadata.yaml`` and the hostname templates) as a tar archive."""
     arch = platform.machine()
-    props = "".join(f"  {k}: {v!r}\n".replace("'", '"') for k, v in properties.items())
+    props = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in properties.items())  # JSON strings are YAML
     files = {
         "metadata.yaml": (
             f"architecture: {arch}\ncreation_date: {int(time.time())}\nproperties:\n{props}"

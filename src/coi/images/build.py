@@ -24,7 +24,7 @@ from coi.images.manage import human_size, now_iso
 from coi.images.progress import Steps, elapsed
 from coi.images.publish import publish_builder, unpack
 from coi.images.refs import COI_ALIAS, Base, check_alias, local_base, parse_base
-from coi.images.run import capture, run_streamed
+from coi.images.run import capture, run_in_builder
 
 if TYPE_CHECKING:
     from coi.incus import Incus
@@ -95,8 +95,8 @@ class _Build:
         """Run ``command`` as root in the builder, streaming its output; raise on failure."""
         with self.steps.spinner():
             try:
-                code = run_streamed(self.client, self.builder.name, command, env=env, record=self.log.write,
-                                    output=self.output, idempotent=idempotent)
+                code = run_in_builder(self.client, self.builder.name, command, env=env, record=self.log.write,
+                                      output=self.output, idempotent=idempotent)
             except CoiError as exc:
                 raise self.fail(exc.message, exc.hint) from None
         if code != 0:

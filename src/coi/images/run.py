@@ -1,6 +1,6 @@
 """Running commands in a builder: the one place the image build execs.
 
-``run_streamed`` runs a build step through Incus's own client (``incus exec``)
+``run_in_builder`` runs a build step through Incus's own client (``incus exec``)
 so its output streams line by line; ``capture`` asks a short question through
 the REST API. Both hold the builder's lost-PID policy, written in their
 docstrings, so that it can be switched to coi's common exec policy in one place.
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from coi.errors import CoiError
 from coi.images.log import Log
+from coi.incus import EXEC_NOT_STARTED
 
 if TYPE_CHECKING:
     from coi.incus import Incus
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 _ATTEMPTS = 3  # of an idempotent command whose PID Incus lost
 
 
-def run_streamed(client: Incus, builder: str, command: list[str], *, env: Mapping[str, str] | None = None,
-                 cwd: str = "/root", record: Log, output: Log | None = None, idempotent: bool = False) -> int:
+def run_in_builder(client: Incus, builder: str, command: list[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str = "/root", record: Log, output: Log | None = None, idempotent: bool = False) -> int:
     """Run ``command`` as root in ``builder``; its exit code. Output goes to ``record``
     (the log file; ``$ <command>`` first) and, indented, to ``output``.
 
@@ -31,20 +32,18 @@ def run_streamed(client: Incus, builder: str, command: list[str], *, env: Mappin
     run again, up to three runs in all; any other command is never run twice,
     and its 255 is returned. Raises CoiError when the ``incus`` client is missing.
     """
-    from coi.incus import EXEC_NOT_STARTED
-
     code = 0
     for _ in range(_ATTEMPTS if idempotent else 1):
         argv = client.exec_argv(builder, command, user=0, group=0, cwd=cwd, env=env, terminal=False)
         record("$ " + shlex.join(command))
-        code, lost = _stream(argv, record=record, output=output, lost_marker=EXEC_NOT_STARTED)
+        code, lost = _stream(argv, record=record, output=output)
         if not lost:
             break
     return code
 
 
-def _stream(argv: list[str], *, record: Log, output: Log | None, lost_marker: str) -> tuple[int, bool]:
-    """Exit code of ``argv``, and whether it lost track of its command (255 and ``lost_marker``)."""
+def _stream(argv: list[str], *, record: Log, output: Log | None) -> tuple[int, bool]:
+    """Exit code of ``argv`` (an ``incus exec``), and whether Incus lost track of its command."""
     lost = False
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -55,7 +54,7 @@ def _stream(argv: list[str], *, record: Log, output: Log | None, lost_marker: st
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            lost = lost or lost_marker in line
+            lost = lost or EXEC_NOT_STARTED in line
             record(line)
             if output is not None:
                 output("    " + line)
