@@ -75,7 +75,7 @@ def container_name(incus):
 @pytest.fixture(scope="session")
 def base_image(incus):
     """The local Debian base image, built by coi's own code (cached across runs)."""
-    from coi.bootstrap import ensure_base
+    from coi.images import ensure_base
 
     return ensure_base(incus, "bookworm", log=print)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from coi import images
 from coi.config import default_config
 from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
 from coi.incus import EXEC_NOT_STARTED, ExecResult
-from coi.images import ImageInfo
 
 pytestmark = pytest.mark.unit
 
@@ -209,34 +207,6 @@ def _build(fake, config, script, **kw):
 # --- bases -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ref, default, expected", [
-    (None, "coi", images.Base("coi", alias="coi")),
-    ("", images.DEFAULT_BASE, images.Base("bootstrap:debian/trixie")),
-    ("bootstrap:debian/trixie", "coi", images.Base("bootstrap:debian/trixie")),
-    ("images:debian/12", "coi", images.Base("images:debian/12", remote="debian/12",
-                                            fallback="bootstrap:debian/bookworm")),
-    ("images:debian/13", "coi", images.Base("images:debian/13", remote="debian/13",
-                                            fallback="bootstrap:debian/trixie")),
-    ("images:ubuntu/24.04", "coi", images.Base("images:ubuntu/24.04", remote="ubuntu/24.04",
-                                               fallback="bootstrap:debian/trixie")),
-    ("my-image", "coi", images.Base("my-image", alias="my-image")),
-])
-def test_parse_base(ref, default, expected):
-    assert images.parse_base(ref, default=default) == expected
-
-
-@pytest.mark.parametrize("ref", ["bootstrap:debian/sid", "images:", "bad name!"])
-def test_parse_base_refuses_nonsense(ref):
-    with pytest.raises(CoiError):
-        images.parse_base(ref)
-
-
-def test_remote_source_is_the_simplestreams_server():
-    assert images.parse_base("images:debian/12").source() == {
-        "type": "image", "mode": "pull", "server": "https://images.linuxcontainers.org",
-        "protocol": "simplestreams", "alias": "debian/12"}
-
-
 def test_unreachable_remote_falls_back_to_bootstrap(fake, config, script):
     fake.fail_remote = True
     result, lines = _build(fake, config, script, base="images:debian/12")
@@ -374,7 +344,7 @@ def test_result_and_properties(fake, config, script):
     props = result["properties"]
     assert props["coi.kind"] == "custom"
     assert props["coi.base"] == "coi-base-debian-bookworm"
-    assert props["coi.script_hash"] == images._sha([script.read_bytes()])
+    assert props["coi.script_hash"] == images.sha([script.read_bytes()])
     assert props["coi.version"] and props["coi.built_at"].endswith("Z")
     assert result["alias"] == "coi-test-x" and result["size"] == 4096
     assert lines[-1].startswith("Image coi-test-x ready")
@@ -400,7 +370,7 @@ def test_working_resolver_is_left_alone(fake, config, script):
 
 
 def test_broken_non_stub_resolver_fails_the_build(fake, config, script, monkeypatch):
-    monkeypatch.setattr(images, "_DNS_TIMEOUT", 0.2)
+    monkeypatch.setattr(images.dns, "_DNS_TIMEOUT", 0.2)
     fake.resolver_broken = True
     fake.resolv_conf = "nameserver 192.0.2.1\n"
     with pytest.raises(images.BuildError, match="names do not resolve"):
@@ -408,54 +378,7 @@ def test_broken_non_stub_resolver_fails_the_build(fake, config, script, monkeypa
     assert fake.instances_by_name == {}
 
 
-@pytest.mark.parametrize("text, stub", [
-    ("nameserver 127.0.0.53\n", True),
-    ("nameserver 127.0.0.1\nsearch lan\n", True),
-    ("# nothing\n", True),
-    ("nameserver ::1\n", True),
-    ("nameserver 10.195.0.1\n", False),
-    ("nameserver 127.0.0.53\nnameserver 1.1.1.1\n", False),
-])
-def test_resolv_is_stub_only(text, stub):
-    assert images.resolv_is_stub_only(text) is stub
-
-
-def test_default_gateway_from_proc_net_route():
-    assert images.default_gateway(ROUTES) == "10.195.0.1"
-    assert images.default_gateway(ROUTES, "eth1") is None
-    assert images.default_gateway("Iface\n") is None
-
-
-# --- the coi image's inputs --------------------------------------------------------
-
-
-def test_inputs_hash_follows_every_input(config, tmp_path):
-    ca = tmp_path / "corp.crt"
-    ca.write_text("cert A")
-    h = lambda **kw: images.coi_inputs_hash(**{"tools": ["claude"], "config": config, "script": b"s",
-                                                "base": "images:debian/12", "ca_files": [ca], **kw})
-    same = h()
-    assert same == h() == h(tools=["claude", "claude"])
-    assert h(tools=["codex", "claude"]) == h(tools=["claude", "codex"])
-    assert len({same, h(tools=["codex"]), h(script=b"t"), h(base="images:ubuntu/24.04"), h(ca_files=[]),
-                h(config=SimpleNamespace(build=config.build, incus=SimpleNamespace(code_uid=1001)))}) == 6
-    ca.write_text("cert B")
-    assert h() != same
-
-
-def test_inputs_hash_of_bootstrap_base_follows_the_base_inputs(config, monkeypatch):
-    monkeypatch.setattr(images.bootstrap, "host_debian_mirror", lambda: "http://a/debian")
-    first = images.coi_inputs_hash(tools=["claude"], config=config, script=b"s", ca_files=[])
-    monkeypatch.setattr(images.bootstrap, "host_debian_mirror", lambda: "http://b/debian")
-    assert images.coi_inputs_hash(tools=["claude"], config=config, script=b"s", ca_files=[]) != first
-
-
-def test_tools_are_checked_and_ordered():
-    assert images.normalise_tools(["aider", "claude", " claude"]) == ["claude", "aider"]
-    with pytest.raises(UsageError, match="unknown agent tool 'vim'"):
-        images.normalise_tools(["claude", "vim"])
-    with pytest.raises(UsageError):
-        images.normalise_tools([""])
+# --- the coi image ----------------------------------------------------------------
 
 
 def test_coi_build_refuses_existing_image_and_runs_every_step(fake, config):
@@ -472,6 +395,11 @@ def test_coi_build_refuses_existing_image_and_runs_every_step(fake, config):
     assert "[13/13] Finalise, stop and publish the image" in " ".join(lines)
 
 
+def test_coi_build_without_tools_takes_those_of_the_config(fake, config):
+    result = images.build_coi(fake, force=False, config=config, log=lambda s: None)
+    assert result["properties"]["coi.tools"] == ",".join(config.build.tools)
+
+
 def test_coi_build_failure_names_the_script_step(fake, config):
     fake.fail_step = "docker"
     with pytest.raises(images.BuildError, match="failed at step 'Install Docker'"):
@@ -480,32 +408,6 @@ def test_coi_build_failure_names_the_script_step(fake, config):
 
 
 # --- listing and clean-up ----------------------------------------------------------
-
-
-def _row(alias, created):
-    return ImageInfo(alias, alias + "-fp", 1, created, "", {})
-
-
-def test_plan_cleanup_keeps_the_newest():
-    rows = [_row("app-1", "2026-01-01T00:00:00Z"), _row("app-3", "2026-01-03T00:00:00.5Z"),
-            _row("app-2", "2026-01-03T00:00:00.123456789Z"), _row("other", "2027-01-01T00:00:00Z")]
-    kept, deleted = images.plan_cleanup(rows, prefix="app-", keep=2)
-    assert [r.alias for r in kept] == ["app-3", "app-2"]
-    assert [r.alias for r in deleted] == ["app-1"]
-    kept, deleted = images.plan_cleanup(rows, prefix="app-", keep=5)
-    assert len(kept) == 3 and deleted == []
-
-
-@pytest.mark.parametrize("keep", [0, -1])
-def test_plan_cleanup_refuses_keep_below_one(keep):
-    with pytest.raises(UsageError, match="at least 1"):
-        images.plan_cleanup([], prefix="x", keep=keep)
-
-
-def test_timestamp_handles_nanoseconds_and_zones():
-    assert images.timestamp("2026-01-03T00:00:00.5Z") > images.timestamp("2026-01-03T00:00:00.123456789Z")
-    assert images.timestamp("2026-01-03T01:00:00+01:00") == images.timestamp("2026-01-03T00:00:00Z")
-    assert images.timestamp("garbage") == 0.0
 
 
 def test_cleanup_images_deletes_old_ones_and_only_aliases_of_shared_images():
@@ -557,7 +459,7 @@ def test_publish_container_needs_a_stopped_container():
 
 
 def test_no_dhcp_address_fails_the_network_step(fake, config, script, monkeypatch):
-    monkeypatch.setattr(images, "_NETWORK_TIMEOUT", 0.1)
+    monkeypatch.setattr(images.dns, "_NETWORK_TIMEOUT", 0.1)
     monkeypatch.setattr(fake, "instance_state", lambda name: {"network": {"eth0": {"addresses": []}}})
     with pytest.raises(images.BuildError, match=r"failed at step 'Wait for the network \(DHCP and DNS\)': "
                                                 r"eth0 got no IPv4 address"):

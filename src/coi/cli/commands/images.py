@@ -25,7 +25,7 @@ def build(ctx: Context, *, force: bool = False, tools: str | None = None) -> int
     """Build the ``coi`` image."""
     from coi.images import build_coi
 
-    chosen = tools.split(",") if tools is not None else list(ctx.config.build.tools)
+    chosen = tools.split(",") if tools is not None else None  # None: [build] tools
     build_coi(ctx.incus, force=force, tools=chosen, config=ctx.config, log=ctx.ui.info, **_build_output(ctx))
     return 0
 

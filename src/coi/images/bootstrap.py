@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import platform
 import shlex
 import subprocess
@@ -18,10 +19,13 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from coi.errors import CoiError, NotFoundError
-from coi.incus import Incus
+from coi.images.log import Log
+
+if TYPE_CHECKING:
+    from coi.incus import Incus
 
 SUITES = ("bookworm", "trixie")
 PACKAGES = ("systemd-sysv", "systemd-resolved", "dbus", "udev", "iproute2", "sudo", "ca-certificates",
@@ -31,6 +35,7 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
 def alias_for(suite: str) -> str:
+    """The local alias the bootstrap base of ``suite`` is cached under."""
     return f"coi-base-debian-{suite}"
 
 
@@ -72,8 +77,9 @@ def host_debian_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
 
 
 def _metadata_tar(suite: str, properties: dict[str, str]) -> bytes:
+    """The image's metadata (``metadata.yaml`` and the hostname templates) as a tar archive."""
     arch = platform.machine()
-    props = "".join(f"  {k}: {v!r}\n".replace("'", '"') for k, v in properties.items())
+    props = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in properties.items())  # JSON strings are YAML
     files = {
         "metadata.yaml": (
             f"architecture: {arch}\ncreation_date: {int(time.time())}\nproperties:\n{props}"
@@ -94,7 +100,7 @@ def _metadata_tar(suite: str, properties: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def ensure_base(client: Incus, suite: str, *, log: Callable[[str], None],
+def ensure_base(client: Incus, suite: str, *, log: Log,
                 force: bool = False, workdir: Path | None = None) -> str:
     """Alias of the bootstrap base for ``suite``, building and importing it if needed."""
     alias = alias_for(suite)
