@@ -10,22 +10,19 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
 from coi.errors import (
     CoiError,
-    CommandNotFoundError,
-    ConflictError,
     DaemonUnavailableError,
     ExecLostError,
-    ImageNotFoundError,
     NotFoundError,
     OperationFailedError,
     PermissionDeniedError,
     TooLargeError,
 )
-from coi.incus.failures import EXEC_NOT_STARTED, GROUP_HINT, SETUP_HINT, _raise_for
+from coi.incus.failures import GROUP_HINT, SETUP_HINT, _raise_for
 from coi.incus.files import Files
 from coi.incus.wire import DEFAULT_SOCKET, BodyLimit, _BadReply, _BodyTooLarge, _Response, _UnixConnection, socket_path
 from coi.wait import wait_for

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 from urllib.parse import quote
 
-from coi.errors import ConflictError, NotFoundError, TooLargeError
+from coi.errors import ConflictError, TooLargeError
 from coi.incus.failures import _raise_for
 from coi.incus.wire import _MAX_ERROR_BODY, _MAX_LISTING, BodyLimit
 
