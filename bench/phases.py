@@ -40,7 +40,7 @@ TARGETS = {
                    ("_Build.run", "exec in builder", True), ("_Build._unpack", "unpack image", True),
                    ("_Build._remove_builder", "delete builder", True)],
     "coi.bootstrap": [("ensure_base", "base image check", True)],
-    "coi.doctor": [("*", "doctor checks", True)],
+    "coi.host.doctor": [("*", "doctor checks", True)],
     "coi.network": [("pin_nic", "pin the address", True),
                     ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True),
                     ("resolve_allowed", "network: resolve allowed domains", True)],

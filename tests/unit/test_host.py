@@ -11,19 +11,17 @@ import pytest
 
 from coi.cli.render import render_checks
 from coi.cli.ui import UI
-from coi.doctor import Check, check_nftables
 from coi.errors import CoiError
-from coi.host import (
+from coi.host import Check, Step, check_nftables
+from coi.host.daemon import choose_subnet, used_networks
+from coi.host.system import (
     SUBID_COUNT,
     SUBID_START,
-    Step,
     backports_source,
-    choose_subnet,
     ensure_subids,
     incus_install_plan,
     parse_os_release,
     root_subid_ok,
-    used_networks,
 )
 
 pytestmark = pytest.mark.unit
@@ -307,7 +305,7 @@ def test_ensure_address_lock_is_shared_by_the_group(tmp_path):
     import grp
     import os
 
-    from coi.host import ensure_address_lock
+    from coi.host.system import ensure_address_lock
 
     group = grp.getgrgid(os.getgid()).gr_name
     path = tmp_path / "coi" / "addresses.lock"
