@@ -40,10 +40,10 @@ HELPER = "/usr/local/libexec/coi/coi-nft"
 def test_launcher_text(interpreter, root):
     assert launcher_text(interpreter, root) == (
         f"#!{interpreter} -I\n"
-        "# coi's privileged nftables helper, written by 'coi setup' (see coi.nfthelper).\n"
+        "# coi's privileged nftables helper, written by 'coi setup' (see coi.network.helper).\n"
         "import sys\n"
         f"sys.path.insert(0, {root!r})\n"
-        "from coi.nfthelper import main\n"
+        "from coi.network.helper import main\n"
         "sys.exit(main())\n")
 
 

@@ -225,7 +225,7 @@ def test_launcher_is_isolated_python_importing_the_checked_package():
     text = host.launcher_text("/opt/coi/bin/python", "/opt/coi/lib/python3.11/site-packages")
     assert text.splitlines()[0] == "#!/opt/coi/bin/python -I"
     assert "sys.path.insert(0, '/opt/coi/lib/python3.11/site-packages')" in text
-    assert "from coi.nfthelper import main" in text
+    assert "from coi.network.helper import main" in text
     for bad in ("python3", "/opt/my coi/python", "/x\n-c"):
         with pytest.raises(CoiError):
             host.launcher_text(bad, "/x")
@@ -310,7 +310,9 @@ def test_ensure_gate_loads_it_and_writes_the_systemd_drop_in(tmp_path, monkeypat
     def execute(request):
         calls.append(request["action"])
         return json.dumps({"containers": [], "gate": False}) if request["action"] == "list" else ""
-    monkeypatch.setattr(nfthelper, "execute", execute)
+    from coi.network import helper as nft_helper  # where coi.host.privileges looks it up
+
+    monkeypatch.setattr(nft_helper, "execute", execute)
     monkeypatch.setattr(privileges, "run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(argv, 0))
     monkeypatch.setattr(os, "fchown", lambda fd, uid, gid: None)
     dropin = tmp_path / "incus.service.d" / "coi-gate.conf"

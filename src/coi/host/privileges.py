@@ -24,8 +24,8 @@ from coi.host.steps import RUN_SETUP, Report, Step, apt, run, systemd_runs
 SUDOERS_DIR = Path("/etc/sudoers.d")
 # On systemd hosts the gate must exist before Incus autostarts containers after a reboot.
 INCUS_DROPIN = Path("/etc/systemd/system/incus.service.d/coi-gate.conf")
-# The module the launcher runs (coi.nfthelper: main, execute, HelperError).
-HELPER_MODULE = "coi.nfthelper"
+# The module the launcher runs (coi.network.helper: main, execute, HelperError).
+HELPER_MODULE = "coi.network.helper"
 # What earlier coi versions wrote to /etc/sudoers.d/coi-nft-NAME: nft with any arguments.
 _LEGACY_GRANT = re.compile(r"(\S+) ALL=\(root\) NOPASSWD: (/\S*/nft)\n?")
 
@@ -227,7 +227,7 @@ def ensure_gate(report: Report, *, helper: Path | None = None, dropin: Path = IN
                 systemd: bool | None = None) -> None:
     """Load the bridge gate (containers coi has not opened get no network), and on systemd
     hosts make incus.service load it before the daemon starts (and autostarts containers)."""
-    from coi import nfthelper as nft_helper
+    from coi.network import helper as nft_helper
 
     helper = helper or helper_path()
     try:
