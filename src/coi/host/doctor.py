@@ -28,6 +28,8 @@ MIN_NODE = 22  # what the agents need (Claude Code declares >= 22)
 
 @dataclass(frozen=True)
 class Check:
+    """One line of the report; a failed ``blocking`` check makes ``coi doctor`` exit 1."""
+
     name: str
     status: str  # "ok", "warn", "fail" or "skip"
     detail: str
@@ -81,6 +83,7 @@ def run_checks(client: Incus, config: Config) -> list[Check]:
 # ---- the host ------------------------------------------------------------------------
 
 def check_nftables() -> Check:
+    """nft is there and, as root, the kernel takes the rules coi's isolation writes."""
     # nft lives in /usr/sbin, which a normal user's PATH on Debian does not hold.
     if shutil.which("nft", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])) is None:
         return Check("nftables", "warn", "nft is not installed (needed for network isolation)",
