@@ -41,7 +41,7 @@ TARGETS = {
     "coi.images.run": [("run_in_builder", "exec in builder", True)],
     "coi.images.publish": [("unpack", "unpack image", True)],
     "coi.images.bootstrap": [("ensure_base", "base image check", True)],
-    "coi.doctor": [("*", "doctor checks", True)],
+    "coi.host.doctor": [("*", "doctor checks", True)],
     "coi.network": [("pin_nic", "pin the address", True),
                     ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True),
                     ("resolve_allowed", "network: resolve allowed domains", True)],

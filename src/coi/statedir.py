@@ -17,6 +17,7 @@ from coi.errors import CoiError
 
 STATE_MODE = 0o700
 SUBDIRS = ("network", "logs", "locks")
+OWN_DIR_HINT = "set [paths] sessions_dir in your own config to a directory of your own"
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -47,8 +48,7 @@ def check_state_dir(path: Path, *, exposed: Iterable[Path] = ()) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise CoiError(f"coi's state directory {path} is not a directory")
     if st.st_uid != os.geteuid():
-        raise CoiError(f"coi's state directory {path} belongs to uid {st.st_uid}, not to you",
-                       "set [paths] sessions_dir in your own config to a directory of your own")
+        raise CoiError(f"coi's state directory {path} belongs to uid {st.st_uid}, not to you", OWN_DIR_HINT)
     if stat.S_IMODE(st.st_mode) != STATE_MODE:
         os.chmod(real, STATE_MODE)
     for name in SUBDIRS:

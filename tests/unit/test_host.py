@@ -1,30 +1,35 @@
-"""Host set-up's pure helpers, the id-range step on temporary files, and doctor output."""
+"""coi setup: the pure helpers (table-driven), the steps on temporary files, the Incus-side
+steps against the fake daemon, and the order of the steps."""
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
+import os
 import random
-import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from coi.cli.render import render_checks
-from coi.cli.ui import UI
-from coi.doctor import Check, check_nftables
+import coi.host
 from coi.errors import CoiError
-from coi.host import (
+from coi.host import Step, daemon
+from coi.host.daemon import COI_NETWORK, COI_PROFILE, choose_subnet, profile_devices, used_networks
+from coi.host.system import (
     SUBID_COUNT,
     SUBID_START,
-    Step,
     backports_source,
-    choose_subnet,
     ensure_subids,
     incus_install_plan,
     parse_os_release,
+    root_maps_id,
     root_subid_ok,
-    used_networks,
 )
+from coi.incus import Incus
+from fake_incus import FakeIncus, error, socket_in, sync
 
 pytestmark = pytest.mark.unit
 
@@ -254,60 +259,39 @@ def test_ensure_subids_appends_a_root_range_once(tmp_path):
     assert [s.changed for s in steps] == [False]
 
 
-# ---- doctor ---------------------------------------------------------------------------
-
-def test_check_nftables_without_nft(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
-    assert check_nftables() == Check("nftables", "warn",
-                                     "nft is not installed (needed for network isolation)",
-                                     "run 'sudo coi setup'", blocking=False)
-
-
-CHECKS = [
-    Check("daemon", "ok", "Incus 6.0.3 answers on /var/lib/incus/unix.socket"),
-    Check("storage", "warn", "pool default (dir): every container start unpacks the image",
-          "a btrfs or zfs pool makes session start near-instant", blocking=False),
-    Check("id ranges", "fail", "root has no subordinate id range in /etc/subuid", "run 'sudo coi setup'"),
-    Check("tmux", "fail", "tmux is not installed on the host", "run 'sudo coi setup'", blocking=False),
-    Check("image", "skip", "daemon not reachable", blocking=False),
-]
-
-
-def test_render_checks_text(capsys):
-    render_checks(UI(), CHECKS, format="text")
-    assert capsys.readouterr().out.splitlines() == [
-        "[ ok ] daemon: Incus 6.0.3 answers on /var/lib/incus/unix.socket",
-        "[warn] storage: pool default (dir): every container start unpacks the image",
-        "       fix: a btrfs or zfs pool makes session start near-instant",
-        "[FAIL] id ranges: root has no subordinate id range in /etc/subuid",
-        "       fix: run 'sudo coi setup'",
-        "[FAIL] tmux: tmux is not installed on the host",
-        "       fix: run 'sudo coi setup'",
-        "[skip] image: daemon not reachable",
-        "1 required check(s) failed: id ranges",
-    ]
-
-
-@pytest.mark.parametrize(("checks", "ok"), [
-    (CHECKS, False),
-    ([c for c in CHECKS if c.name != "id ranges"], True),  # a non-blocking failure does not count
+@pytest.mark.parametrize(("text", "host_id", "mapped"), [
+    pytest.param("root:1000:1\n", 1000, True, id="exactly-that-id"),
+    pytest.param("root:1000:1\n", 1001, False, id="one-past"),
+    pytest.param("root:1000000:1000000000\n", 1000, False, id="big-range-above"),
+    pytest.param("root:0:2000\n", 1999, True, id="range-covers-it"),
+    pytest.param("0:1000:1\n", 1000, True, id="numeric-uid-0"),
+    pytest.param("alice:1000:1\n", 1000, False, id="someone-else"),
+    pytest.param("root:x:1\nroot:1000\n", 1000, False, id="malformed"),
+    pytest.param("  root:1000:1  \n", 1000, True, id="spaces-around"),
+    pytest.param("", 1000, False, id="empty"),
 ])
-def test_render_checks_json(capsys, checks, ok):
-    render_checks(UI(), checks, format="json")
-    data = json.loads(capsys.readouterr().out)
-    assert data == {"ok": ok, "checks": [c.to_json() for c in checks]}
+def test_root_maps_id(text, host_id, mapped):
+    assert root_maps_id(text, host_id) is mapped
 
 
-def test_render_checks_text_all_passed(capsys):
-    render_checks(UI(), CHECKS[:2], format="text")
-    assert capsys.readouterr().out.splitlines()[-1] == "All required checks passed."
+def test_ensure_subids_lets_containers_map_the_user_s_ids(tmp_path):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    for path in (subuid, subgid):
+        path.write_text(f"root:{SUBID_START}:{SUBID_COUNT}\n")
+    steps: list[Step] = []
+    assert ensure_subids(steps.append, user="nobody", files=(subuid, subgid)) is False  # no new big range
+    assert subuid.read_text().splitlines()[-1] == f"root:{nobody.pw_uid}:1"
+    assert subgid.read_text().splitlines()[-1] == f"root:{nobody.pw_gid}:1"
+    steps.clear()
+    ensure_subids(steps.append, user="nobody", files=(subuid, subgid))
+    assert steps == [Step("id ranges", False, "root has subordinate uid and gid ranges and may map nobody's ids")]
 
 
 def test_ensure_address_lock_is_shared_by_the_group(tmp_path):
-    import grp
-    import os
-
-    from coi.host import ensure_address_lock
+    from coi.host.system import ensure_address_lock
 
     group = grp.getgrgid(os.getgid()).gr_name
     path = tmp_path / "coi" / "addresses.lock"
@@ -320,3 +304,141 @@ def test_ensure_address_lock_is_shared_by_the_group(tmp_path):
     path.chmod(0o600)
     ensure_address_lock(group, steps.append, path=path)
     assert steps[-1].changed and path.stat().st_mode & 0o777 == 0o660
+
+
+# ---- the Incus side, against the fake daemon -----------------------------------------------
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeIncus]:
+    with FakeIncus(socket_in(tmp_path)) as daemon_:
+        yield daemon_
+
+
+@pytest.fixture
+def client(fake: FakeIncus) -> Iterator[Incus]:
+    incus = Incus(fake.path)
+    yield incus
+    incus.close()
+
+
+def test_a_running_daemon_is_left_alone(fake, client):
+    fake.on("GET", "/1.0", sync({"environment": {}}))
+    steps: list[Step] = []
+    daemon.start_daemon(client, steps.append, group="incus-admin")
+    assert steps == [Step("daemon", False, "Incus daemon is running")]
+
+
+def test_a_missing_socket_does_not_answer(tmp_path):
+    assert daemon.answers(Incus(str(tmp_path / "none.socket"))) is False
+
+
+@pytest.mark.parametrize(("pools", "chosen"), [
+    pytest.param([{"name": "x", "driver": "dir"}, {"name": "coi", "driver": "btrfs"}], "coi", id="coi-first"),
+    pytest.param([{"name": "x", "driver": "dir"}, {"name": "default", "driver": "zfs"}], "default",
+                 id="then-default"),
+    pytest.param([{"name": "x", "driver": "dir"}, {"name": "y", "driver": "dir"}], "x", id="then-the-first"),
+])
+def test_an_existing_storage_pool_is_kept(fake, client, pools, chosen):
+    fake.on("GET", "/1.0/storage-pools", sync(pools))
+    steps: list[Step] = []
+    assert daemon.ensure_storage_pool(client, steps.append) == chosen
+    assert not fake.requests_to("POST", "/1.0/storage-pools") and not steps[0].changed
+
+
+def test_a_new_storage_pool_is_btrfs_or_else_dir(fake, client):
+    fake.on("GET", "/1.0/storage-pools", sync([]))
+    fake.on("POST", "/1.0/storage-pools", error("no btrfs here", 500), sync())
+    steps: list[Step] = []
+    assert daemon.ensure_storage_pool(client, steps.append) == "coi"
+    assert [(r.json()["driver"], r.json()["config"]) for r in fake.requests_to("POST", "/1.0/storage-pools")] == [
+        ("btrfs", {"size": "30GiB"}), ("dir", {})]
+    assert steps[0].changed and "btrfs failed: storage pool coi: no btrfs here" in steps[0].detail
+
+
+@pytest.mark.parametrize(("ipv6", "ipv6_address"), [(False, "none"), (True, "auto")])
+def test_the_bridge_gets_a_free_subnet(fake, client, monkeypatch, ipv6, ipv6_address):
+    fake.on("GET", f"/1.0/networks/{COI_NETWORK}", error("not found", 404))
+    fake.on("POST", "/1.0/networks", sync())
+    outputs = {"route": ROUTES, "-o": ADDRS}
+    monkeypatch.setattr(daemon, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 0, outputs[argv[2]]))
+    steps: list[Step] = []
+    assert daemon.ensure_network(client, steps.append, ipv6=ipv6) == COI_NETWORK
+    [created] = fake.requests_to("POST", "/1.0/networks")
+    assert created.json()["config"] == {"ipv4.address": "10.195.1.1/24", "ipv4.nat": "true",
+                                        "ipv6.address": ipv6_address}  # 10.195.0.7 is routed here
+    assert steps[0].changed
+
+
+def test_an_existing_bridge_is_kept(fake, client):
+    fake.on("GET", f"/1.0/networks/{COI_NETWORK}", sync({"config": {"ipv4.address": "10.9.9.1/24"}}))
+    steps: list[Step] = []
+    assert daemon.ensure_network(client, steps.append, ipv6=False) == COI_NETWORK
+    assert steps == [Step("network", False, f"bridge {COI_NETWORK} exists (10.9.9.1/24)")]
+
+
+@pytest.mark.parametrize(("current", "method", "changed"), [
+    pytest.param(None, "POST", True, id="missing"),
+    pytest.param({"config": {}, "devices": profile_devices("coi", COI_NETWORK)}, None, False, id="up-to-date"),
+    pytest.param({"config": {"limits.cpu": "2"}, "description": "mine", "devices": profile_devices("old", "br1")},
+                 "PUT", True, id="other-devices"),
+])
+def test_the_profile(fake, client, current, method, changed):
+    fake.on("GET", f"/1.0/profiles/{COI_PROFILE}", sync(current) if current else error("not found", 404))
+    fake.on("POST", "/1.0/profiles", sync())
+    fake.on("PUT", f"/1.0/profiles/{COI_PROFILE}", sync())
+    steps: list[Step] = []
+    daemon.ensure_profile(client, steps.append, pool="coi", network=COI_NETWORK)
+    writes = [r for r in fake.requests if r.method in ("POST", "PUT")]
+    assert [r.method for r in writes] == ([method] if method else []) and steps[0].changed is changed
+    if writes:
+        assert writes[0].json()["devices"] == profile_devices("coi", COI_NETWORK)
+    if method == "PUT":  # the rest of a profile someone edited is kept
+        assert (writes[0].json()["config"], writes[0].json()["description"]) == ({"limits.cpu": "2"}, "mine")
+
+
+# ---- the order of the steps ------------------------------------------------------------------
+
+STEPS = ("install_packages", "ensure_subids", "install_helper", "ensure_gate", "start_daemon",
+         "ensure_storage_pool", "ensure_network", "ensure_profile", "ensure_group_member",
+         "ensure_address_lock", "ensure_network_privileges", "remove_legacy_grants")
+
+
+@pytest.mark.parametrize(("ranges_added", "answering", "restart"), [
+    (False, True, False), (True, False, False), (True, True, True),  # restart only a running daemon
+])
+def test_setup_runs_every_step_in_order_with_the_client_given(monkeypatch, ranges_added, answering, restart):
+    calls: dict[str, tuple[tuple, dict]] = {}
+    client = object()
+
+    def step(name):
+        def run(*args, **kw):
+            calls[name] = (args, kw)
+            return {"ensure_subids": ranges_added, "ensure_storage_pool": "pool", "ensure_network": "net"}.get(name)
+        return run
+    for name in ("require_root", *STEPS):
+        monkeypatch.setattr(coi.host, name, step(name))
+    monkeypatch.setattr(coi.host, "answers", lambda c: answering)
+    assert coi.host.setup(client, report=lambda s: None, group="g", user="u") is False
+    assert list(calls) == ["require_root", *STEPS]
+    assert [name for name, (args, kw) in calls.items() if client in args] == [
+        "start_daemon", "ensure_storage_pool", "ensure_network", "ensure_profile"]
+    assert calls["start_daemon"][1] == {"group": "g", "restart": restart}
+    assert calls["ensure_profile"][1] == {"pool": "pool", "network": "net"}
+
+
+def test_setup_says_whether_anything_changed(monkeypatch):
+    for name in STEPS:
+        monkeypatch.setattr(coi.host, name, lambda *a, **kw: None)
+    monkeypatch.setattr(coi.host, "require_root", lambda: None)
+    monkeypatch.setattr(coi.host, "answers", lambda c: True)
+    monkeypatch.setattr(coi.host, "ensure_group_member", lambda user, group, report: report(Step("group", True, "x")))
+    seen: list[Step] = []
+    assert coi.host.setup(object(), report=seen.append, group="g", user="u") is True
+    assert seen == [Step("group", True, "x")]
+
+
+def test_setup_refuses_without_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(CoiError) as info:
+        coi.host.setup(object(), report=lambda s: None, group="g", user=None)
+    assert info.value.hint == "run 'sudo coi setup'"

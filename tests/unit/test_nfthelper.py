@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from coi import host, network, nfthelper
+from coi.host import privileges
 from coi.errors import CoiError
 
 GOOD = {"action": "apply", "container": "coi-abc12345-1", "ipv4": "10.195.0.23", "veth": "coi0123456789ab",
@@ -224,7 +225,7 @@ def test_launcher_is_isolated_python_importing_the_checked_package():
     text = host.launcher_text("/opt/coi/bin/python", "/opt/coi/lib/python3.11/site-packages")
     assert text.splitlines()[0] == "#!/opt/coi/bin/python -I"
     assert "sys.path.insert(0, '/opt/coi/lib/python3.11/site-packages')" in text
-    assert "from coi.nfthelper import main" in text
+    assert "from coi.network.helper import main" in text
     for bad in ("python3", "/opt/my coi/python", "/x\n-c"):
         with pytest.raises(CoiError):
             host.launcher_text(bad, "/x")
@@ -289,7 +290,7 @@ def test_legacy_grants_are_replaced_by_the_helper_grant(tmp_path, monkeypatch):
     import pwd
 
     runs = []
-    monkeypatch.setattr(host, "_run", lambda argv, **kw: runs.append(argv) or subprocess.CompletedProcess(argv, 0))
+    monkeypatch.setattr(privileges, "run", lambda argv, **kw: runs.append(argv) or subprocess.CompletedProcess(argv, 0))
     helper = tmp_path / "coi-nft"
     helper.write_text("#!/bin/false\n")
     (tmp_path / "coi-nft-root").write_text("root ALL=(root) NOPASSWD: /usr/sbin/nft\n")
@@ -309,8 +310,10 @@ def test_ensure_gate_loads_it_and_writes_the_systemd_drop_in(tmp_path, monkeypat
     def execute(request):
         calls.append(request["action"])
         return json.dumps({"containers": [], "gate": False}) if request["action"] == "list" else ""
-    monkeypatch.setattr(nfthelper, "execute", execute)
-    monkeypatch.setattr(host, "_run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(argv, 0))
+    from coi.network import helper as nft_helper  # where coi.host.privileges looks it up
+
+    monkeypatch.setattr(nft_helper, "execute", execute)
+    monkeypatch.setattr(privileges, "run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(argv, 0))
     monkeypatch.setattr(os, "fchown", lambda fd, uid, gid: None)
     dropin = tmp_path / "incus.service.d" / "coi-gate.conf"
     steps = []

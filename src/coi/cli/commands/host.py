@@ -14,19 +14,23 @@ def version(ctx: Context) -> int:
 
 
 def setup(ctx: Context, *, ipv6: bool = False, user: str | None = None) -> int:
-    from coi.host import require_root, setup as run_setup
+    from coi import host
+    from coi.incus import Incus
 
-    require_root()
+    # Refused before the config is read or anything printed, as the service would.
+    host.require_root()
     ctx.ui.info("Setting up this host for coi...")
-    changed = run_setup(
+    who = user or os.environ.get("SUDO_USER")
+    changed = host.setup(
+        # Set-up configures the default project, whatever [incus] project says (ctx.incus).
+        client=Incus.from_environment(project="default"),
         report=lambda step: ctx.ui.info(f"  {'+' if step.changed else '='} {step.name}: {step.detail}"),
         group=ctx.config.incus.group,
-        user=user or os.environ.get("SUDO_USER"),
+        user=who,
         ipv6=ipv6,
     )
     if changed:
         ctx.ui.info("Done. Next: 'coi doctor' to check, then 'coi shell' in a project directory.")
-        who = user or os.environ.get("SUDO_USER")
         if who and who != "root":
             ctx.ui.info(f"If {who} was just added to {ctx.config.incus.group}, log out and in again first.")
     else:
@@ -35,11 +39,10 @@ def setup(ctx: Context, *, ipv6: bool = False, user: str | None = None) -> int:
 
 
 def doctor(ctx: Context, *, format: str = "text") -> int:
-    from coi.doctor import run_checks
-
-    checks = run_checks(ctx.loaded_config.config, socket_env=os.environ)
     from coi.cli.render import render_checks
+    from coi.host import run_checks
 
+    checks = run_checks(ctx.incus, ctx.config)
     render_checks(ctx.ui, checks, format=format)
     return 1 if any(c.status == "fail" and c.blocking for c in checks) else 0
 
