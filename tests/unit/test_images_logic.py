@@ -426,7 +426,7 @@ class _Exec:
     (True, 0, 0, 1, 0),
     (True, 1, 0, 2, 0),
     (True, 2, 5, 3, 5),
-    (True, 3, 0, 3, 255),  # three runs at the most
+    (True, 3, 0, 4, 0),  # asked again while lost, within coi's one window (incus.failures)
 ])
 def test_run_in_builder_lost_pid_policy(idempotent, lost, code, runs, result):
     client = _Exec(lost, code)
@@ -434,6 +434,17 @@ def test_run_in_builder_lost_pid_policy(idempotent, lost, code, runs, result):
     assert run.run_in_builder(client, "b", ["step"], record=record.append, idempotent=idempotent) == result
     assert client.runs == runs
     assert record.count("$ step") == runs
+
+
+def test_run_in_builder_gives_up_after_the_window(monkeypatch):
+    from coi.errors import TimedOutError
+    from coi.incus import failures
+
+    monkeypatch.setattr(failures, "LOST_RETRY_SECONDS", 0)
+    client = _Exec(5, 0)
+    with pytest.raises(TimedOutError):
+        run.run_in_builder(client, "b", ["step"], record=lambda s: None, idempotent=True)
+    assert client.runs == 1
 
 
 def test_run_in_builder_a_255_without_the_marker_is_not_lost():

@@ -2,8 +2,8 @@
 
 ``run_in_builder`` runs a build step through Incus's own client (``incus exec``)
 so its output streams line by line; ``capture`` asks a short question through
-the REST API. Both hold the builder's lost-PID policy, written in their
-docstrings, so that it can be switched to coi's common exec policy in one place.
+the REST API. Both follow coi's one policy for a command Incus lost
+(``coi.incus.failures``).
 """
 
 from __future__ import annotations
@@ -14,32 +14,27 @@ from typing import TYPE_CHECKING, Mapping
 
 from coi.errors import CoiError
 from coi.images.log import Log
-from coi.incus import EXEC_NOT_STARTED
+from coi.incus.failures import EXEC_NOT_STARTED, LOST, again_while_lost
 
 if TYPE_CHECKING:
     from coi.incus import Incus
-
-_ATTEMPTS = 3  # of an idempotent command whose PID Incus lost
-
 
 def run_in_builder(client: Incus, builder: str, command: list[str], *, env: Mapping[str, str] | None = None,
                    cwd: str = "/root", record: Log, output: Log | None = None, idempotent: bool = False) -> int:
     """Run ``command`` as root in ``builder``; its exit code. Output goes to ``record``
     (the log file; ``$ <command>`` first) and, indented, to ``output``.
 
-    Lost-PID policy: when Incus loses track of the command it ran (exit code
-    255 and ``EXEC_NOT_STARTED`` in its output), an ``idempotent`` command is
-    run again, up to three runs in all; any other command is never run twice,
+    Lost-PID policy (coi's one, ``coi.incus.failures``): when Incus loses track of
+    the command (exit code 255 and ``EXEC_NOT_STARTED`` in its output), an
+    ``idempotent`` command is asked for again; any other command is never run twice,
     and its 255 is returned. Raises CoiError when the ``incus`` client is missing.
     """
-    code = 0
-    for _ in range(_ATTEMPTS if idempotent else 1):
+    def attempt() -> object:
         argv = client.exec_argv(builder, command, user=0, group=0, cwd=cwd, env=env, terminal=False)
         record("$ " + shlex.join(command))
         code, lost = _stream(argv, record=record, output=output)
-        if not lost:
-            break
-    return code
+        return LOST if lost and idempotent else code
+    return again_while_lost(attempt, what=f"{builder} to run a build step")
 
 
 def _stream(argv: list[str], *, record: Log, output: Log | None) -> tuple[int, bool]:
@@ -69,8 +64,8 @@ def _stream(argv: list[str], *, record: Log, output: Log | None) -> tuple[int, b
 def capture(client: Incus, builder: str, command: list[str]) -> tuple[int, str]:
     """Exit code and standard output of a short command in ``builder`` (as root).
 
-    Lost-PID policy: the client's own (``Incus.exec`` with ``retry``: asked again
-    for up to 20 s), so only commands that are harmless to run twice go here.
+    Lost-PID policy: ``Incus.exec`` with ``retry`` (asked again), so only commands
+    that are harmless to run twice go here.
     """
     result = client.exec(builder, command)
     return result.exit_code, result.stdout

@@ -22,10 +22,9 @@ from coi.errors import (
     PermissionDeniedError,
     TooLargeError,
 )
-from coi.incus.failures import GROUP_HINT, SETUP_HINT, _raise_for
+from coi.incus.failures import GROUP_HINT, LOST, SETUP_HINT, _raise_for, again_while_lost
 from coi.incus.files import Files
 from coi.incus.wire import DEFAULT_SOCKET, BodyLimit, _BadReply, _BodyTooLarge, _Response, _UnixConnection, socket_path
-from coi.wait import wait_for
 
 
 # One operation wait call blocks at most this long on the server; longer
@@ -336,14 +335,14 @@ class Incus(Files):
         if cwd:
             body["cwd"] = cwd
 
-        def attempt() -> dict[str, Any] | None:
+        def attempt() -> Any:
             try:
                 return self.call("POST", f"/1.0/instances/{quote(name, safe='')}/exec", what, json_body=body)
             except ExecLostError:
                 if retry:
-                    return None
+                    return LOST
                 raise
-        op = wait_for(attempt, timeout=20, what=f"{name} to run a command")
+        op = again_while_lost(attempt, what=f"{name} to run a command")
         meta = op.get("metadata") or {}
         outputs = meta.get("output") or {}
         captured = [self._take_log(outputs.get(fd)) for fd in ("1", "2")]

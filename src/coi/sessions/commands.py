@@ -115,52 +115,55 @@ def run_streamed(argv: list[str], *, timeout: float | None, warn: Log, stdin: bo
     The command reads coi's stdin when that is a terminal or ``stdin`` is set.
 
     stderr is relayed line by line so that Incus's "lost the PID" failure can be
-    recognised and the run tried again; the guard of ``once_argv`` makes sure the
-    command itself never starts twice (raises ``lost_track``'s error if it had).
+    recognised and the run asked for again (``incus.failures.again_while_lost``); the
+    guard of ``once_argv`` makes sure the command itself never starts twice (raises
+    ``lost_track``'s error if it had).
     """
+    from coi.incus.failures import again_while_lost
+
+    return again_while_lost(lambda: _stream_once(argv, timeout=timeout, warn=warn, stdin=stdin),
+                            what="Incus to run the command")
+
+
+def _stream_once(argv: list[str], *, timeout: float | None, warn: Log, stdin: bool) -> Any:
+    """One run of ``run_streamed``: the exit code, or ``LOST`` when Incus lost the command."""
     import subprocess
     import threading
 
-    from coi.incus import EXEC_NOT_STARTED
+    from coi.incus.failures import EXEC_NOT_STARTED, LOST
 
-    deadline = time.monotonic() + 20
-    while True:
-        proc = subprocess.Popen(argv, stdin=None if stdin or sys.stdin.isatty() else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        seen: list[bytes] = []
+    proc = subprocess.Popen(argv, stdin=None if stdin or sys.stdin.isatty() else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    seen: list[bytes] = []
 
-        def relay() -> None:
-            for line in proc.stderr:  # type: ignore[union-attr]
-                if EXEC_NOT_STARTED.encode() in line or guard_lines(line.decode(errors="replace")):
-                    seen.append(line)
-                else:
-                    sys.stderr.buffer.write(line)
-                    sys.stderr.buffer.flush()
-        relayer = threading.Thread(target=relay, daemon=True)
-        relayer.start()
+    def relay() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if EXEC_NOT_STARTED.encode() in line or guard_lines(line.decode(errors="replace")):
+                seen.append(line)
+            else:
+                sys.stderr.buffer.write(line)
+                sys.stderr.buffer.flush()
+    relayer = threading.Thread(target=relay, daemon=True)
+    relayer.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except BaseException:
+        proc.terminate()  # incus passes TERM on: the command ends, not only its client
         try:
-            code = proc.wait(timeout=timeout)
-        except BaseException:
-            proc.terminate()  # incus passes TERM on: the command ends, not only its client
-            try:
-                proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
-        relayer.join()
-        told = b"".join(seen).decode(errors="replace")
-        error = lost_track(code, told)
-        if error:
-            raise error
-        if _RECOVERED in told:
-            warn(_warning(_RECOVERED))
-            return code
-        if not (code == 255 and seen and time.monotonic() < deadline):
-            return code
-
-
-ATTACH_RETRY_WINDOW = 2.0  # seconds: a failure this quick is Incus's, not the session's end
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    relayer.join()
+    told = b"".join(seen).decode(errors="replace")
+    error = lost_track(code, told)
+    if error:
+        raise error
+    if _RECOVERED in told:
+        warn(_warning(_RECOVERED))
+        return code
+    return LOST if code == 255 and EXEC_NOT_STARTED in told else code
 
 
 def run_attached(argv: list[str], *, again_if_lost: bool = False) -> int:
@@ -168,9 +171,12 @@ def run_attached(argv: list[str], *, again_if_lost: bool = False) -> int:
 
     ``again_if_lost``: for ``tmux attach``, which is harmless to run twice: a failure
     within ``ATTACH_RETRY_WINDOW`` (Incus's "Failed to retrieve PID" under load, say)
-    tries once more instead of leaving the person outside a running session.
+    tries once more instead of leaving the person outside a running session (the
+    narrow rule of coi's lost-command policy, ``coi.incus.failures``).
     """
     import subprocess
+
+    from coi.incus.failures import ATTACH_RETRY_WINDOW
 
     started = time.monotonic()
     code = subprocess.run(argv).returncode
