@@ -161,6 +161,9 @@ class Setup:
         proc.check()
         data = json.loads(out.read_text())
         out.unlink()
+        if data.get("missing_targets"):
+            raise RuntimeError("bench/phases.py names functions coi no longer has: "
+                               + ", ".join(data["missing_targets"]) + " (update its TARGETS)")
         phases = {k: v["seconds"] for k, v in data["phases"].items()}
         phases["interpreter start"] = data["t0_wall"] - spawned
         phases["interpreter exit"] = ended - data["end_wall"]
