@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the 
 from coi.sessions import state  # noqa: E402
 from coi.incus import Incus  # noqa: E402
 from coi.tools import TOOLS  # noqa: E402
-from fake_incus import FakeFiles, FakeIncus, error, socket_in  # noqa: E402
+from fake_incus import FakeFiles, FakeDaemon, error, socket_in  # noqa: E402
 
 CLAUDE = TOOLS["claude"]
 HOME = f"{state.CODE_HOME}/.claude"
@@ -33,20 +33,20 @@ FILES = "/1.0/instances/c1/files"
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeIncus]:
-    with FakeIncus(socket_in(tmp_path)) as fake:
+def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    with FakeDaemon(socket_in(tmp_path)) as fake:
         yield fake
 
 
 @pytest.fixture
-def client(daemon: FakeIncus) -> Iterator[Incus]:
+def client(daemon: FakeDaemon) -> Iterator[Incus]:
     client = Incus(daemon.path)
     yield client
     client.close()
 
 
 @pytest.fixture
-def container(daemon: FakeIncus) -> FakeFiles:
+def container(daemon: FakeDaemon) -> FakeFiles:
     """The container's files, served by the fake daemon; the agent's state dir exists."""
     files = FakeFiles()
     files.dir(HOME)
@@ -275,7 +275,7 @@ def test_older_saves_survive_a_bad_newest_one(container, saves):
 # ---- the command line ------------------------------------------------------------------
 
 @pytest.fixture
-def user_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, daemon: FakeIncus) -> Path:
+def user_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, daemon: FakeDaemon) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     for name in [n for n in os.environ if n.startswith("COI_") or n.startswith("XDG_")]:

@@ -1,12 +1,19 @@
-"""A fake Incus daemon for unit tests: HTTP/1.1 over a unix socket.
+"""Fakes of Incus for unit tests, at its two layers.
 
-Routes map ``(method, path)`` (the path without its query) to canned replies;
-every request is recorded so a test can check what the client sent. Replies
-use Incus's JSON envelope (``sync``, ``async``, ``error``).
+* ``FakeIncus``: the one in-memory Incus for tests of coi's services. It satisfies
+  ``coi.incus.IncusClient`` (a test checks that it keeps doing so): instances,
+  images, networks, ACLs, profiles and files live in dicts, every call is recorded
+  in ``calls``, and ``on(method, handler)`` replaces what one method does.
+* ``FakeDaemon``: a daemon speaking HTTP/1.1 over a unix socket, for tests of the
+  real client (``coi.incus``) itself. Routes map ``(method, path)`` (the path
+  without its query) to canned replies; every request is recorded so a test can
+  check what the client sent. Replies use Incus's JSON envelope (``sync``,
+  ``async``, ``error``). ``FakeFiles`` serves a container's files through it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -90,7 +97,7 @@ def operation(op_id: str, status: str = "Success", *, metadata: Any = None, err:
     return sync({"id": op_id, "status": status, "err": err, "metadata": metadata})
 
 
-class FakeIncus:
+class FakeDaemon:
     """The fake daemon; use as a context manager (it serves on a thread)."""
 
     def __init__(self, path: str) -> None:
@@ -102,7 +109,7 @@ class FakeIncus:
         self._server = _Server(path, self)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(_POLL,), daemon=True)
 
-    def __enter__(self) -> FakeIncus:
+    def __enter__(self) -> FakeDaemon:
         self._thread.start()
         return self
 
@@ -131,7 +138,7 @@ class FakeIncus:
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, fake: FakeIncus) -> None:
+    def __init__(self, path: str, fake: FakeDaemon) -> None:
         self.fake = fake
         super().__init__(path, _Handler)
 
@@ -218,7 +225,7 @@ class _Node:
 class FakeFiles:
     """A container's files as the files API serves them (``GET .../files?path=``).
 
-    Use it as a route handler of FakeIncus, or pass it where coi wants an Incus
+    Use it as a route handler of FakeDaemon, or pass it where coi wants an Incus
     client: ``pull_file`` answers in-process as the real client would.
     """
 
@@ -287,3 +294,388 @@ class FakeFiles:
         if max_bytes is not None and size > max_bytes:
             raise TooLargeError(f"read {path} in container {name}: more than {max_bytes} bytes")
         return node.content, info
+
+
+# ---- the in-memory Incus ------------------------------------------------------------
+
+DEFAULT = object()  # what a handler given to ``FakeIncus.on`` returns to let the fake answer
+
+
+class Call(tuple):
+    """One recorded call: ``(method, *positional arguments)``, keyword arguments in ``kwargs``."""
+
+    kwargs: dict[str, Any]
+
+    def __new__(cls, method: str, args: tuple, kwargs: dict[str, Any]) -> Call:
+        call = super().__new__(cls, (method, *args))
+        call.kwargs = kwargs
+        return call
+
+
+def _recorded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Record the call, then let a handler given to ``on`` answer it, else the fake."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: FakeIncus, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(Call(name, args, kwargs))
+        handler = self.handlers.get(name)
+        if handler is not None:
+            result = handler(*args, **kwargs)
+            if result is not DEFAULT:
+                return result
+        return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _not_found(what: str) -> Exception:
+    from coi.errors import NotFoundError
+
+    return NotFoundError(f"{what}: not found")
+
+
+class FakeIncus:
+    """An Incus daemon and client in one, in memory (see the module's docstring).
+
+    Instances are dicts as the API returns them (``name``, ``status``, ``config``,
+    ``devices``, ``expanded_devices``, ``profiles``); ``instance_state`` answers with
+    ``states[name]`` when set, else a running container at ``address``. Files are a
+    ``FakeFiles`` per container (``files_of``). ``exec`` answers exit code 0 with no
+    output unless a handler says otherwise; ``exec_argv`` gives ``sh -c true``.
+    """
+
+    project = "default"
+    path = "/nonexistent/coi-fake/unix.socket"
+
+    def __init__(self) -> None:
+        self.instances_by_name: dict[str, dict[str, Any]] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+        self.images_by_fp: dict[str, dict[str, Any]] = {}
+        self.networks_by_name: dict[str, dict[str, Any]] = {}
+        self.leases: dict[str, list[dict[str, Any]]] = {}
+        self.acls: dict[str, dict[str, Any]] = {}
+        self.profiles: dict[str, dict[str, Any]] = {}
+        self.pools: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, FakeFiles] = {}
+        self.server_info: dict[str, Any] = {"environment": {"kernel_features": {}}, "config": {}}
+        self.address = "10.1.2.3"
+        self.calls: list[Call] = []
+        self.handlers: dict[str, Callable[..., Any]] = {}
+        self._fingerprints = (f"{i:064x}" for i in range(1, 1 << 30))
+
+    def on(self, method: str, handler: Callable[..., Any]) -> None:
+        """Let ``handler`` answer ``method`` (same arguments); returning DEFAULT lets the fake answer."""
+        self.handlers[method] = handler
+
+    def called(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c[0] == method]
+
+    def files_of(self, name: str) -> FakeFiles:
+        return self.files.setdefault(name, FakeFiles())
+
+    def add_image(self, aliases: list[str], created: str = "2026-01-01T00:00:00Z",
+                  properties: dict[str, str] | None = None, size: int = 1000) -> str:
+        """An image already there (not a call of coi's)."""
+        fp = next(self._fingerprints)
+        self.images_by_fp[fp] = {"fingerprint": fp, "aliases": [{"name": a} for a in aliases], "size": size,
+                                 "created_at": created, "properties": dict(properties or {})}
+        return fp
+
+    # ---- client ----
+    @classmethod
+    def from_environment(cls, *, project: str = "default") -> FakeIncus:
+        return cls()
+
+    @_recorded
+    def close(self) -> None:
+        pass
+
+    # ---- server, storage, networks, profiles ----
+    @_recorded
+    def server(self) -> dict[str, Any]:
+        return self.server_info
+
+    @_recorded
+    def storage_pools(self) -> list[dict[str, Any]]:
+        return list(self.pools.values())
+
+    @_recorded
+    def create_storage_pool(self, name: str, driver: str, config: Mapping[str, str]) -> None:
+        self.pools[name] = {"name": name, "driver": driver, "config": dict(config)}
+
+    @_recorded
+    def networks(self) -> list[dict[str, Any]]:
+        return list(self.networks_by_name.values())
+
+    @_recorded
+    def network(self, name: str) -> dict[str, Any]:
+        if name not in self.networks_by_name:
+            raise _not_found(f"network {name}")
+        return self.networks_by_name[name]
+
+    @_recorded
+    def network_leases(self, name: str) -> list[dict[str, Any]]:
+        return list(self.leases.get(name, []))
+
+    @_recorded
+    def create_network(self, name: str, config: Mapping[str, str], *, type: str = "bridge",
+                       description: str = "") -> None:
+        self.networks_by_name[name] = {"name": name, "type": type, "config": dict(config), "managed": True}
+
+    @_recorded
+    def update_network(self, name: str, config: Mapping[str, str]) -> None:
+        self.network(name)["config"].update(config)
+
+    @_recorded
+    def delete_network(self, name: str) -> None:
+        self.network(name)
+        del self.networks_by_name[name]
+
+    @_recorded
+    def network_acls(self) -> list[dict[str, Any]]:
+        return list(self.acls.values())
+
+    @_recorded
+    def create_network_acl(self, name: str, *, egress: list[dict[str, str]],
+                           ingress: list[dict[str, str]] | None = None, description: str = "") -> None:
+        from coi.errors import ConflictError
+
+        if name in self.acls:
+            raise ConflictError(f"network ACL {name}: already exists")
+        self.acls[name] = {"name": name, "egress": egress, "ingress": ingress or [], "description": description}
+
+    @_recorded
+    def put_network_acl(self, name: str, *, egress: list[dict[str, str]],
+                        ingress: list[dict[str, str]] | None = None, description: str = "") -> None:
+        self.acls[name] = {"name": name, "egress": egress, "ingress": ingress or [], "description": description}
+
+    @_recorded
+    def delete_network_acl(self, name: str) -> None:
+        if self.acls.pop(name, None) is None:
+            raise _not_found(f"network ACL {name}")
+
+    @_recorded
+    def profile(self, name: str) -> dict[str, Any]:
+        if name not in self.profiles:
+            raise _not_found(f"profile {name}")
+        return self.profiles[name]
+
+    @_recorded
+    def create_profile(self, name: str, *, config: Mapping[str, str], devices: Mapping[str, Any],
+                       description: str = "") -> None:
+        self.profiles[name] = {"name": name, "config": dict(config), "devices": dict(devices),
+                               "description": description}
+
+    @_recorded
+    def update_profile(self, name: str, *, config: Mapping[str, str], devices: Mapping[str, Any],
+                       description: str = "") -> None:
+        self.profiles[name] = {"name": name, "config": dict(config), "devices": dict(devices),
+                               "description": description}
+
+    @_recorded
+    def projects(self) -> list[str]:
+        return ["default"]
+
+    # ---- instances ----
+    @_recorded
+    def instances(self, *, recursion: int = 1, filter: str | None = None,
+                  all_projects: bool = False) -> list[Any]:
+        if recursion == 0:
+            return [f"/1.0/instances/{n}" for n in self.instances_by_name]
+        found = [dict(i) for i in self.instances_by_name.values()]
+        if recursion >= 2:
+            for inst in found:
+                inst["state"] = self._state(inst["name"])
+        return found
+
+    @_recorded
+    def instance(self, name: str) -> dict[str, Any]:
+        if name not in self.instances_by_name:
+            raise _not_found(f"container {name}")
+        return self.instances_by_name[name]
+
+    def _state(self, name: str) -> dict[str, Any]:
+        if name in self.states:
+            return self.states[name]
+        status = self.instances_by_name[name]["status"] if name in self.instances_by_name else "Running"
+        return {"status": status, "network": {"eth0": {"host_name": "veth1234abcd", "addresses": [
+            {"family": "inet", "scope": "global", "address": self.address}]}}}
+
+    @_recorded
+    def instance_state(self, name: str) -> dict[str, Any]:
+        return self._state(name)
+
+    @_recorded
+    def exists(self, name: str) -> bool:
+        return name in self.instances_by_name
+
+    @_recorded
+    def create_instance(self, name: str, *, image: str | None = None, source: Mapping[str, Any] | None = None,
+                        config: Mapping[str, str] | None = None,
+                        devices: Mapping[str, Mapping[str, str]] | None = None,
+                        profiles: list[str] | None = None, ephemeral: bool = False, start: bool = False) -> None:
+        from coi.errors import ConflictError
+
+        if name in self.instances_by_name:
+            raise ConflictError(f"container {name}: already exists")
+        self.instances_by_name[name] = {
+            "name": name, "status": "Running" if start else "Stopped", "config": dict(config or {}),
+            "devices": {k: dict(v) for k, v in (devices or {}).items()},
+            "expanded_devices": {k: dict(v) for k, v in (devices or {}).items()},
+            "profiles": list(profiles or []), "ephemeral": ephemeral}
+
+    @_recorded
+    def set_state(self, name: str, action: str, *, force: bool = False, timeout: int = -1) -> None:
+        self.instance(name)["status"] = "Running" if action in ("start", "restart") else "Stopped"
+
+    @_recorded
+    def start(self, name: str) -> None:
+        self.instance(name)["status"] = "Running"
+
+    @_recorded
+    def stop(self, name: str, *, force: bool = False, timeout: int = -1) -> None:
+        self.instance(name)["status"] = "Stopped"
+
+    @_recorded
+    def delete(self, name: str) -> None:
+        from coi.errors import OperationFailedError
+
+        if self.instance(name)["status"] != "Stopped":
+            raise OperationFailedError(f"delete container {name}: the instance is running")
+        del self.instances_by_name[name]
+
+    @_recorded
+    def update_instance(self, name: str, *, config: Mapping[str, str] | None = None,
+                        devices: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        inst = self.instance(name)
+        if config is not None:
+            inst["config"].update(config)
+        if devices is not None:
+            inst["devices"] = {k: dict(v) for k, v in devices.items()}
+
+    @_recorded
+    def add_device(self, name: str, device: str, spec: Mapping[str, str]) -> None:
+        self.instance(name)["devices"][device] = dict(spec)
+
+    @_recorded
+    def remove_device(self, name: str, device: str) -> None:
+        if self.instance(name)["devices"].pop(device, None) is None:
+            raise _not_found(f"device {device} of container {name}")
+
+    # ---- exec ----
+    @_recorded
+    def exec(self, name: str, command: list[str], *, env: Mapping[str, str] | None = None,
+             user: int = 0, group: int = 0, cwd: str | None = None, capture: bool = True,
+             retry: bool = True) -> Any:
+        from coi.incus import ExecResult
+
+        self.instance(name)
+        return ExecResult(0, "", "")
+
+    @_recorded
+    def exec_argv(self, name: str, command: list[str], *, user: int | None = None, group: int | None = None,
+                  cwd: str | None = None, env: Mapping[str, str] | None = None, terminal: bool = False) -> list[str]:
+        return ["sh", "-c", "true"]
+
+    # ---- files ----
+    @_recorded
+    def push_file(self, name: str, path: str, content: bytes, *, uid: int = 0, gid: int = 0,
+                  mode: int = 0o644) -> None:
+        self.files_of(name).file(path, content, mode)
+
+    @_recorded
+    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        self.files_of(name).dir(path, mode)
+
+    @_recorded
+    def pull_file(self, name: str, path: str, *, max_bytes: int | None = None) -> tuple[bytes, dict[str, Any]]:
+        return self.files_of(name).pull_file(name, path, max_bytes=max_bytes)
+
+    @_recorded
+    def push_tree(self, name: str, local: Path, remote: str, *, uid: int | None = None,
+                  gid: int | None = None) -> None:
+        for item in sorted(local.rglob("*")):
+            target = f"{remote}/{item.relative_to(local)}"
+            if item.is_dir():
+                self.files_of(name).dir(target)
+            elif item.is_file():
+                self.files_of(name).file(target, item.read_bytes())
+
+    @_recorded
+    def pull_tree(self, name: str, remote: str, local: Path) -> None:
+        raise NotImplementedError("FakeIncus.pull_tree: give a handler")
+
+    @_recorded
+    def delete_file(self, name: str, path: str) -> None:
+        files = self.files_of(name)
+        if path not in files.nodes:
+            raise _not_found(f"delete {path} in container {name}")
+        del files.nodes[path]
+
+    # ---- images ----
+    @_recorded
+    def images(self) -> list[dict[str, Any]]:
+        return list(self.images_by_fp.values())
+
+    @_recorded
+    def image(self, fingerprint: str) -> dict[str, Any]:
+        if fingerprint not in self.images_by_fp:
+            raise _not_found(f"image {fingerprint}")
+        return self.images_by_fp[fingerprint]
+
+    @_recorded
+    def image_alias(self, alias: str) -> dict[str, Any]:
+        for img in self.images_by_fp.values():
+            if any(a["name"] == alias for a in img["aliases"]):
+                return {"name": alias, "target": img["fingerprint"]}
+        raise _not_found(f"image {alias}")
+
+    @_recorded
+    def image_by_alias(self, alias: str) -> dict[str, Any]:
+        return self.image(self.image_alias(alias)["target"])
+
+    @_recorded
+    def image_exists(self, alias: str) -> bool:
+        return any(a["name"] == alias for img in self.images_by_fp.values() for a in img["aliases"])
+
+    @_recorded
+    def create_alias(self, alias: str, fingerprint: str, description: str = "") -> None:
+        from coi.errors import ConflictError
+
+        if self.image_exists(alias):
+            raise ConflictError(f"alias {alias}: already exists")
+        self.image(fingerprint)["aliases"].append({"name": alias})
+
+    @_recorded
+    def point_alias(self, alias: str, fingerprint: str) -> None:
+        for img in self.images_by_fp.values():
+            img["aliases"] = [a for a in img["aliases"] if a["name"] != alias]
+        self.image(fingerprint)["aliases"].append({"name": alias})
+
+    @_recorded
+    def delete_alias(self, alias: str) -> None:
+        for img in self.images_by_fp.values():
+            img["aliases"] = [a for a in img["aliases"] if a["name"] != alias]
+
+    @_recorded
+    def delete_image(self, fingerprint: str) -> None:
+        self.image(fingerprint)
+        del self.images_by_fp[fingerprint]
+
+    @_recorded
+    def update_image_properties(self, fingerprint: str, properties: Mapping[str, str]) -> None:
+        self.image(fingerprint)["properties"].update(properties)
+
+    @_recorded
+    def publish(self, instance: str, *, properties: Mapping[str, str] | None = None,
+                compression: str = "none") -> str:
+        from coi.errors import OperationFailedError
+
+        if self.instance(instance)["status"] != "Stopped":
+            raise OperationFailedError(f"publish container {instance}: the instance is running")
+        return self.add_image([], created="2026-02-01T00:00:00Z", properties=dict(properties or {}), size=4096)
+
+    @_recorded
+    def import_split_image(self, metadata: Path, rootfs: Path, *,
+                           properties: Mapping[str, str] | None = None) -> str:
+        return self.add_image([], properties=dict(properties or {}))

@@ -20,6 +20,7 @@ from coi import network
 from coi.cli.context import Context
 from coi.cli.ui import UI
 from coi.config import SCHEMA
+from fake_incus import FakeIncus
 
 pytestmark = pytest.mark.unit
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "coi-cli.md"
@@ -49,13 +50,6 @@ def test_every_contract_key_is_in_the_schema():
     assert contract_keys() - known == set()
 
 
-class FakeIncus:
-    project = "default"
-
-    def server(self):
-        return {"environment": {"kernel_features": {"idmapped_mounts": "true"}}}
-
-
 def derived(tmp_path: Path, toml: str, monkeypatch) -> dict:
     """What coi derives from a user config file holding ``toml``."""
     home, ws = tmp_path / "home", tmp_path / "ws"
@@ -67,7 +61,9 @@ def derived(tmp_path: Path, toml: str, monkeypatch) -> dict:
     monkeypatch.setattr(os, "getuid", lambda: 1000)
     monkeypatch.setattr(os, "getgid", lambda: 1000)
     ctx = Context(ui=UI(quiet=True), workspace=ws, flag_values={})
-    ctx.__dict__["incus"] = FakeIncus()
+    fake = FakeIncus()
+    fake.server_info["environment"]["kernel_features"]["idmapped_mounts"] = "true"
+    ctx.__dict__["incus"] = fake
     from coi.cli.commands import sessions as cmd
     from coi.sessions import container_spec
 

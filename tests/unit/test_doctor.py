@@ -17,7 +17,7 @@ from coi.config import Config, load_config
 from coi.host import Check, check_nftables, doctor, run_checks
 from coi.host.daemon import COI_NETWORK, COI_PROFILE
 from coi.incus import Incus
-from fake_incus import FakeIncus, error, socket_in, sync
+from fake_incus import FakeDaemon, error, socket_in, sync
 
 pytestmark = pytest.mark.unit
 
@@ -27,9 +27,9 @@ SESSION = {"name": "coi-1a2b3c4d-1", "config": {"user.coi.workspace": "/w", "boo
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeIncus]:
+def fake(tmp_path: Path) -> Iterator[FakeDaemon]:
     """A daemon that has everything coi setup gives it, and a built coi image."""
-    with FakeIncus(socket_in(tmp_path)) as daemon:
+    with FakeDaemon(socket_in(tmp_path)) as daemon:
         daemon.on("GET", "/1.0", sync({"environment": {"server_version": "6.0.3",
                                                        "kernel_features": {"idmapped_mounts": "true"}}}))
         daemon.on("GET", "/1.0/storage-pools", sync([{"name": "default", "driver": "dir"},
@@ -44,7 +44,7 @@ def fake(tmp_path: Path) -> Iterator[FakeIncus]:
 
 
 @pytest.fixture
-def client(fake: FakeIncus) -> Iterator[Incus]:
+def client(fake: FakeDaemon) -> Iterator[Incus]:
     incus = Incus(fake.path)
     yield incus
     incus.close()

@@ -29,7 +29,7 @@ from coi.host.system import (
     root_subid_ok,
 )
 from coi.incus import Incus
-from fake_incus import FakeIncus, error, socket_in, sync
+from fake_incus import FakeDaemon, error, socket_in, sync
 
 pytestmark = pytest.mark.unit
 
@@ -309,13 +309,13 @@ def test_ensure_address_lock_is_shared_by_the_group(tmp_path):
 # ---- the Incus side, against the fake daemon -----------------------------------------------
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeIncus]:
-    with FakeIncus(socket_in(tmp_path)) as daemon_:
+def fake(tmp_path: Path) -> Iterator[FakeDaemon]:
+    with FakeDaemon(socket_in(tmp_path)) as daemon_:
         yield daemon_
 
 
 @pytest.fixture
-def client(fake: FakeIncus) -> Iterator[Incus]:
+def client(fake: FakeDaemon) -> Iterator[Incus]:
     incus = Incus(fake.path)
     yield incus
     incus.close()

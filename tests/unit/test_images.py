@@ -7,7 +7,7 @@ which aliases move can be checked without a daemon.
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,124 +17,37 @@ from coi import images
 from coi.config import default_config
 from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError, UsageError
 from coi.incus import EXEC_NOT_STARTED, ExecResult
+from fake_incus import DEFAULT, FakeIncus
 
 pytestmark = pytest.mark.unit
 
 
-class FakeIncus:
-    """Just enough of coi.incus.Incus for the image service."""
+@dataclass
+class Build:
+    """How the builder behaves in one test (handlers of the shared FakeIncus)."""
 
-    def __init__(self) -> None:
-        self.images_by_fp: dict[str, dict[str, Any]] = {}
-        self.instances_by_name: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple] = []
-        self.fail_remote = False
-        self.fail_step: str | None = None  # a command word whose step exits 1
-        self.lose_step: str | None = None  # a command word whose first run Incus loses track of
-        self.interrupt_step: str | None = None
-        self.publish_error: Exception | None = None
-        self.during_publish: Any = None  # called while the daemon "publishes"
-        self.resolver_broken = False  # getent fails until resolv.conf is rewritten
-        self.resolv_conf = "nameserver 10.0.0.1\n"
-        self._fp = (f"{i:064x}" for i in itertools.count(1))
+    fail_remote: bool = False
+    fail_step: str | None = None  # a command word whose step exits 3
+    lose_step: str | None = None  # a command word whose first run Incus loses track of
+    interrupt_step: str | None = None
+    publish_error: Exception | None = None
+    during_publish: Any = None  # called while the daemon "publishes"
+    resolver_broken: bool = False  # getent fails until resolv.conf is rewritten
+    resolv_conf: str = "nameserver 10.0.0.1\n"
 
-    # images
-    def add_image(self, aliases: list[str], created: str = "2026-01-01T00:00:00Z",
-                  properties: dict[str, str] | None = None) -> str:
-        fp = next(self._fp)
-        self.images_by_fp[fp] = {"fingerprint": fp, "aliases": [{"name": a} for a in aliases],
-                                 "size": 1000, "created_at": created, "properties": properties or {}}
-        return fp
+    def create_instance(self, name, *, source=None, **kw):
+        if source and source.get("server") and self.fail_remote:
+            raise OperationFailedError(f"container {name}: Failed getting remote image info")
+        return DEFAULT
 
-    def images(self):
-        return list(self.images_by_fp.values())
-
-    def image(self, fp):
-        if fp not in self.images_by_fp:
-            raise NotFoundError(f"image {fp}: not found")
-        return self.images_by_fp[fp]
-
-    def image_alias(self, alias):
-        for img in self.images_by_fp.values():
-            if any(a["name"] == alias for a in img["aliases"]):
-                return {"name": alias, "target": img["fingerprint"]}
-        raise NotFoundError(f"image {alias}: not found")
-
-    def image_exists(self, alias):
-        try:
-            self.image_alias(alias)
-        except NotFoundError:
-            return False
-        return True
-
-    def create_alias(self, alias, fp, description=""):
-        self.calls.append(("create_alias", alias, fp))
-        if self.image_exists(alias):
-            raise ConflictError(f"alias {alias} already exists")
-        self.images_by_fp[fp]["aliases"].append({"name": alias})
-
-    def point_alias(self, alias, fp):
-        self.calls.append(("point_alias", alias, fp))
-        for img in self.images_by_fp.values():
-            img["aliases"] = [a for a in img["aliases"] if a["name"] != alias]
-        self.images_by_fp[fp]["aliases"].append({"name": alias})
-
-    def delete_alias(self, alias):
-        self.calls.append(("delete_alias", alias))
-        for img in self.images_by_fp.values():
-            img["aliases"] = [a for a in img["aliases"] if a["name"] != alias]
-
-    def delete_image(self, fp):
-        self.calls.append(("delete_image", fp))
-        self.image(fp)
-        del self.images_by_fp[fp]
-
-    def publish(self, name, *, properties=None, compression="none"):
-        self.calls.append(("publish", name))
+    def publish(self, name, **kw):
         if self.publish_error:
             raise self.publish_error
         if self.during_publish:
             self.during_publish()
-        assert self.instances_by_name[name]["status"] == "Stopped"
-        fp = next(self._fp)
-        self.images_by_fp[fp] = {"fingerprint": fp, "aliases": [], "size": 4096,
-                                 "created_at": "2026-02-01T00:00:00Z", "properties": dict(properties or {})}
-        return fp
-
-    # instances
-    def create_instance(self, name, *, image=None, source=None, config=None, devices=None, profiles=None,
-                        ephemeral=False, start=False):
-        self.calls.append(("create_instance", name, dict(source or {}), dict(config or {}), profiles))
-        if source and source.get("server") and self.fail_remote:
-            raise OperationFailedError(f"container {name}: Failed getting remote image info")
-        self.instances_by_name[name] = {"name": name, "status": "Running" if start else "Stopped"}
-
-    def instance(self, name):
-        if name not in self.instances_by_name:
-            raise NotFoundError(f"container {name}: not found")
-        return self.instances_by_name[name]
-
-    def instance_state(self, name):
-        return {"network": {"eth0": {"addresses": [{"family": "inet", "scope": "global",
-                                                    "address": "10.1.2.3"}]}}}
-
-    def stop(self, name, *, force=False, timeout=-1):
-        self.instance(name)["status"] = "Stopped"
-
-    def delete(self, name):
-        self.calls.append(("delete", name))
-        if self.instance(name)["status"] != "Stopped":
-            raise OperationFailedError("instance is running")
-        del self.instances_by_name[name]
-
-    def close(self):
-        self.calls.append(("close",))
-
-    def push_file(self, name, path, content, *, uid=0, gid=0, mode=0o644):
-        self.calls.append(("push_file", name, path))
+        return DEFAULT
 
     def exec(self, name, command, **kw):
-        self.calls.append(("exec", tuple(command)))
         if command[:2] == ["getent", "hosts"]:
             return ExecResult(1 if self.resolver_broken else 0, "", "")
         if command == ["cat", "/etc/resolv.conf"]:
@@ -149,7 +62,6 @@ class FakeIncus:
 
     def exec_argv(self, name, command, **kw):
         """A local stand-in for ``incus exec``: the step succeeds, fails or is interrupted."""
-        self.calls.append(("run", tuple(command)))
         text = " ".join(command)
         if self.interrupt_step and self.interrupt_step in text:
             raise KeyboardInterrupt
@@ -160,9 +72,15 @@ class FakeIncus:
             return ["sh", "-c", f"echo 'Error: {EXEC_NOT_STARTED}'; exit 255"]
         return ["sh", "-c", "echo step output"]
 
-    def created(self) -> list[dict]:
-        """Sources of the builders created (not of the container that unpacks the new image)."""
-        return [c[2] for c in self.calls if c[0] == "create_instance" and not c[1].endswith("-unpack")]
+
+def created(fake: FakeIncus) -> list[dict]:
+    """Sources of the builders created (not of the container that unpacks the new image)."""
+    return [dict(c.kwargs.get("source") or {}) for c in fake.called("create_instance") if not c[1].endswith("-unpack")]
+
+
+def runs(fake: FakeIncus) -> list[tuple[str, ...]]:
+    """The commands streamed through ``incus exec`` (build steps)."""
+    return [tuple(c[2]) for c in fake.called("exec_argv")]
 
 
 ROUTES = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n"
@@ -171,9 +89,16 @@ ROUTES = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n"
 
 
 @pytest.fixture
-def fake(monkeypatch):
+def build() -> Build:
+    return Build()
+
+
+@pytest.fixture
+def fake(monkeypatch, build):
     client = FakeIncus()
     client.add_image(["coi-base-debian-bookworm"], properties={"coi.kind": "base"})
+    for method in ("create_instance", "publish", "exec", "exec_argv"):
+        client.on(method, getattr(build, method))
 
     def ensure_base(c, suite, *, log, **kw):
         return f"coi-base-debian-{suite}"
@@ -207,10 +132,10 @@ def _build(fake, config, script, **kw):
 # --- bases -------------------------------------------------------------------
 
 
-def test_unreachable_remote_falls_back_to_bootstrap(fake, config, script):
-    fake.fail_remote = True
+def test_unreachable_remote_falls_back_to_bootstrap(fake, build, config, script):
+    build.fail_remote = True
     result, lines = _build(fake, config, script, base="images:debian/12")
-    sources = fake.created()
+    sources = created(fake)
     assert sources[0]["server"] == images.REMOTE_SERVER
     assert sources[1] == {"type": "image", "alias": "coi-base-debian-bookworm"}
     assert any("Could not reach the image server" in l and "falling back to bootstrap:debian/bookworm" in l
@@ -221,15 +146,15 @@ def test_unreachable_remote_falls_back_to_bootstrap(fake, config, script):
 
 def test_reachable_remote_is_used(fake, config, script):
     result, lines = _build(fake, config, script, base="images:ubuntu/24.04")
-    assert [s.get("alias") for s in fake.created()] == ["ubuntu/24.04"]
+    assert [s.get("alias") for s in created(fake)] == ["ubuntu/24.04"]
     assert result["properties"]["coi.base"] == "images:ubuntu/24.04"
     assert not any("falling back" in l for l in lines)
 
 
 def test_builders_get_nesting_config_and_coi_profile(fake, config, script):
     _build(fake, config, script)
-    (_, name, _, cfg, profiles), = [c for c in fake.calls if c[0] == "create_instance"
-                                    and not c[1].endswith("-unpack")]
+    call, = [c for c in fake.called("create_instance") if not c[1].endswith("-unpack")]
+    name, cfg, profiles = call[1], call.kwargs["config"], call.kwargs["profiles"]
     assert name.startswith("coi-test-build-")
     assert cfg == images.CONTAINER_CONFIG == {
         "boot.autostart": "false", "security.nesting": "true", "security.syscalls.intercept.mknod": "true",
@@ -241,7 +166,7 @@ def test_missing_local_base_names_coi_build(fake, config, script):
     with pytest.raises(NotFoundError, match="base image 'coi' does not exist") as exc:
         _build(fake, config, script, base=None)
     assert "coi build" in exc.value.hint
-    assert fake.created() == []
+    assert created(fake) == []
 
 
 # --- refusals before any container ----------------------------------------------
@@ -252,7 +177,7 @@ def test_missing_script_is_refused_before_any_container(fake, config, tmp_path):
         _build(fake, config, tmp_path / "nope.sh")
     with pytest.raises(CoiError, match="is a directory"):
         _build(fake, config, tmp_path)
-    assert fake.created() == []
+    assert created(fake) == []
 
 
 def test_existing_image_needs_force(fake, config, script):
@@ -260,7 +185,7 @@ def test_existing_image_needs_force(fake, config, script):
     with pytest.raises(ConflictError, match="already exists") as exc:
         _build(fake, config, script)
     assert "--force" in exc.value.hint
-    assert fake.created() == []
+    assert created(fake) == []
 
 
 @pytest.mark.parametrize("name", ["", "has space", "remote:alias", "-dash"])
@@ -272,20 +197,20 @@ def test_bad_image_names_are_refused(fake, config, script, name):
 # --- failures and interrupts clean up -----------------------------------------------
 
 
-def test_a_lost_finalise_step_runs_again_but_a_lost_script_does_not(fake, config, script):
+def test_a_lost_finalise_step_runs_again_but_a_lost_script_does_not(fake, build, config, script):
     """Incus may lose track of a command it ran: the idempotent finalise step is run
     again; the user's script never is, and the build fails saying why."""
-    fake.lose_step = "apt-get clean"
+    build.lose_step = "apt-get clean"
     _build(fake, config, script)
-    assert len([c for c in fake.calls if c[0] == "run" and "apt-get clean" in " ".join(c[1])]) == 2
-    fake.lose_step = "coi-build-script"
+    assert len([c for c in runs(fake) if "apt-get clean" in " ".join(c)]) == 2
+    build.lose_step = "coi-build-script"
     with pytest.raises(images.BuildError, match="exit code 255"):
         _build(fake, config, script, name="coi-test-y")
-    assert len([c for c in fake.calls if c[0] == "run" and c[1][-1] == "/root/coi-build-script"]) == 2  # 1 a build
+    assert len([c for c in runs(fake) if c[-1] == "/root/coi-build-script"]) == 2  # 1 a build
 
 
-def test_failing_step_names_step_and_log_and_leaves_nothing(fake, config, script):
-    fake.fail_step = "coi-build-script"
+def test_failing_step_names_step_and_log_and_leaves_nothing(fake, build, config, script):
+    build.fail_step = "coi-build-script"
     with pytest.raises(images.BuildError) as exc:
         _build(fake, config, script)
     message = exc.value.message
@@ -295,19 +220,19 @@ def test_failing_step_names_step_and_log_and_leaves_nothing(fake, config, script
     assert "step output" in log.read_text()
     assert fake.instances_by_name == {}
     assert not fake.image_exists("coi-test-x")
-    assert [c for c in fake.calls if c[0] == "publish"] == []
+    assert fake.called("publish") == []
 
 
-def test_interrupt_removes_builder_and_reraises(fake, config, script):
-    fake.interrupt_step = "coi-build-script"
+def test_interrupt_removes_builder_and_reraises(fake, build, config, script):
+    build.interrupt_step = "coi-build-script"
     with pytest.raises(KeyboardInterrupt):
         _build(fake, config, script)
     assert fake.instances_by_name == {}
     assert ("close",) in fake.calls
 
 
-def test_failed_publish_leaves_no_builder(fake, config, script):
-    fake.publish_error = OperationFailedError("publish container: disk full")
+def test_failed_publish_leaves_no_builder(fake, build, config, script):
+    build.publish_error = OperationFailedError("publish container: disk full")
     with pytest.raises(images.BuildError, match="failed at step 'Finalise, stop and publish the image': "
                                                  "publish container: disk full; log: "):
         _build(fake, config, script)
@@ -324,9 +249,9 @@ def test_force_replaces_old_image_only_after_publish(fake, config, script):
     assert fake.image_alias("coi-test-x")["target"] == result["fingerprint"] != old
 
 
-def test_failed_force_rebuild_keeps_old_image(fake, config, script):
+def test_failed_force_rebuild_keeps_old_image(fake, build, config, script):
     old = fake.add_image(["coi-test-x"])
-    fake.fail_step = "coi-build-script"
+    build.fail_step = "coi-build-script"
     with pytest.raises(images.BuildError):
         _build(fake, config, script, force=True)
     assert fake.image_alias("coi-test-x")["target"] == old
@@ -354,25 +279,25 @@ def test_result_and_properties(fake, config, script):
 # --- DNS repair ------------------------------------------------------------------
 
 
-def test_dead_stub_resolver_is_repaired_with_the_gateway(fake, config, script, monkeypatch):
-    fake.resolver_broken = True
-    fake.resolv_conf = "nameserver 127.0.0.53\noptions edns0\n"
+def test_dead_stub_resolver_is_repaired_with_the_gateway(fake, build, config, script, monkeypatch):
+    build.resolver_broken = True
+    build.resolv_conf = "nameserver 127.0.0.53\noptions edns0\n"
     result, lines = _build(fake, config, script)
     assert result["dns_repaired"] is True
-    assert fake.resolv_conf == "nameserver 10.195.0.1\n"
+    assert build.resolv_conf == "nameserver 10.195.0.1\n"
     assert any("bridge's resolver 10.195.0.1" in l and "inside the image only" in l for l in lines)
 
 
 def test_working_resolver_is_left_alone(fake, config, script):
     result, lines = _build(fake, config, script)
     assert result["dns_repaired"] is False
-    assert not any("resolv.conf" in " ".join(c[1]) for c in fake.calls if c[0] == "exec" and len(c[1]) > 2)
+    assert not any("resolv.conf" in " ".join(c[2]) for c in fake.called("exec") if len(c[2]) > 2)
 
 
-def test_broken_non_stub_resolver_fails_the_build(fake, config, script, monkeypatch):
+def test_broken_non_stub_resolver_fails_the_build(fake, build, config, script, monkeypatch):
     monkeypatch.setattr(images.dns, "_DNS_TIMEOUT", 0.2)
-    fake.resolver_broken = True
-    fake.resolv_conf = "nameserver 192.0.2.1\n"
+    build.resolver_broken = True
+    build.resolv_conf = "nameserver 192.0.2.1\n"
     with pytest.raises(images.BuildError, match="names do not resolve"):
         _build(fake, config, script)
     assert fake.instances_by_name == {}
@@ -385,10 +310,10 @@ def test_coi_build_refuses_existing_image_and_runs_every_step(fake, config):
     fake.add_image(["coi"])
     with pytest.raises(ConflictError):
         images.build_coi(fake, force=False, tools=["claude"], config=config, log=lambda s: None)
-    assert fake.created() == []
+    assert created(fake) == []
     lines: list[str] = []
     result = images.build_coi(fake, force=True, tools=["claude"], config=config, log=lines.append)
-    steps = [c[1][-1] for c in fake.calls if c[0] == "run" and "/root/coi-image.sh" in c[1]]
+    steps = [c[-1] for c in runs(fake) if "/root/coi-image.sh" in c]
     assert steps == [arg for arg, _ in images.COI_STEPS]
     assert result["properties"]["coi.inputs"] == images.coi_inputs_hash(tools=["claude"], config=config)
     assert result["properties"]["coi.tools"] == "claude"
@@ -400,8 +325,8 @@ def test_coi_build_without_tools_takes_those_of_the_config(fake, config):
     assert result["properties"]["coi.tools"] == ",".join(config.build.tools)
 
 
-def test_coi_build_failure_names_the_script_step(fake, config):
-    fake.fail_step = "docker"
+def test_coi_build_failure_names_the_script_step(fake, build, config):
+    build.fail_step = "docker"
     with pytest.raises(images.BuildError, match="failed at step 'Install Docker'"):
         images.build_coi(fake, force=False, tools=["claude"], config=config, log=lambda s: None)
     assert fake.instances_by_name == {} and not fake.image_exists("coi")
@@ -460,7 +385,7 @@ def test_publish_container_needs_a_stopped_container():
 
 def test_no_dhcp_address_fails_the_network_step(fake, config, script, monkeypatch):
     monkeypatch.setattr(images.dns, "_NETWORK_TIMEOUT", 0.1)
-    monkeypatch.setattr(fake, "instance_state", lambda name: {"network": {"eth0": {"addresses": []}}})
+    fake.on("instance_state", lambda name: {"network": {"eth0": {"addresses": []}}})
     with pytest.raises(images.BuildError, match=r"failed at step 'Wait for the network \(DHCP and DNS\)': "
                                                 r"eth0 got no IPv4 address"):
         _build(fake, config, script)
@@ -468,7 +393,7 @@ def test_no_dhcp_address_fails_the_network_step(fake, config, script, monkeypatc
 
 
 def test_missing_incus_client_is_a_clear_build_error(fake, config, script, monkeypatch):
-    monkeypatch.setattr(fake, "exec_argv", lambda name, command, **kw: ["coi-test-no-such-incus", *command])
+    fake.on("exec_argv", lambda name, command, **kw: ["coi-test-no-such-incus", *command])
     with pytest.raises(images.BuildError, match="'coi-test-no-such-incus' command is not installed") as exc:
         _build(fake, config, script)
     assert "coi setup" in exc.value.hint
@@ -477,21 +402,21 @@ def test_missing_incus_client_is_a_clear_build_error(fake, config, script, monke
 
 def test_new_image_is_unpacked_once_so_the_first_launch_is_fast(fake, config, script):
     result, lines = _build(fake, config, script)
-    unpack = [c for c in fake.calls if c[0] == "create_instance" and c[1].endswith("-unpack")]
-    assert [c[2] for c in unpack] == [{"type": "image", "fingerprint": result["fingerprint"]}]
+    unpack = [c for c in fake.called("create_instance") if c[1].endswith("-unpack")]
+    assert [c.kwargs["source"] for c in unpack] == [{"type": "image", "fingerprint": result["fingerprint"]}]
     assert ("delete", unpack[0][1]) in fake.calls and fake.instances_by_name == {}
     assert any("Unpacking the image" in l for l in lines)
 
 
-def test_ctrl_c_during_publish_waits_for_the_image_then_deletes_it(fake, config, script):
+def test_ctrl_c_during_publish_waits_for_the_image_then_deletes_it(fake, build, config, script):
     import os
     import signal
 
-    fake.during_publish = lambda: os.kill(os.getpid(), signal.SIGINT)  # held until publish returns
+    build.during_publish = lambda: os.kill(os.getpid(), signal.SIGINT)  # held until publish returns
     before = set(fake.images_by_fp)
     with pytest.raises(KeyboardInterrupt):
         _build(fake, config, script)
-    published = [c for c in fake.calls if c[0] == "publish"]
+    published = fake.called("publish")
     assert len(published) == 1
     assert set(fake.images_by_fp) == before  # the unnamed new image was removed again
     assert fake.instances_by_name == {} and not fake.image_exists("coi-test-x")

@@ -24,7 +24,7 @@ from coi.errors import (
 )
 from coi.incus import DEFAULT_SOCKET, GROUP_HINT, ExecResult, Incus, socket_path
 from fake_incus import (
-    FakeIncus,
+    FakeDaemon,
     Reply,
     Request,
     async_op,
@@ -42,13 +42,13 @@ INCUS_BINARIES = {"/usr/libexec/incus/incusd", "/usr/bin/incus"}
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeIncus]:
-    with FakeIncus(socket_in(tmp_path)) as fake:
+def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    with FakeDaemon(socket_in(tmp_path)) as fake:
         yield fake
 
 
 @pytest.fixture
-def connect(daemon: FakeIncus) -> Iterator[Callable[..., Incus]]:
+def connect(daemon: FakeDaemon) -> Iterator[Callable[..., Incus]]:
     """Make clients of the fake daemon; all are closed after the test."""
     clients: list[Incus] = []
 
@@ -84,7 +84,7 @@ def _log(body: bytes) -> Reply:
 EXEC_LOGS = "/1.0/instances/c1/logs/exec-output"
 
 
-def serve_exec(daemon: FakeIncus, *, code: int = 0, stdout: bytes = b"", stderr: bytes = b"") -> None:
+def serve_exec(daemon: FakeDaemon, *, code: int = 0, stdout: bytes = b"", stderr: bytes = b"") -> None:
     """Routes for one ``exec`` in container c1 with recorded output."""
     daemon.on("POST", "/1.0/instances/c1/exec", async_op("op-exec"))
     daemon.on("GET", "/1.0/operations/op-exec/wait", operation("op-exec", metadata={
@@ -484,7 +484,7 @@ def make_local_tree(root: Path) -> Path:
     return src
 
 
-def pushed(daemon: FakeIncus) -> list[tuple[str, str, str, str, bytes]]:
+def pushed(daemon: FakeDaemon) -> list[tuple[str, str, str, str, bytes]]:
     """(path, type, mode, uid:gid, content) of every file-API write, in order."""
     return [(r.query["path"], r.headers["x-incus-type"], r.headers["x-incus-mode"],
              f"{r.headers['x-incus-uid']}:{r.headers['x-incus-gid']}", r.body)
@@ -604,3 +604,18 @@ def test_a_wait_that_runs_out_is_a_typed_timeout():
 
     with pytest.raises(TimedOutError, match="timed out after"):
         wait_for(lambda: False, timeout=0, what="nothing")
+
+
+def test_the_real_client_and_the_one_fake_satisfy_the_protocol(tmp_path):
+    import inspect
+
+    from coi.incus import IncusClient
+    from fake_incus import FakeIncus
+
+    real = Incus(str(tmp_path / "none.sock"))
+    assert isinstance(real, IncusClient) and isinstance(FakeIncus(), IncusClient)
+    wanted = {n for n in dir(IncusClient) if not n.startswith("_")} - {"project"}
+    for cls in (Incus, FakeIncus):
+        for name in wanted:
+            ours, theirs = inspect.signature(getattr(IncusClient, name)), inspect.signature(getattr(cls, name))
+            assert list(ours.parameters) == list(theirs.parameters), (cls, name)
