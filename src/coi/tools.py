@@ -15,6 +15,7 @@ class Tool:
     name: str
     executable: str
     state_dir: str  # relative to the agent's home
+    package: tuple[str, str] = ("npm", "")  # where the coi image installs it from: (registry, package)
     credential_files: tuple[str, ...] = ()  # relative to the home, on the host and inside
     env_vars: tuple[str, ...] = ()  # variables the tool authenticates with
     session_flag: str | None = None  # flag that sets the tool's own session id
@@ -123,7 +124,7 @@ CLAUDE_CONFIG_KEYS = ("oauthAccount", "userID", "primaryApiKey", "customApiKeyRe
                       "hasCompletedOnboarding", "lastOnboardingVersion")
 
 TOOLS: dict[str, Tool] = {
-    "claude": Tool("claude", "claude", ".claude",
+    "claude": Tool("claude", "claude", ".claude", ("npm", "@anthropic-ai/claude-code"),
                    credential_files=(".claude/.credentials.json", ".claude/settings.json", ".claude.json"),
                    session_flag="--session-id", resume_flag="--resume", continue_flag="--continue",
                    sandbox_settings=(
@@ -139,14 +140,14 @@ TOOLS: dict[str, Tool] = {
     # Aider: no analytics question, update check, release notes or .gitignore question;
     # edits accepted without asking (the sandbox's no-prompt mode). With a key (-e) it
     # opens at its prompt, without one at its OpenRouter sign-in.
-    "aider": Tool("aider", "aider", ".aider", env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
+    "aider": Tool("aider", "aider", ".aider", ("pypi", "aider-chat"), env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
                   seed_files=((".aider.conf.yml",
                                b"analytics-disable: true\ncheck-update: false\nshow-release-notes: false\n"
                                b"gitignore: false\nyes-always: true\n"),)),
     # Codex: /workspace trusted, no update check or full-access warning. An OPENAI_API_KEY
     # given to the agent signs it in as Codex documents (codex login --with-api-key), so it
     # opens at its prompt; without one (coi copies no host login) at its sign-in screen.
-    "codex": Tool("codex", "codex", ".codex", env_vars=("OPENAI_API_KEY",),
+    "codex": Tool("codex", "codex", ".codex", ("npm", "@openai/codex"), env_vars=("OPENAI_API_KEY",),
                   seed_files=((".codex/config.toml",
                                b'check_for_update_on_startup = false\n\n[projects."/workspace"]\n'
                                b'trust_level = "trusted"\n\n[notice]\nhide_full_access_warning = true\n'),),
@@ -155,20 +156,26 @@ TOOLS: dict[str, Tool] = {
                   login_files=(".codex/auth.json",)),
     # Gemini CLI: no folder-trust question, no usage statistics, no auto-update; without a
     # key it opens at its sign-in screen.
-    "gemini": Tool("gemini", "gemini", ".gemini", env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "gemini": Tool("gemini", "gemini", ".gemini", ("npm", "@google/gemini-cli"), env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
                    sandbox_settings=((".gemini/settings.json", {
                        # An API key given to the agent (GEMINI_API_KEY) is used without asking.
                        "security": {"folderTrust": {"enabled": False}, "auth": {"selectedType": "gemini-api-key"}},
                        "privacy": {"usageStatisticsEnabled": False},
                        "general": {"disableAutoUpdate": True, "disableUpdateNag": True}}),
                        (".gemini/trustedFolders.json", {"/workspace": "TRUST_FOLDER"}))),
-    "opencode": Tool("opencode", "opencode", ".local/share/opencode",
+    "opencode": Tool("opencode", "opencode", ".local/share/opencode", ("npm", "opencode-ai"),
                      env_vars=("ANTHROPIC_API_KEY", "OPENAI_API_KEY")),
 }
 
 
 def get_tool(name: str) -> Tool:
-    return TOOLS[name]
+    """The agent tool called ``name``; a name coi does not know is a usage error."""
+    try:
+        return TOOLS[name]
+    except KeyError:
+        from coi.errors import UsageError
+
+        raise UsageError(f"unknown agent tool {name!r}", "choose from " + ", ".join(TOOLS)) from None
 
 
 def host_home() -> Path:

@@ -7,8 +7,8 @@ layer that omits a key leaves the lower value alone. Every value remembers where
 came from (``default``, a file path, ``env COI_X``, ``flag --x``). A workspace's own
 ``.coi.toml`` is held to an allowlist (``workspace``).
 
-Must not: talk to Incus, write files, or import any other coi package than
-``coi.errors``.
+Must not: talk to Incus, write files, or import any other coi module than
+``coi.errors`` and ``coi.tools`` (the one list of agent tools).
 """
 
 from coi.config.load import config_files, default_config, load_config, user_config_file

@@ -9,13 +9,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from coi.tools import TOOLS as AGENT_TOOLS
+
 SYSTEM_FILE = Path("/etc/coi/config.toml")
 
 
 WORKSPACE_FILE = ".coi.toml"
 
 
-TOOLS = ("claude", "aider", "codex", "gemini", "opencode")
+TOOLS = tuple(AGENT_TOOLS)  # the agent tools, in the contract's order (coi.tools is the one list)
 
 
 NETWORK_MODES = ("restricted", "allowlist", "open")

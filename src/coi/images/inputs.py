@@ -11,20 +11,15 @@ from typing import Any, Iterable
 from coi.errors import UsageError
 from coi.images import bootstrap
 from coi.images.refs import DEFAULT_BASE
+from coi.tools import TOOLS as AGENT_TOOLS
 
 IMAGE_FORMAT = "2"  # bump when the way the coi image is built changes outside the script
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
-# Agent tools the coi image can carry: tool -> (registry, package). The order is
-# the image's (COI_TOOLS, coi.tools, the inputs hash); the names are those of
-# config.TOOLS and tools.TOOLS (tests/unit/test_images.py checks they agree).
-TOOL_PACKAGES: dict[str, tuple[str, str]] = {
-    "claude": ("npm", "@anthropic-ai/claude-code"),
-    "codex": ("npm", "@openai/codex"),
-    "gemini": ("npm", "@google/gemini-cli"),
-    "opencode": ("npm", "opencode-ai"),
-    "aider": ("pypi", "aider-chat"),
-}
+# The agent tools the coi image can carry, in the image's order (COI_TOOLS, coi.tools,
+# the inputs hash): tool -> (registry, package), from coi.tools, the one list of them.
+IMAGE_ORDER = ("claude", "codex", "gemini", "opencode", "aider")
+TOOL_PACKAGES: dict[str, tuple[str, str]] = {name: AGENT_TOOLS[name].package for name in IMAGE_ORDER}
 
 
 def coi_script() -> Path:
