@@ -41,7 +41,7 @@ from coi.host.steps import Report, Step, require_root
 from coi.host.system import ensure_address_lock, ensure_group_member, ensure_subids, install_packages
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 __all__ = [
     "COI_NETWORK", "COI_POOL", "COI_PROFILE", "Check", "Report", "Step", "check_nftables", "dropin_text",
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-def setup(client: Incus, *, report: Report, group: str, user: str | None, ipv6: bool = False) -> bool:
+def setup(client: IncusClient, *, report: Report, group: str, user: str | None, ipv6: bool = False) -> bool:
     """``coi setup``: every step, in order (root only); returns whether anything changed.
 
     ``client`` need not answer yet: the daemon is started before it is first asked.

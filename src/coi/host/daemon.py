@@ -18,7 +18,7 @@ from coi.host.steps import Report, Step, run, systemd_runs
 from coi.wait import wait_for
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 COI_PROFILE = "coi"
 COI_NETWORK = "coibr0"
@@ -79,7 +79,7 @@ def profile_devices(pool: str, network: str) -> dict[str, dict[str, str]]:
 
 # ---- the daemon ----------------------------------------------------------------
 
-def answers(client: Incus) -> bool:
+def answers(client: IncusClient) -> bool:
     """Whether the daemon answers on the client's socket."""
     try:
         client.server()
@@ -88,7 +88,7 @@ def answers(client: Incus) -> bool:
     return True
 
 
-def start_daemon(client: Incus, report: Report, *, group: str, restart: bool = False) -> None:
+def start_daemon(client: IncusClient, report: Report, *, group: str, restart: bool = False) -> None:
     """Make the daemon answer: through systemd, or by starting incusd ourselves."""
     if answers(client) and not restart:
         report(Step("daemon", False, "Incus daemon is running"))
@@ -115,7 +115,7 @@ def start_daemon(client: Incus, report: Report, *, group: str, restart: bool = F
     report(Step("daemon", True, how))
 
 
-def _stop_own_daemon(client: Incus) -> None:
+def _stop_own_daemon(client: IncusClient) -> None:
     proc = run(["pgrep", "-x", "incusd"], capture_output=True)
     for pid in (int(p) for p in proc.stdout.split()):
         try:
@@ -127,7 +127,7 @@ def _stop_own_daemon(client: Incus) -> None:
 
 # ---- what the daemon holds for coi -------------------------------------------------
 
-def ensure_storage_pool(client: Incus, report: Report) -> str:
+def ensure_storage_pool(client: IncusClient, report: Report) -> str:
     """An existing pool is kept; otherwise a loop-backed btrfs pool, or dir."""
     pools = client.storage_pools()
     if pools:
@@ -144,7 +144,7 @@ def ensure_storage_pool(client: Incus, report: Report) -> str:
     return COI_POOL
 
 
-def ensure_network(client: Incus, report: Report, *, ipv6: bool) -> str:
+def ensure_network(client: IncusClient, report: Report, *, ipv6: bool) -> str:
     """The coi bridge, on a private /24 that nothing on the host uses, NAT on."""
     try:
         net = client.network(COI_NETWORK)
@@ -166,7 +166,7 @@ def ensure_network(client: Incus, report: Report, *, ipv6: bool) -> str:
     return COI_NETWORK
 
 
-def ensure_profile(client: Incus, report: Report, *, pool: str, network: str) -> None:
+def ensure_profile(client: IncusClient, report: Report, *, pool: str, network: str) -> None:
     """The coi profile: the root disk on ``pool`` and eth0 on ``network``; other keys kept."""
     devices = profile_devices(pool, network)
     try:

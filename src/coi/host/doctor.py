@@ -20,7 +20,7 @@ from coi.statedir import OWN_DIR_HINT, STATE_MODE
 
 if TYPE_CHECKING:
     from coi.config import Config
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 FAST_CLONE_DRIVERS = {"btrfs", "zfs", "lvm", "lvmcluster", "ceph"}
 MIN_NODE = 22  # what the agents need (Claude Code declares >= 22)
@@ -41,7 +41,7 @@ class Check:
                 "hint": self.hint, "blocking": self.blocking}
 
 
-def run_checks(client: Incus, config: Config) -> list[Check]:
+def run_checks(client: IncusClient, config: Config) -> list[Check]:
     """Every check, in order; later Incus checks are skipped when the daemon is out of reach."""
     checks: list[Check] = []
     installed = shutil.which("incus") is not None and os.path.exists(INCUSD)
@@ -161,7 +161,7 @@ def node_ok(version: str) -> bool:
 
 # ---- what the daemon holds (each probe: client, server info, config) -----------------------
 
-def _storage(client: Incus, server: dict[str, Any], config: Config) -> Check:
+def _storage(client: IncusClient, server: dict[str, Any], config: Config) -> Check:
     pools = {p["name"]: p for p in client.storage_pools()}
     if not pools:
         return Check("storage", "fail", "no storage pool", RUN_SETUP)
@@ -177,7 +177,7 @@ def _storage(client: Incus, server: dict[str, Any], config: Config) -> Check:
                  "a btrfs or zfs pool makes session start near-instant", blocking=False)
 
 
-def _bridge(client: Incus, server: dict[str, Any], config: Config) -> Check:
+def _bridge(client: IncusClient, server: dict[str, Any], config: Config) -> Check:
     net = client.network(COI_NETWORK)
     cfg = net.get("config") or {}
     subnet = cfg.get("ipv4.address", "none")
@@ -190,7 +190,7 @@ def _bridge(client: Incus, server: dict[str, Any], config: Config) -> Check:
                  None if nat else f"incus network set {COI_NETWORK} ipv4.nat=true", blocking=False)
 
 
-def _profile(client: Incus, server: dict[str, Any], config: Config) -> Check:
+def _profile(client: IncusClient, server: dict[str, Any], config: Config) -> Check:
     devices = client.profile(COI_PROFILE).get("devices") or {}
     missing = [d for d in ("root", "eth0") if d not in devices]
     if missing:
@@ -199,7 +199,7 @@ def _profile(client: Incus, server: dict[str, Any], config: Config) -> Check:
                                   f"eth0 on {devices['eth0'].get('network')}")
 
 
-def _idmap(client: Incus, server: dict[str, Any], config: Config) -> Check:
+def _idmap(client: IncusClient, server: dict[str, Any], config: Config) -> Check:
     features = server.get("environment", {}).get("kernel_features", {})
     if features.get("idmapped_mounts") == "true":
         return Check("idmapped mounts", "ok", "shift=true available for workspace mounts")
@@ -207,7 +207,7 @@ def _idmap(client: Incus, server: dict[str, Any], config: Config) -> Check:
                  "a kernel >= 5.12 with idmapped mount support gives per-mount UID shifting", blocking=False)
 
 
-def _image(client: Incus, server: dict[str, Any], config: Config) -> Check:
+def _image(client: IncusClient, server: dict[str, Any], config: Config) -> Check:
     alias = config.defaults.image
     if client.image_exists(alias):
         props = client.image_by_alias(alias).get("properties") or {}
@@ -219,7 +219,7 @@ def _image(client: Incus, server: dict[str, Any], config: Config) -> Check:
     return Check("image", "warn", f"image {alias} not built yet", "run 'coi build'", blocking=False)
 
 
-def _autostart(client: Incus, server: dict[str, Any], config: Config) -> Check:
+def _autostart(client: IncusClient, server: dict[str, Any], config: Config) -> Check:
     """Session containers must not start again on their own after a host reboot."""
     from coi import naming, sessions
 

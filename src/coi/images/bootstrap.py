@@ -25,7 +25,7 @@ from coi.errors import CoiError, NotFoundError
 from coi.images.log import Log
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 SUITES = ("bookworm", "trixie")
 PACKAGES = ("systemd-sysv", "systemd-resolved", "dbus", "udev", "iproute2", "sudo", "ca-certificates",
@@ -100,7 +100,7 @@ def _metadata_tar(suite: str, properties: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def ensure_base(client: Incus, suite: str, *, log: Log,
+def ensure_base(client: IncusClient, suite: str, *, log: Log,
                 force: bool = False, workdir: Path | None = None) -> str:
     """Alias of the bootstrap base for ``suite``, building and importing it if needed."""
     alias = alias_for(suite)

@@ -27,7 +27,7 @@ from coi.images.refs import COI_ALIAS, Base, check_alias, local_base, parse_base
 from coi.images.run import capture, run_in_builder
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 # The steps of coi-image.sh, in order: (argument, what the user sees).
 COI_STEPS: tuple[tuple[str, str], ...] = (
@@ -67,7 +67,7 @@ class _Build:
     (``--verbose``); without ``output``, a failure shows the end of the log.
     """
 
-    client: Incus
+    client: IncusClient
     alias: str
     log: BuildLog
     steps: Steps
@@ -134,7 +134,7 @@ class _Build:
                 "dns_repaired": self.dns_repaired}
 
 
-def _new_build(client: Incus, alias: str, *, config: Any, total: int, log: Log, output: Log | None,
+def _new_build(client: IncusClient, alias: str, *, config: Any, total: int, log: Log, output: Log | None,
                progress: Log | None) -> _Build:
     build_log = BuildLog(log_path(config, alias), log)
     return _Build(client, alias, build_log, Steps(total, build_log.say, progress), Builder(client), output)
@@ -161,7 +161,7 @@ def _run_build(build: _Build, body: Callable[[], dict[str, Any]]) -> dict[str, A
         build.log.close()
 
 
-def _refuse_existing(client: Incus, alias: str, force: bool, command: str) -> None:
+def _refuse_existing(client: IncusClient, alias: str, force: bool, command: str) -> None:
     if not force and client.image_exists(alias):
         raise ConflictError(f"image {alias} already exists", f"use '{command} --force' to replace it")
 
@@ -177,7 +177,7 @@ def _read_script(script: Path) -> bytes:
         raise CoiError(f"cannot read build script {script}: {exc.strerror or exc}") from None
 
 
-def build_custom(client: Incus, *, name: str, script: Path, base: str | None, force: bool, config: Any,
+def build_custom(client: IncusClient, *, name: str, script: Path, base: str | None, force: bool, config: Any,
                  log: Log, output: Log | None = None, progress: Log | None = None) -> dict[str, Any]:
     """Build image ``name``: ``script`` run as root in a builder from ``base`` (default: coi)."""
     check_alias(name)
@@ -205,7 +205,7 @@ def build_custom(client: Incus, *, name: str, script: Path, base: str | None, fo
     return _run_build(build, body)
 
 
-def build_coi(client: Incus, *, force: bool, tools: Iterable[str] | None = None, config: Any, log: Log,
+def build_coi(client: IncusClient, *, force: bool, tools: Iterable[str] | None = None, config: Any, log: Log,
               output: Log | None = None, progress: Log | None = None, alias: str = COI_ALIAS) -> dict[str, Any]:
     """Build the ``coi`` image (under ``alias``): the tools of the contract plus the chosen agent
     tools (None: those of ``[build] tools``)."""

@@ -13,7 +13,7 @@ from coi.images.refs import DEFAULT_BASE, Base, local_base
 from coi.sessions import CONTAINER_CONFIG, deferred_signals  # what every container from a coi image gets
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 PROFILES = ["coi"]
 _STOP_TIMEOUT = 60
@@ -22,7 +22,7 @@ _STOP_TIMEOUT = 60
 class Builder:
     """One builder container; ``build_id`` marks the images published from it."""
 
-    def __init__(self, client: Incus, name: str | None = None) -> None:
+    def __init__(self, client: IncusClient, name: str | None = None) -> None:
         self.client = client
         self.name = name or naming.builder_name(naming.container_prefix())
         self.build_id = uuid.uuid4().hex

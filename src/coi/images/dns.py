@@ -12,7 +12,7 @@ from coi.images.run import capture
 from coi.wait import wait_for
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 DNS_PROBE = "deb.debian.org"  # a name every builder must resolve (its package mirror)
 _NETWORK_TIMEOUT = 90.0
@@ -56,7 +56,7 @@ def global_ipv4(state: Mapping[str, Any], device: str = "eth0") -> str | None:
     return None
 
 
-def wait_for_network(client: Incus, builder: str, *, say: Log) -> bool:
+def wait_for_network(client: IncusClient, builder: str, *, say: Log) -> bool:
     """DHCP on eth0, then names resolve; True when a dead loopback resolver had to be repaired.
 
     Raises NetworkNotReady saying what is missing.
@@ -87,7 +87,7 @@ def wait_for_network(client: Incus, builder: str, *, say: Log) -> bool:
     return True
 
 
-def _resolves(client: Incus, builder: str, *, timeout: float, give_up_on_dead_stub: bool = False) -> bool:
+def _resolves(client: IncusClient, builder: str, *, timeout: float, give_up_on_dead_stub: bool = False) -> bool:
     """Poll ``getent hosts``; with ``give_up_on_dead_stub``, stop early when no stub runs."""
     def check() -> str | None:
         try:
@@ -107,7 +107,7 @@ def _resolves(client: Incus, builder: str, *, timeout: float, give_up_on_dead_st
         return False
 
 
-def _stub_is_dead(client: Incus, builder: str) -> bool:
+def _stub_is_dead(client: IncusClient, builder: str) -> bool:
     """resolv.conf names only a loopback stub and no resolver service is starting or running."""
     _, resolv = capture(client, builder, ["cat", "/etc/resolv.conf"])
     if not resolv_is_stub_only(resolv):

@@ -12,7 +12,7 @@ from coi.errors import CoiError, ConflictError, NotFoundError, UsageError
 from coi.images.refs import check_alias
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 
 @dataclass(frozen=True)
@@ -81,16 +81,16 @@ def image_rows(images: Iterable[Mapping[str, Any]], *, all: bool, prefix: str | 
     return sorted(rows, key=lambda r: (r.alias == "", r.alias, r.fingerprint))
 
 
-def list_images(client: Incus, *, all: bool = False, prefix: str | None = None) -> list[ImageInfo]:  # noqa: A002
+def list_images(client: IncusClient, *, all: bool = False, prefix: str | None = None) -> list[ImageInfo]:  # noqa: A002
     """coi-built images (every local image with ``all``), one row per alias."""
     return image_rows(client.images(), all=all, prefix=prefix)
 
 
-def image_exists(client: Incus, alias: str) -> bool:
+def image_exists(client: IncusClient, alias: str) -> bool:
     return client.image_exists(alias)
 
 
-def delete_image(client: Incus, alias: str) -> str:
+def delete_image(client: IncusClient, alias: str) -> str:
     """Delete the image named ``alias`` (only the alias when other aliases name it too)."""
     try:
         fingerprint = client.image_alias(alias)["target"]
@@ -104,7 +104,7 @@ def delete_image(client: Incus, alias: str) -> str:
     return fingerprint
 
 
-def publish_container(client: Incus, *, container: str, alias: str, description: str = "") -> ImageInfo:
+def publish_container(client: IncusClient, *, container: str, alias: str, description: str = "") -> ImageInfo:
     """Publish a stopped container as image ``alias``."""
     check_alias(alias)
     inst = client.instance(container)
@@ -136,7 +136,7 @@ def plan_cleanup(rows: Iterable[ImageInfo], *, prefix: str, keep: int) -> tuple[
     return newest[:keep], newest[keep:]
 
 
-def cleanup_images(client: Incus, *, prefix: str, keep: int) -> tuple[list[ImageInfo], list[ImageInfo]]:
+def cleanup_images(client: IncusClient, *, prefix: str, keep: int) -> tuple[list[ImageInfo], list[ImageInfo]]:
     """Delete all but the ``keep`` newest images whose alias starts with ``prefix``; (kept, deleted)."""
     if not prefix:
         raise UsageError("the prefix must not be empty")

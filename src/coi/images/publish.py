@@ -12,10 +12,10 @@ from coi.images.manage import delete_quietly
 from coi.sessions import CONTAINER_CONFIG, deferred_signals
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 
-def publish_builder(client: Incus, builder: Builder, *, alias: str, properties: Mapping[str, str],
+def publish_builder(client: IncusClient, builder: Builder, *, alias: str, properties: Mapping[str, str],
                     replace: bool, description: str, say: Log) -> str:
     """Stop ``builder``, publish it and point ``alias`` at the new image; its fingerprint.
 
@@ -34,7 +34,7 @@ def publish_builder(client: Incus, builder: Builder, *, alias: str, properties: 
     return fingerprint
 
 
-def point_alias(client: Incus, alias: str, fingerprint: str, *, replace: bool, description: str) -> None:
+def point_alias(client: IncusClient, alias: str, fingerprint: str, *, replace: bool, description: str) -> None:
     """Give the new image the alias; the image it replaces is deleted when nothing else names it."""
     try:
         old = client.image_alias(alias)["target"]
@@ -53,7 +53,7 @@ def point_alias(client: Incus, alias: str, fingerprint: str, *, replace: bool, d
             delete_quietly(client.delete_image, old)
 
 
-def unpack(client: Incus, fingerprint: str, *, name: str, say: Log) -> None:
+def unpack(client: IncusClient, fingerprint: str, *, name: str, say: Log) -> None:
     """Create (and delete) container ``name`` from the new image, so the storage pool holds it
     unpacked: otherwise the first session after a build waits for that (13 s for coi)."""
     say("Unpacking the image on the storage pool (makes the first launch fast)")

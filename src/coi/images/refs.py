@@ -11,7 +11,7 @@ from coi.images import bootstrap
 from coi.images.log import Log
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 COI_ALIAS = "coi"
 DEFAULT_BASE = "bootstrap:debian/trixie"  # Debian 13, today's stable; bookworm stays selectable
@@ -65,7 +65,7 @@ def fallback_for(remote: str) -> str:
     return DEFAULT_BASE
 
 
-def local_base(client: Incus, base: Base, log: Log) -> Base:
+def local_base(client: IncusClient, base: Base, log: Log) -> Base:
     """A base that is a local alias: bootstrap bases are built (once) here."""
     if base.ref.startswith("bootstrap:"):
         alias = bootstrap.ensure_base(client, bootstrap.parse_base(base.ref), log=log)

@@ -17,9 +17,9 @@ from coi.images.log import Log
 from coi.incus.failures import EXEC_NOT_STARTED, LOST, again_while_lost
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
-def run_in_builder(client: Incus, builder: str, command: list[str], *, env: Mapping[str, str] | None = None,
+def run_in_builder(client: IncusClient, builder: str, command: list[str], *, env: Mapping[str, str] | None = None,
                    cwd: str = "/root", record: Log, output: Log | None = None, idempotent: bool = False) -> int:
     """Run ``command`` as root in ``builder``; its exit code. Output goes to ``record``
     (the log file; ``$ <command>`` first) and, indented, to ``output``.
@@ -61,7 +61,7 @@ def _stream(argv: list[str], *, record: Log, output: Log | None) -> tuple[int, b
     return code, code == 255 and lost
 
 
-def capture(client: Incus, builder: str, command: list[str]) -> tuple[int, str]:
+def capture(client: IncusClient, builder: str, command: list[str]) -> tuple[int, str]:
     """Exit code and standard output of a short command in ``builder`` (as root).
 
     Lost-PID policy: ``Incus.exec`` with ``retry`` (asked again), so only commands

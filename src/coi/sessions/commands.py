@@ -25,7 +25,7 @@ from coi.messages import Log
 from coi.sessions.spec import WORKSPACE, tmux_env
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 # Loads the environment file written next to a command (see ``env_via_file``), removes
 # it, and runs the command. A second start after Incus lost track of the first finds
@@ -38,7 +38,7 @@ def env_file_text(env: Mapping[str, str]) -> bytes:
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items()).encode()
 
 
-def env_via_file(client: Incus, name: str, command: list[str], env: Mapping[str, str], *, uid: int) -> list[str]:
+def env_via_file(client: IncusClient, name: str, command: list[str], env: Mapping[str, str], *, uid: int) -> list[str]:
     """``command`` with ``env`` set from a file written through the REST API, so that no
     value (an API key given with ``--env``) appears in a process list on the host, as the
     arguments of ``incus exec`` would."""
@@ -55,7 +55,7 @@ def as_user(command: list[str], *, uid: int, gid: int | None = None) -> list[str
             *command]
 
 
-def exec_code(client: Incus, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE,
+def exec_code(client: IncusClient, name: str, argv: list[str], *, code_uid: int, cwd: str = WORKSPACE,
               capture: bool = True, retry: bool = True):
     return client.exec(name, as_user(argv, uid=code_uid), env=tmux_env(), cwd=cwd, capture=capture,
                        retry=retry)

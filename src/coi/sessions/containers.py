@@ -19,14 +19,14 @@ from coi.sessions.spec import (CONTAINER_CONFIG, KEY, STORAGE, ContainerInfo, Se
 from coi.wait import wait_for
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
-def list_containers(client: Incus, prefix: str, *, with_state: bool = True) -> list[ContainerInfo]:
+def list_containers(client: IncusClient, prefix: str, *, with_state: bool = True) -> list[ContainerInfo]:
     instances = client.instances(recursion=2 if with_state else 1)
     return sorted((to_info(i) for i in instances if is_coi(i, prefix)), key=lambda c: c.name)
 
 
-def coi_container(client: Incus, name: str, prefix: str) -> dict[str, Any]:
+def coi_container(client: IncusClient, name: str, prefix: str) -> dict[str, Any]:
     """The named instance, refused when it is not one of coi's."""
     try:
         inst = client.instance(name)
@@ -64,7 +64,7 @@ def _reusable(inst: Mapping[str, Any] | None) -> bool:
     return bool(inst) and (inst.get("config") or {}).get(f"{KEY}persistent") == "true"
 
 
-def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
+def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
     """Pick the slot and create (or reuse) the container, under the workspace lock.
 
     The container is created stopped, with its NIC pinned to a free address
@@ -111,7 +111,7 @@ def open_session(client: Incus, req: SessionRequest, log: Log) -> Session:
         return Session(name, slot, session_id, req.persistent, True, req.workspace)
 
 
-def create_pinned(client: Incus, name: str, *, image: str, config: Mapping[str, str],
+def create_pinned(client: IncusClient, name: str, *, image: str, config: Mapping[str, str],
                   devices: Mapping[str, Mapping[str, str]], instances: list[dict[str, Any]],
                   ephemeral: bool = False) -> None:
     """``create_container`` with the NIC pinned to a free address (``coi.network.pin_nic``),
@@ -128,7 +128,7 @@ def create_pinned(client: Incus, name: str, *, image: str, config: Mapping[str, 
                      ephemeral=ephemeral)
 
 
-def launch_container(client: Incus, name: str, *, image: str, ephemeral: bool, lock_dir: Path) -> None:
+def launch_container(client: IncusClient, name: str, *, image: str, ephemeral: bool, lock_dir: Path) -> None:
     """A stopped container of ``coi container launch``: coi's settings and a pinned NIC."""
     from coi import network
 
@@ -138,7 +138,7 @@ def launch_container(client: Incus, name: str, *, image: str, ephemeral: bool, l
                       instances=client.instances(recursion=1), ephemeral=ephemeral)
 
 
-def create_container(client: Incus, name: str, *, image: str, config: Mapping[str, str],
+def create_container(client: IncusClient, name: str, *, image: str, config: Mapping[str, str],
                      devices: Mapping[str, Mapping[str, str]], files: Mapping[str, bytes] | None = None,
                      ephemeral: bool = False) -> None:
     """Create a stopped container and write ``files`` (root's, replacing links) into it;
@@ -163,7 +163,7 @@ def create_container(client: Incus, name: str, *, image: str, config: Mapping[st
 
 
 @contextmanager
-def cleanup_on_interrupt(client: Incus, session: Session) -> Iterator[None]:
+def cleanup_on_interrupt(client: IncusClient, session: Session) -> Iterator[None]:
     """An interruption or failure during set-up removes the container set-up created."""
     try:
         yield
@@ -174,7 +174,7 @@ def cleanup_on_interrupt(client: Incus, session: Session) -> Iterator[None]:
         raise
 
 
-def remove_container(client: Incus, name: str) -> None:
+def remove_container(client: IncusClient, name: str) -> None:
     """Force-stop and delete; a container that is already gone is fine."""
     try:
         if not is_stopped(client.instance(name)):
@@ -184,7 +184,7 @@ def remove_container(client: Incus, name: str) -> None:
         pass
 
 
-def ensure_running(client: Incus, name: str) -> None:
+def ensure_running(client: IncusClient, name: str) -> None:
     """Start the container if needed (its mount sources checked first) and wait until it
     accepts commands.
 
@@ -206,7 +206,7 @@ def ensure_running(client: Incus, name: str) -> None:
     wait_for(accepts_exec, timeout=30, what=f"{name} to accept commands", first_interval=0.02)
 
 
-def wait_stopped(client: Incus, name: str, timeout: float) -> bool:
+def wait_stopped(client: IncusClient, name: str, timeout: float) -> bool:
     """Whether the container is really stopped (or gone) within ``timeout``."""
     def stopped() -> bool:
         try:

@@ -23,7 +23,7 @@ from coi.sessions import commands, containers, signals, spec, state, tmux
 
 if TYPE_CHECKING:
     from coi.config import Config
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Place:
     """Where sessions of one command run: the client, the config, the workspace and
     coi's (checked) state directory, and where progress goes."""
 
-    client: Incus
+    client: IncusClient
     config: Config
     workspace: Path
     sessions_dir: Path

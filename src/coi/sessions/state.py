@@ -30,11 +30,11 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from coi.errors import CoiError, ConfigError, NotFoundError, TooLargeError, UsageError
-from coi.incus import Incus
 from coi.sessions.spec import CODE_HOME
 from coi.tools import Tool
 
 if TYPE_CHECKING:
+    from coi.incus import IncusClient
     from coi.config import Sessions
 
 GENERATIONS = "generations"
@@ -169,7 +169,7 @@ class _Notes:
             self.warn(f"{self.unsaid} more entries of the agent's state were left out")
 
 
-def copy_state(client: Incus, container: str, remote: str, local: Path, *, limits: SaveLimits,
+def copy_state(client: IncusClient, container: str, remote: str, local: Path, *, limits: SaveLimits,
                warn: Warn = _quiet, exclude: Iterable[str] = ()) -> CopyReport:
     """Copy the directory ``remote`` of ``container`` to the new directory ``local``, within ``limits``.
 
@@ -326,7 +326,7 @@ def _carry_generations(session: Path, staging: Path, keep: int) -> None:
         _link_or_copy(str(source / "metadata.json"), str(dest / "metadata.json"))
 
 
-def save_session(client: Incus, container: str, *, tool: Tool, sessions_dir: Path,
+def save_session(client: IncusClient, container: str, *, tool: Tool, sessions_dir: Path,
                  metadata: dict[str, Any], limits: SaveLimits = SaveLimits(),
                  warn: Warn = _quiet) -> SavedSession:
     """Copy the agent's state out of ``container`` as the session's newest save; returns the newest.

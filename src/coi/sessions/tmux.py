@@ -12,7 +12,7 @@ from coi.sessions.commands import as_user, exec_code
 from coi.sessions.spec import CODE_HOME, TMUX_SOCKET, WORKSPACE, terminal_type, tmux_env
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 def tmux_argv(*args: str) -> list[str]:
     return ["tmux", "-S", TMUX_SOCKET, *args]
@@ -25,13 +25,13 @@ def agent_shell_command(agent: list[str] | None) -> list[str]:
     return ["bash", "-l", "-c", f"{shlex.join(agent)}; exec bash -l"]
 
 
-def has_tmux_session(client: Incus, name: str, code_uid: int) -> bool:
+def has_tmux_session(client: IncusClient, name: str, code_uid: int) -> bool:
     result = exec_code(client, name, tmux_argv("has-session", "-t", naming.tmux_session(name)),
                        code_uid=code_uid, cwd=CODE_HOME, capture=False)
     return result.exit_code == 0
 
 
-def start_tmux(client: Incus, name: str, *, code_uid: int, env: Mapping[str, str],
+def start_tmux(client: IncusClient, name: str, *, code_uid: int, env: Mapping[str, str],
                command: list[str]) -> None:
     """Create the detached tmux session ``coi-<container>`` running ``command``."""
     argv = tmux_argv("new-session", "-d", "-s", naming.tmux_session(name), "-c", WORKSPACE,
@@ -57,7 +57,7 @@ def start_tmux(client: Incus, name: str, *, code_uid: int, env: Mapping[str, str
         raise CoiError(f"could not start tmux in {name}: {why}", hint)
 
 
-def attach_argv(client: Incus, name: str, *, code_uid: int, term: str | None, bash: bool = False) -> list[str]:
+def attach_argv(client: IncusClient, name: str, *, code_uid: int, term: str | None, bash: bool = False) -> list[str]:
     env = {**tmux_env(), "TERM": terminal_type(term)}
     command = ["bash", "-l"] if bash else tmux_argv("attach-session", "-t", naming.tmux_session(name))
     return client.exec_argv(name, as_user(command, uid=code_uid), cwd=WORKSPACE, env=env,
