@@ -41,9 +41,9 @@ TARGETS = {
                    ("_Build._remove_builder", "delete builder", True)],
     "coi.bootstrap": [("ensure_base", "base image check", True)],
     "coi.doctor": [("*", "doctor checks", True)],
-    "coi.network": [("pin_nic", "pin the address", True),
-                    ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True),
-                    ("resolve_allowed", "network: resolve allowed domains", True)],
+    "coi.network.attach": [("pin_nic", "pin the address", True),
+                           ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True)],
+    "coi.network.dns": [("resolve_allowed", "network: resolve allowed domains", True)],
 }
 # Every other function of the network module(s) counts as network set-up (the
 # names of the modules cover the code as it is being written).

@@ -55,7 +55,7 @@ def processes() -> dict[int, list[bytes]]:
 
 
 def watchers(name: str) -> list[int]:
-    return [pid for pid, argv in processes().items() if b"coi.netwatch" in argv and name.encode() in argv]
+    return [pid for pid, argv in processes().items() if b"coi.network.watcher" in argv and name.encode() in argv]
 
 
 def workspace_containers(incus, workspace: Path) -> list[str]:
@@ -75,17 +75,18 @@ PAYLOAD = "import pathlib; pathlib.Path({path!r}).write_text('ran on the host')"
 
 def test_a_python_package_in_the_workspace_never_runs_on_the_host(net_user, workspace, marker):
     """Planted by the project (a cloned repo) and by the agent (through /workspace):
-    coi/__init__.py and coi/netwatch.py where coi starts its watcher, PYTHONPATH pointing there."""
+    coi/__init__.py and coi/network/watcher.py where coi starts its watcher, PYTHONPATH
+    pointing there."""
     payload = PAYLOAD.format(path=str(marker))
     package = workspace / "coi"
-    package.mkdir()
-    for module in ("__init__.py", "netwatch.py", "network.py"):
+    (package / "network").mkdir(parents=True)
+    for module in ("__init__.py", "network/__init__.py", "network/watcher.py", "network/helper.py"):
         (package / module).write_text(payload + "\n")
-    _own(net_user, package, *package.iterdir())
-    agent = ("mkdir -p /workspace/sub/coi && for m in __init__ netwatch; do "
+    _own(net_user, package, *package.rglob("*"))
+    agent = ("mkdir -p /workspace/sub/coi/network && for m in __init__ network/__init__ network/watcher; do "
              f"printf '%s\\n' {shlex.quote(payload)} > /workspace/sub/coi/$m.py; done")
     assert net_user.run(["run", "--", "sh", "-c", agent], cwd=workspace).returncode == 0
-    assert (workspace / "sub" / "coi" / "netwatch.py").read_text() == payload + "\n"
+    assert (workspace / "sub" / "coi" / "network" / "watcher.py").read_text() == payload + "\n"
     env = {"PYTHONPATH": str(workspace), "PYTHONSTARTUP": str(package / "__init__.py")}
     name = start(net_user, workspace, env=env)
     for cwd in (workspace, workspace / "sub"):
