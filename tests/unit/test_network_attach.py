@@ -147,3 +147,15 @@ def test_address_lock_falls_back_to_a_per_user_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(attach, "ADDRESS_LOCK", tmp_path / "missing" / "addresses.lock")
     with network.address_lock(tmp_path / "locks"):
         assert (tmp_path / "locks" / "addresses.lock").exists()
+
+
+@pytest.mark.parametrize("leases, instances, used", [
+    ([], [], set()),
+    (["10.9.0.2"], [], {"10.9.0.2"}),
+    ([], [{"expanded_devices": {"eth0": {**NIC, "ipv4.address": "10.9.0.3"}}}], {"10.9.0.3"}),
+    ([], [{"expanded_devices": {"eth0": {**NIC, "network": "other", "ipv4.address": "10.9.0.3"}}}], set()),
+    ([], [{"expanded_devices": {"eth0": NIC}}], {""}),  # unpinned: nothing taken ("" is no address)
+    ([], [{"expanded_devices": {"root": {"type": "disk", "network": "coibr0", "ipv4.address": "10.9.0.5"}}}], set()),
+])
+def test_used_addresses(leases, instances, used):
+    assert attach.used_addresses(StubIncus(leases=leases), "coibr0", instances) == used

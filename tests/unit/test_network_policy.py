@@ -159,3 +159,25 @@ def test_resolver_address(text, address):
 ])
 def test_collapse(addresses, collapsed):
     assert pol.collapse(addresses) == collapsed
+
+
+@pytest.mark.parametrize("mode, changes, blocked", [
+    ("open", {}, ()),
+    ("allowlist", {}, ()),
+    ("restricted", {}, PRIVATE + META),
+    ("restricted", {"allow_local_network_access": True, "block_private_networks": True}, META),
+    ("restricted", {"block_metadata_endpoint": False, "allow_local_network_access": True}, ()),
+])
+def test_blocked_ranges(mode, changes, blocked):
+    assert pol.blocked_ranges(net_config(**changes), mode) == blocked
+
+
+@pytest.mark.parametrize("minutes, env, seconds", [
+    (30, {}, 1800),
+    (1, {}, 60),
+    (30, {"COI_NETWORK_REFRESH_SECONDS": "7"}, 7),
+    (30, {"COI_NETWORK_REFRESH_SECONDS": "-3"}, 1),
+    (30, {"OTHER": "7"}, 1800),
+])
+def test_refresh_seconds(minutes, env, seconds):
+    assert pol.refresh_seconds(minutes, env) == seconds

@@ -300,3 +300,27 @@ def test_apply_request_carries_the_values_the_helper_checks(policy, addresses, e
         "action": "apply", "container": ATT.container, "ipv4": ATT.ipv4, "veth": ATT.veth,
         "gateway": ATT.gateway, "subnet": ATT.subnet, "mode": policy.mode,
         "blocked": [], "allowed": [], "log": False, **extra}
+
+
+@pytest.mark.parametrize("policy, hosts, egress", [
+    (NetworkPolicy(mode="restricted"), [], [("reject", "10.195.0.0/24"), ("reject", "::/0")]),
+    (NetworkPolicy(mode="restricted", blocked=("10.0.0.0/8",)), ["10.195.0.1"],
+     [("reject", "10.195.0.0/24"), ("reject", "10.0.0.0/8"), ("reject", "::/0")]),  # the bridge's own: in the subnet
+    (NetworkPolicy(mode="restricted", blocked=("10.0.0.0/8",)), ["203.0.113.7"],
+     [("reject", "10.195.0.0/24"), ("reject", "203.0.113.7"), ("reject", "10.0.0.0/8"), ("reject", "::/0")]),
+    (NetworkPolicy(mode="allowlist"), ["203.0.113.7"], []),  # nothing resolved: the default refuses all
+])
+def test_acl_egress_rules(policy, hosts, egress):
+    rules, _, nic = acl.acl_spec(ATT, policy, host_addresses=hosts)
+    assert [(r["action"], r["destination"]) for r in rules] == egress
+    assert nic["security.acls.default.egress.action"] == ("allow" if policy.mode == "restricted" else "reject")
+
+
+@pytest.mark.parametrize("text, n, first", [
+    ("", 4, "no output"),
+    ("\n\n", 1, "no output"),
+    ("Error: one\n\n two \nthree", 2, "Error: one /  two "),
+    ("a\nb\nc\nd\ne", 4, "a / b / c / d"),
+])
+def test_first_lines_of_a_tool_s_error(text, n, first):
+    assert backends._first_lines(text, n) == first
