@@ -43,9 +43,9 @@ TARGETS = {
     "coi.images.publish": [("unpack", "unpack image", True)],
     "coi.images.bootstrap": [("ensure_base", "base image check", True)],
     "coi.host.doctor": [("*", "doctor checks", True)],
-    "coi.network": [("pin_nic", "pin the address", True),
-                    ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True),
-                    ("resolve_allowed", "network: resolve allowed domains", True)],
+    "coi.network.attach": [("pin_nic", "pin the address", True),
+                           ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True)],
+    "coi.network.dns": [("resolve_allowed", "network: resolve allowed domains", True)],
 }
 # Every other function of the network package counts as network set-up.
 NETWORK_MODULES = ("coi.network",)

@@ -497,7 +497,7 @@ def remove_test_network_rules() -> None:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"coi.netwatch" in argv and any(a.startswith(TEST_PREFIX.encode()) for a in argv):
+            if b"coi.network.watcher" in argv and any(a.startswith(TEST_PREFIX.encode()) for a in argv):
                 try:
                     os.kill(int(pid), 9)
                 except OSError:
@@ -507,11 +507,11 @@ def remove_test_network_rules() -> None:
         return
     for name in network.containers_in_ruleset(_json.loads(proc.stdout or "{}")):
         if name.startswith(TEST_PREFIX):
-            from coi import nfthelper  # as root, in-process: also shuts the gate for its interface
+            from coi.network import helper  # as root, in-process: also shuts the gate for its interface
 
             try:
-                nfthelper.execute({"action": "remove", "container": name})
-            except nfthelper.HelperError:
+                helper.execute({"action": "remove", "container": name})
+            except helper.HelperError:
                 pass
     for acl in subprocess.run(["incus", "network", "acl", "list", "-f", "csv"], capture_output=True,
                               text=True).stdout.splitlines():

@@ -151,5 +151,5 @@ def test_the_loader_runs_the_command_and_removes_the_file(tmp_path):
 
 def test_the_watcher_runs_isolated():
     argv = network.watcher_argv("coi-test-abc-1", Path("/home/u/.coi"))
-    assert argv[1:4] == ["-I", "-m", "coi.netwatch"]
+    assert argv[1:4] == ["-I", "-m", "coi.network.watcher"]
     assert "PYTHONPATH" not in network.WATCHER_ENV and "PATH" not in network.WATCHER_ENV

@@ -4,6 +4,7 @@ The project plays through files in the workspace (its .coi.toml, a planted
 Python package); the agent through what it does as root in its container,
 planted here with ``coi run`` / ``coi container exec`` the way an agent would.
 Every test asserts on the host: nothing ran, nothing leaked, nothing was left.
+Network rules are looked for in the backend coi picks here (``coi_backend``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from coi import network
 from coi.wait import wait_for
 
 from conftest import NET_PROBE, TEST_PREFIX
+from netbackend import coi_backend, ruled_anywhere  # noqa: F401
 
 pytestmark = pytest.mark.security
 
@@ -34,11 +36,6 @@ def _own(user, *paths: Path) -> None:
 
 def start(user, workspace, *args: str, env: dict[str, str] | None = None) -> str:
     return user.background(workspace, "--debug", *args, env=env)["container"]
-
-
-def chains() -> set[str]:
-    proc = subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True, check=True)
-    return network.containers_in_ruleset(json.loads(proc.stdout))
 
 
 def processes() -> dict[int, list[bytes]]:
@@ -53,7 +50,7 @@ def processes() -> dict[int, list[bytes]]:
 
 
 def watchers(name: str) -> list[int]:
-    return [pid for pid, argv in processes().items() if b"coi.netwatch" in argv and name.encode() in argv]
+    return [pid for pid, argv in processes().items() if b"coi.network.watcher" in argv and name.encode() in argv]
 
 
 def workspace_containers(incus, workspace: Path) -> list[str]:
@@ -73,17 +70,18 @@ PAYLOAD = "import pathlib; pathlib.Path({path!r}).write_text('ran on the host')"
 
 def test_a_python_package_in_the_workspace_never_runs_on_the_host(net_user, workspace, marker):
     """Planted by the project (a cloned repo) and by the agent (through /workspace):
-    coi/__init__.py and coi/netwatch.py where coi starts its watcher, PYTHONPATH pointing there."""
+    coi/__init__.py and coi/network/watcher.py where coi starts its watcher, PYTHONPATH
+    pointing there."""
     payload = PAYLOAD.format(path=str(marker))
     package = workspace / "coi"
-    package.mkdir()
-    for module in ("__init__.py", "netwatch.py", "network.py"):
+    (package / "network").mkdir(parents=True)
+    for module in ("__init__.py", "network/__init__.py", "network/watcher.py", "network/helper.py"):
         (package / module).write_text(payload + "\n")
-    _own(net_user, package, *package.iterdir())
-    agent = ("mkdir -p /workspace/sub/coi && for m in __init__ netwatch; do "
+    _own(net_user, package, *package.rglob("*"))
+    agent = ("mkdir -p /workspace/sub/coi/network && for m in __init__ network/__init__ network/watcher; do "
              f"printf '%s\\n' {shlex.quote(payload)} > /workspace/sub/coi/$m.py; done")
     assert net_user.run(["run", "--", "sh", "-c", agent], cwd=workspace).returncode == 0
-    assert (workspace / "sub" / "coi" / "netwatch.py").read_text() == payload + "\n"
+    assert (workspace / "sub" / "coi" / "network" / "watcher.py").read_text() == payload + "\n"
     env = {"PYTHONPATH": str(workspace), "PYTHONSTARTUP": str(package / "__init__.py")}
     name = start(net_user, workspace, env=env)
     for cwd in (workspace, workspace / "sub"):
@@ -181,14 +179,14 @@ def test_a_mount_swapped_for_a_link_is_refused_at_the_next_start(session_user, w
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_a_signal_during_run_leaves_nothing_behind(net_user, workspace, incus, sig):
+def test_a_signal_during_run_leaves_nothing_behind(net_user, workspace, incus, sig, coi_backend):
     ready = workspace / "started"
     proc = subprocess.Popen(net_user.argv(["coi", "run", "--", "sh", "-c", "touch started; sleep 120"]),
                             cwd=workspace, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(ready.exists, timeout=60, what="the command to start")
         name, = workspace_containers(incus, workspace)
-        assert name in chains() and watchers(name)
+        assert name in coi_backend.containers() and watchers(name)
         coi = [pid for pid, argv in processes().items()
                if b"/usr/local/bin/coi" in argv and b"run" in argv and os.readlink(f"/proc/{pid}/cwd") == str(workspace)]
         assert coi, "the coi process"
@@ -198,7 +196,7 @@ def test_a_signal_during_run_leaves_nothing_behind(net_user, workspace, incus, s
         if proc.poll() is None:
             proc.kill()
     assert workspace_containers(incus, workspace) == [], proc.stderr.read()
-    assert name not in chains()
+    assert name not in ruled_anywhere(incus)
     assert watchers(name) == []
 
 
@@ -248,29 +246,30 @@ def _dns_to_gateway(incus, name: str, gateway: str) -> dict:
     return json.loads(result.stdout)["dns"]
 
 
-def test_a_container_started_behind_coi_has_no_network(net_user, workspace, incus, net_lab):
+def test_a_container_started_behind_coi_has_no_network(net_user, workspace, incus, net_lab, coi_backend):
     """After a host reboot (or 'incus start') a coi container runs without its rules: the
     bridge's gate gives it no network at all, not a full one. Through coi it gets its rules."""
     name = start(net_user, workspace, "--persistent")
     assert _dns_to_gateway(incus, name, net_lab["gateway"])["ok"]  # opened by its rules
     assert net_user.run(["shutdown", name, "--timeout", "20"], cwd=workspace).returncode == 0
-    assert name not in chains()
+    assert name not in ruled_anywhere(incus)
     try:
         incus.start(name)  # as Incus would after a reboot: coi is not involved
         assert not _dns_to_gateway(incus, name, net_lab["gateway"])["ok"]
         incus.stop(name, force=True)
         assert net_user.run(["container", "start", name]).returncode == 0
-        assert name in chains() and _dns_to_gateway(incus, name, net_lab["gateway"])["ok"]
+        assert name in coi_backend.containers() and _dns_to_gateway(incus, name, net_lab["gateway"])["ok"]
     finally:
         net_user.run(["kill", name])
-    assert name not in chains()
+    assert name not in ruled_anywhere(incus)
 
 
-def test_coi_container_launch_gets_rules_before_it_runs(net_user, incus, sandbox_image, container_name, net_lab):
+def test_coi_container_launch_gets_rules_before_it_runs(net_user, incus, sandbox_image, container_name, net_lab,
+                                                        coi_backend):
     assert net_user.run(["container", "launch", sandbox_image, container_name]).returncode == 0
     try:
         assert incus.instance(container_name)["config"]["boot.autostart"] == "false"
-        assert container_name in chains()
+        assert container_name in coi_backend.containers()
         assert _dns_to_gateway(incus, container_name, net_lab["gateway"])["ok"]
         items = json.dumps([["private", "http", net_lab["private"].url]])
         probe = json.loads(incus.exec(container_name, ["python3", "-c", NET_PROBE, items]).stdout)
@@ -278,32 +277,41 @@ def test_coi_container_launch_gets_rules_before_it_runs(net_user, incus, sandbox
     finally:
         subprocess.run(["incus", "delete", "--force", container_name], capture_output=True)
         net_user.run(["clean", "--force"])
-    assert container_name not in chains()
+    assert container_name not in ruled_anywhere(incus)
 
 
-def test_clean_keeps_the_rules_of_containers_in_other_projects(net_user, incus, sandbox_image):
+def test_clean_keeps_the_rules_of_containers_in_other_projects(net_user, incus, sandbox_image, coi_backend):
+    """Rules of a stopped container in another Incus project stay; those of a container
+    deleted behind coi's back go (both put on with the backend coi picks here)."""
     import ipaddress
+
+    from coi.incus import Incus
 
     tag = uuid.uuid4().hex[:6]
     project, other, ghost = f"{TEST_PREFIX}proj-{tag}", f"{TEST_PREFIX}other-{tag}", f"{TEST_PREFIX}ghost-{tag}"
     subnet = ipaddress.ip_interface(incus.network("coibr0")["config"]["ipv4.address"])
     policy = network.NetworkPolicy(mode="restricted")
-    backend = network.NftBackend()  # the test runs as root
+    in_project = Incus.from_environment(project=project)
+    backends = {other: network.Backends().named(coi_backend.name, client=in_project), ghost: coi_backend}
     try:
         subprocess.run(["incus", "project", "create", project, "-c", "features.images=false",
                         "-c", "features.profiles=false"], check=True, capture_output=True)
         subprocess.run(["incus", "init", sandbox_image, other, "--project", project, "--profile", "coi"],
                        check=True, capture_output=True)
+        subprocess.run(["incus", "init", sandbox_image, ghost, "--profile", "coi"], check=True, capture_output=True)
         for i, name in enumerate((other, ghost)):
             att = network.Attachment(container=name, nic="eth0", bridge="coibr0", veth=f"coi{tag}{i:06d}",
                                      ipv4=str(subnet.network.network_address + 250 + i), gateway=str(subnet.ip),
                                      subnet=str(subnet.network))
-            backend.apply(att, policy, [])
-        assert {other, ghost} <= chains()
+            backends[name].apply(att, policy, [])
+        subprocess.run(["incus", "delete", "--force", ghost], check=True, capture_output=True)  # behind coi's back
+        assert {other, ghost} <= coi_backend.containers()
         assert net_user.run(["clean", "--force"]).returncode == 0
-        assert other in chains() and ghost not in chains()
+        assert other in coi_backend.containers() and ghost not in coi_backend.containers()
     finally:
-        for name in (other, ghost):
+        for name, backend in backends.items():
             backend.remove(name)
+        in_project.close()
+        subprocess.run(["incus", "delete", "--force", ghost], capture_output=True)
         subprocess.run(["incus", "delete", "--force", other, "--project", project], capture_output=True)
         subprocess.run(["incus", "project", "delete", project], capture_output=True)

@@ -1,4 +1,4 @@
-"""coi's privileged nft helper and its installation: request validation, generated
+"""coi's privileged nft helper (coi.network.helper) and its installation: request validation, generated
 scripts (the gate too), exit codes, launcher, sudoers rule and path checks, without nft."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from coi import host, network, nfthelper
+from coi import host, network
 from coi.host import privileges
+from coi.network import helper as nfthelper
 from coi.errors import CoiError
 
 GOOD = {"action": "apply", "container": "coi-abc12345-1", "ipv4": "10.195.0.23", "veth": "coi0123456789ab",
@@ -225,7 +226,7 @@ def test_launcher_is_isolated_python_importing_the_checked_package():
     text = host.launcher_text("/opt/coi/bin/python", "/opt/coi/lib/python3.11/site-packages")
     assert text.splitlines()[0] == "#!/opt/coi/bin/python -I"
     assert "sys.path.insert(0, '/opt/coi/lib/python3.11/site-packages')" in text
-    assert "from coi.network.helper import main" in text
+    assert "from coi.network.helper import main" in text  # host.py writes it
     for bad in ("python3", "/opt/my coi/python", "/x\n-c"):
         with pytest.raises(CoiError):
             host.launcher_text(bad, "/x")
@@ -266,16 +267,16 @@ def test_untrusted_paths(tmp_path):
 def test_install_helper_refuses_a_user_writable_coi(tmp_path):
     os.chmod(tmp_path, 0o755)
     package = tmp_path / "site" / "coi"
-    package.mkdir(parents=True)
+    (package / "network").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "nfthelper.py").write_text("")
-    os.chown(package / "nfthelper.py", 1000, 1000)
+    (package / "network" / "helper.py").write_text("")
+    os.chown(package / "network" / "helper.py", 1000, 1000)
     with pytest.raises(CoiError) as err:
         host.install_helper(lambda step: None, path=tmp_path / "bin" / "coi-nft", interpreter="/usr/bin/python3",
                             package=package)
-    assert "\n" not in err.value.message and "nfthelper.py is owned by uid 1000" in err.value.message
+    assert "\n" not in err.value.message and "network/helper.py is owned by uid 1000" in err.value.message
     assert err.value.hint and not (tmp_path / "bin" / "coi-nft").exists()
-    os.chown(package / "nfthelper.py", 0, 0)
+    os.chown(package / "network" / "helper.py", 0, 0)
     steps = []
     path = host.install_helper(steps.append, path=tmp_path / "bin" / "coi-nft", interpreter="/usr/bin/python3",
                                package=package)

@@ -1,7 +1,7 @@
 """The network watcher: one detached process per filtered container.
 
-Started by ``coi.network.apply`` (``python -m coi.netwatch CONTAINER SESSIONS_DIR``)
-in its own session, so it outlives ``coi shell --background``. It
+Started by ``coi.network.apply`` (``python -I -m coi.network.watcher CONTAINER
+SESSIONS_DIR``) in its own session, so it outlives ``coi shell --background``. It
 
 * re-resolves the allowlist every refresh interval and replaces the nft set
   (or the Incus ACL) when the addresses changed; a failed lookup keeps the last
@@ -13,7 +13,9 @@ in its own session, so it outlives ``coi shell --background``. It
   longer than a reboot takes (a poweroff from inside while coi is not attached);
   rules put on before the start wait longer for the container to come up.
 
-It exits quietly on SIGTERM: ``apply`` and ``remove`` stop it that way.
+It exits quietly on SIGTERM; ``apply`` and ``remove`` stop it with SIGKILL to its
+process group. It reaches the backends only through the ``Backend`` protocol, and
+the package ``__init__`` never imports this module (``-m`` runs it as ``__main__``).
 """
 
 from __future__ import annotations
@@ -24,11 +26,21 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from coi import network
 from coi.errors import CoiError, NotFoundError
+from coi.network.attach import Attachment, find_attachment
+from coi.network.backends import DEFAULT_BACKENDS, Backend, BackendUnavailable, Backends
+from coi.network.dns import resolve_allowed, resolver_for
+from coi.network.nft import parse_trace
+from coi.network.policy import NetworkPolicy
+from coi.network.service import remove
+from coi.network.store import Store, log_file
+
+if TYPE_CHECKING:
+    from coi.incus import Incus
 
 POLL_SECONDS = 0.5  # how often the container is read (one REST call answered from Incus's database)
 STOPPED_GRACE = 5.0  # a reboot from inside shows "Stopped" for about half a second
@@ -40,13 +52,16 @@ def _say(message: str) -> None:
 
 
 class Watcher:
-    def __init__(self, container: str, sessions_dir: Path, client: Any,
-                 privileged_command: tuple[str, ...] = ()) -> None:
+    """Follows one container until its rules are gone (``run``)."""
+
+    def __init__(self, container: str, sessions_dir: Path, client: Incus,
+                 privileged_command: tuple[str, ...] = (), *, backends: Backends = DEFAULT_BACKENDS) -> None:
         self.container = container
         self.privileged_command = privileged_command  # from the user's trusted config, not the record
         self.sessions_dir = sessions_dir
-        self.store = network.Store(sessions_dir)
+        self.store = Store(sessions_dir)
         self.client = client
+        self.backends = backends
         self.stop = threading.Event()
         self.monitor: subprocess.Popen[str] | None = None
 
@@ -57,7 +72,7 @@ class Watcher:
         record = self.record()
         if not record:
             return 0
-        policy = network.NetworkPolicy.from_json(record["policy"], privileged_command=self.privileged_command)
+        policy = NetworkPolicy.from_json(record["policy"], privileged_command=self.privileged_command)
         if policy.log_blocked:
             self._start_monitor(policy)
         next_refresh = time.monotonic() + policy.refresh_seconds
@@ -103,12 +118,12 @@ class Watcher:
 
     def _remove(self) -> None:
         try:
-            network.remove(self.container, sessions_dir=self.sessions_dir, client=self.client,
-                           privileged_command=self.privileged_command)
+            remove(self.container, sessions_dir=self.sessions_dir, client=self.client,
+                   privileged_command=self.privileged_command, backends=self.backends)
         except CoiError as exc:
             _say(f"removing the rules of {self.container} failed: {exc.message}")
 
-    def _follow_restart(self, record: dict[str, Any], policy: network.NetworkPolicy,
+    def _follow_restart(self, record: dict[str, Any], policy: NetworkPolicy,
                         state: dict[str, Any]) -> None:
         """A restart gives a new host interface (and maybe address): re-key the rules."""
         old = record.get("attachment") or {}
@@ -117,56 +132,49 @@ class Watcher:
             return
         _say(f"{self.container} has a new interface {host_name}: re-applying its rules")
         try:
-            att = network.find_attachment(self.client, self.container)
-            backend = self._backend(record, policy)
-            if isinstance(backend, network.NftBackend):
-                backend.apply(att, policy, record.get("addresses") or [])
-            record["attachment"] = network.asdict(att)
+            att = find_attachment(self.client, self.container)
+            self._backend(record, policy).rekey(att, policy, record.get("addresses") or [])
+            record["attachment"] = asdict(att)
             self.store.save_record(self.container, record)
-        except (CoiError, network.BackendUnavailable) as exc:
+        except (CoiError, BackendUnavailable) as exc:
             _say(f"re-applying the rules of {self.container} failed: {exc}")
 
-    def _backend(self, record: dict[str, Any], policy: network.NetworkPolicy) -> Any:
-        if record.get("backend") == network.AclBackend.name:
-            return network.AclBackend(self.client)
-        return network.NftBackend(policy.privileged_command)
+    def _backend(self, record: dict[str, Any], policy: NetworkPolicy) -> Backend:
+        return self.backends.named(record.get("backend"), client=self.client,
+                                   privileged_command=policy.privileged_command)
 
-    def _refresh(self, policy: network.NetworkPolicy) -> None:
+    def _refresh(self, policy: NetworkPolicy) -> None:
         record = self.record()
         if not record:
             return
-        att = network.Attachment(**record["attachment"])
+        att = Attachment(**record["attachment"])
         cache = self.store.dns_cache()
-        result = network.resolve_allowed(policy.allowed, server=network.resolver_for(policy, att), cache=cache)
+        result = resolve_allowed(policy.allowed, server=resolver_for(policy, att), cache=cache)
         self.store.save_dns_cache(cache)
         for entry in result.stale + list(result.failed):
             _say(f"refresh: {entry} did not resolve; keeping its last known addresses")
         if not result.addresses or result.addresses == record.get("addresses"):
             return
         try:
-            backend = self._backend(record, policy)
-            if isinstance(backend, network.AclBackend):
-                backend.update_allowed(self.container, result.addresses, att, policy)
-            else:
-                backend.update_allowed(self.container, result.addresses)
-        except (CoiError, network.BackendUnavailable) as exc:
+            self._backend(record, policy).update_allowed(att, policy, result.addresses)
+        except (CoiError, BackendUnavailable) as exc:
             _say(f"refresh of {self.container} failed: {exc}")
             return
         record["addresses"] = result.addresses
         self.store.save_record(self.container, record)
         _say(f"refresh: {self.container} may now reach {', '.join(result.addresses)}")
 
-    def _start_monitor(self, policy: network.NetworkPolicy) -> None:
+    def _start_monitor(self, policy: NetworkPolicy) -> None:
         """``nft monitor trace`` (as root), else the helper's ``monitor`` request, which passes
         on trace lines of coi's tables only: the deny chains set nftrace, so refused packets
-        show up here."""
+        show up here (the trace is host nftables', whichever backend filters)."""
         try:
-            backend = network.NftBackend(policy.privileged_command)
-            argv, request = backend.monitor_argv(), backend.monitor_input()
-        except network.BackendUnavailable as exc:
+            nft = self.backends.nft(policy.privileged_command)
+            argv, request = nft.monitor_argv(), nft.monitor_input()
+        except BackendUnavailable as exc:
             _say(f"logging of blocked connections is off: {exc}")
             return
-        path = network.log_file(policy, self.sessions_dir)
+        path = log_file(policy, self.sessions_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.monitor = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                         stdin=subprocess.PIPE if request else subprocess.DEVNULL)
@@ -180,7 +188,7 @@ class Watcher:
         def pump() -> None:
             assert self.monitor is not None and self.monitor.stdout is not None
             for line in self.monitor.stdout:
-                parsed = network.parse_trace(line)
+                parsed = parse_trace(line)
                 if parsed and parsed[0] == self.container:
                     with open(path, "a") as fh:
                         fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {parsed[0]} blocked {parsed[1]}\n")
@@ -191,7 +199,7 @@ class Watcher:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m coi.netwatch CONTAINER SESSIONS_DIR", file=sys.stderr)
+        print("usage: python -m coi.network.watcher CONTAINER SESSIONS_DIR", file=sys.stderr)
         return 2
     container, sessions_dir = args[0], Path(args[1]).absolute()
     os.chdir("/")  # hold no directory (a workspace) busy while the container lives
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     check_state_dir(sessions_dir)
     # The privileged command comes from the user's own config (no workspace file), read now.
     trusted = load_config(workspace=None, env=os.environ).config
-    record = network.Store(sessions_dir).record(container) or {}
+    record = Store(sessions_dir).record(container) or {}
     client = Incus.from_environment(project=record.get("project", "default"))
     watcher = Watcher(container, sessions_dir, client, trusted.network.privileged_command)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

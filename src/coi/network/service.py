@@ -1,0 +1,332 @@
+"""The network service: put a session's rules on, take them off, clean up after
+containers that went, report the backend, and start and stop the watcher.
+
+If the chosen mode cannot be enforced, ``apply`` raises (fail closed): the
+session must not start. A detached watcher (``python -I -m coi.network.watcher``)
+follows each filtered container; ``apply`` and ``remove`` stop it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from coi.errors import CoiError
+from coi.network.attach import HOST_NAME_PREFIX, Attachment, find_attachment, is_pinned
+from coi.network.backends import (DEFAULT_BACKENDS, AclBackend, Backend, BackendUnavailable, Backends,
+                                  NftBackend, OpenBackend, nft_binary, nft_refusal)
+from coi.network.dns import resolve_allowed, resolver_for
+from coi.network.nft import nft_probe
+from coi.network.policy import OPEN_HINT, NetworkPolicy
+from coi.network.store import Store
+from coi.wait import wait_for
+
+if TYPE_CHECKING:
+    from coi.config import Network
+    from coi.incus import Incus
+
+Log = Callable[[str], None]
+
+
+def apply(client: Incus, container: str, policy: NetworkPolicy, *, sessions_dir: Path, log: Log,
+          backends: Backends = DEFAULT_BACKENDS) -> str:
+    """Enforce ``policy`` on a container before its agent starts; returns the backend used.
+
+    Call it on every start (a restart gives the container a new host interface).
+    Raises CoiError when the mode cannot be enforced: the session must not start.
+    """
+    store = Store(sessions_dir)
+    _stop_watcher(store, container)
+    if policy.mode == "open":
+        return _apply_open(client, container, policy, store, log, backends)
+    att = find_attachment(client, container)
+    _drop_stale_address(store, att, client=client, log=log, privileged_command=policy.privileged_command,
+                        backends=backends)
+    addresses = _resolve(store, att, policy, log) if policy.mode == "allowlist" else []
+    backend = _enforce(client, store, att, policy, addresses, log, backends)
+    store.save_record(container, {
+        "container": container, "backend": backend.name, "mode": policy.mode,
+        "attachment": asdict(att), "policy": policy.to_json(), "addresses": addresses,
+        "project": getattr(client, "project", "default"), "applied_at": int(time.time()),
+        "sessions_dir": str(sessions_dir), "watcher": None,
+    })
+    try:
+        pid = _start_watcher(store, container, sessions_dir=sessions_dir, client=client)
+    except OSError as exc:  # the rules hold; only refresh and clean-up after a poweroff are missing
+        log(f"Warning: the network watcher of {container} did not start ({exc.strerror or exc}); "
+            "allowlist refresh is off and 'coi clean' removes its rules once it is gone")
+        return backend.description
+    record = store.record(container) or {}
+    record["watcher"] = pid
+    store.save_record(container, record)
+    return backend.description
+
+
+def _apply_open(client: Incus, container: str, policy: NetworkPolicy, store: Store, log: Log,
+                backends: Backends) -> str:
+    """Open mode: no rules (earlier ones removed), and a pinned interface let past the gate."""
+    remove(container, sessions_dir=store.root.parent, client=client, privileged_command=policy.privileged_command,
+           backends=backends)
+    inst = client.instance(container)
+    if is_pinned(inst):  # the gate holds only coi's pinned interfaces
+        att = find_attachment(client, container)
+        _open_gate(att, policy, log, backends)
+        store.save_record(container, {"container": container, "backend": OpenBackend.name, "mode": "open",
+                                      "attachment": asdict(att), "policy": policy.to_json(),
+                                      "project": getattr(client, "project", "default"), "watcher": None})
+    return OpenBackend.description
+
+
+def _resolve(store: Store, att: Attachment, policy: NetworkPolicy, log: Log) -> list[str]:
+    """The allowlist's addresses now; fails closed when no entry resolves."""
+    cache = store.dns_cache()
+    resolution = resolve_allowed(policy.allowed, server=resolver_for(policy, att), cache=cache)
+    if not resolution.addresses:
+        raise CoiError("network mode allowlist: none of the allowed names resolved ("
+                       + "; ".join(resolution.failed.values()) + ")",
+                       f"check [network] allowed_domains and DNS, or {OPEN_HINT}")
+    store.save_dns_cache(cache)
+    for entry, why in resolution.failed.items():
+        log(f"Warning: allowed name {entry} did not resolve ({why}); it stays blocked until it does")
+    for entry in resolution.stale:
+        log(f"Warning: allowed name {entry} did not resolve now; using its last known addresses")
+    return resolution.addresses
+
+
+def _enforce(client: Incus, store: Store, att: Attachment, policy: NetworkPolicy, addresses: list[str],
+             log: Log, backends: Backends) -> Backend:
+    """Incus ACLs when this host allows them, else host nftables; fail closed when neither works."""
+    reasons = []
+    known = store.capability(AclBackend.name)
+    if known is None or known.get("usable"):
+        acl = backends.acl(client)
+        try:
+            acl.apply(att, policy, addresses)
+            if known is None:
+                store.save_capability(AclBackend.name, True)
+            _open_gate(att, policy, log, backends)
+            return acl
+        except BackendUnavailable as exc:
+            store.save_capability(AclBackend.name, False, str(exc))
+            log(f"Network: {exc}; falling back to host nftables")
+            reasons.append(str(exc))
+    else:
+        reasons.append(known.get("reason") or "Incus network ACLs are unavailable here")
+    try:
+        nft = backends.nft(policy.privileged_command)
+        nft.apply(att, policy, addresses)
+        return nft
+    except BackendUnavailable as exc:
+        reasons.append(str(exc))
+    raise CoiError(f"cannot enforce network mode {policy.mode} on {att.container}: " + "; ".join(reasons),
+                   f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root, or {OPEN_HINT}")
+
+
+def _open_gate(att: Attachment, policy: NetworkPolicy, log: Log, backends: Backends) -> None:
+    """Let a container past the bridge gate whose traffic coi's nft rules do not filter
+    (open mode, Incus ACLs); they open it themselves otherwise."""
+    if not att.veth.startswith(HOST_NAME_PREFIX):
+        return  # not one of coi's pinned interfaces: the gate does not hold it
+    try:
+        backends.nft(policy.privileged_command).open(att.veth)
+    except BackendUnavailable as exc:
+        log(f"Warning: could not open the coi bridge gate for {att.container} ({exc}); "
+            "where 'coi setup' loaded the gate, the container has no network")
+
+
+def _close_gate(record: Mapping[str, Any], privileged_command: Sequence[str], backends: Backends) -> None:
+    veth = (record.get("attachment") or {}).get("veth")
+    if veth:
+        try:
+            backends.nft(privileged_command).close(veth)
+        except BackendUnavailable:
+            pass  # the gate is not loaded here, or coi may not change it: nothing is open either
+
+
+def _drop_stale_address(store: Store, att: Attachment, *, client: Incus, log: Log,
+                        privileged_command: Sequence[str], backends: Backends) -> None:
+    """Rules left for another container that had this address are stale now: remove them."""
+    for name, record in store.records().items():
+        if name != att.container and (record.get("attachment") or {}).get("ipv4") == att.ipv4:
+            log(f"Network: removing stale rules of {name} (its address {att.ipv4} now belongs to {att.container})")
+            remove(name, sessions_dir=Path(store.root).parent, client=client, privileged_command=privileged_command,
+                   backends=backends)
+
+
+def remove(container: str, *, sessions_dir: Path, client: Incus | None, privileged_command: Sequence[str] = (),
+           backends: Backends = DEFAULT_BACKENDS) -> None:
+    """Remove a container's rules and its watcher; call when coi stops or deletes it.
+
+    Harmless when there is nothing to remove. ``privileged_command`` comes from the
+    caller's trusted config (never from the record).
+    """
+    store = Store(sessions_dir)
+    record = store.record(container) or {}
+    _stop_watcher(store, container)
+    kind = record.get("backend")
+    try:
+        backend = backends.named(kind, client=client, privileged_command=privileged_command)
+        backend.remove(container)
+    except BackendUnavailable:
+        if kind == NftBackend.name:
+            raise CoiError(f"could not remove the network rules of {container}",
+                           "run 'coi clean' as a user who may run nft") from None
+    else:
+        if not backend.opens_gate:
+            _close_gate(record, privileged_command, backends)
+    store.drop_record(container)
+
+
+def clean_orphans(existing: set[str], *, sessions_dir: Path, client: Incus | None = None,
+                  privileged_command: Iterable[str] = (), backends: Backends = DEFAULT_BACKENDS) -> list[str]:
+    """Remove rules whose container no longer exists; returns the containers cleaned.
+
+    ``existing``: names of every instance that still exists (any status, every
+    project), so no live container ever loses its rules. Rules of other users'
+    vanished containers in the shared ``coi`` tables are removed too.
+    """
+    store = Store(sessions_dir)
+    privileged = tuple(privileged_command)
+    gone: set[str] = set()
+    for name in store.records():
+        if name not in existing:
+            gone.add(name)
+            remove(name, sessions_dir=sessions_dir, client=client, privileged_command=privileged, backends=backends)
+    for backend in backends.present(client, privileged):
+        try:
+            for name in sorted(backend.containers() - existing):
+                backend.remove(name)
+                gone.add(name)
+        except (BackendUnavailable, CoiError):
+            pass  # this backend cannot be read or changed here
+    return sorted(gone)
+
+
+def applies_before_start(inst: Mapping[str, Any], policy: NetworkPolicy, sessions_dir: Path) -> bool:
+    """Whether ``apply`` can run before the container starts: its NIC is pinned and the
+    backend is known. (Incus accepts ACLs on a stopped container even on kernels where
+    the start then fails with them, so the first probe needs a running one.)"""
+    if policy.mode == "open":
+        return True
+    return is_pinned(inst) and Store(sessions_dir).capability(AclBackend.name) is not None
+
+
+# ---- what coi doctor shows ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendReport:
+    """What ``coi doctor`` shows about network isolation."""
+
+    status: str  # "ok", "warn" or "fail"
+    backend: str
+    detail: str
+    hint: str | None = None
+
+
+def backend_report(config_network: Network | None = None, *, sessions_dir: Path | None = None,
+                   backends: Backends = DEFAULT_BACKENDS) -> BackendReport:
+    """Which backend sessions will use here, and why (nothing is changed)."""
+    privileged = tuple(getattr(config_network, "privileged_command", ()) or ())
+    acl = Store(sessions_dir).capability(AclBackend.name) if sessions_dir else None
+    if acl and acl.get("usable"):
+        return BackendReport("ok", "Incus network ACLs", "Incus network ACLs on the container's NIC")
+    acl_note = (f"Incus network ACLs unavailable ({acl.get('reason')})" if acl
+                else "Incus network ACLs are tried at the first session")
+    try:
+        nft = backends.nft(privileged)
+    except BackendUnavailable as exc:
+        if acl is None:
+            return BackendReport("warn", "unknown", f"{acl_note}; host nftables unavailable: {exc}",
+                                 "set [network] privileged_command or run coi as root")
+        return BackendReport("fail", "none", f"{acl_note}; host nftables unavailable: {exc}",
+                             "set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root; "
+                             "until then only --network=open sessions start")
+    try:
+        listing = nft.listing()  # read-only; through the helper it proves the sudoers rule works
+    except BackendUnavailable as exc:
+        return BackendReport("fail", "host nftables", f"{acl_note}; coi's nft helper{nft.via} failed: {exc}",
+                             "run 'sudo coi setup --user $USER' (it installs the helper and its sudoers rule)")
+    if acl is None and os.geteuid() == 0 and \
+            nft_refusal(nft_probe("bridge", "ct state established accept"), [nft_binary()]) is not None:
+        # Incus emits bridge-family conntrack rules for ACLs: without them here, ACLs cannot work.
+        acl_note = "Incus network ACLs unavailable (no bridge-family conntrack in this kernel)"
+    if not listing.get("gate"):
+        return BackendReport("warn", "host nftables",
+                             f"{acl_note}; {nft.description}; the bridge gate is not loaded, so a container "
+                             "started outside coi (or after a reboot) runs unfiltered",
+                             "run 'sudo coi setup' (it loads the gate, before Incus starts on systemd hosts)")
+    return BackendReport("ok", "host nftables", f"{acl_note}; {nft.description}; bridge gate loaded")
+
+
+# ---- the watcher process -------------------------------------------------------------------------
+
+WATCHER_MODULE = "coi.network.watcher"
+# What the watcher inherits from coi's environment: enough to find the daemon and the
+# user's own config, nothing that could steer Python (PYTHONPATH and the like).
+WATCHER_ENV = ("HOME", "USER", "LOGNAME", "LANG", "XDG_CONFIG_HOME", "INCUS_SOCKET", "INCUS_DIR")
+
+
+def watcher_argv(container: str, sessions_dir: Path) -> list[str]:
+    """Isolated Python (``-I``: no current directory, user site or PYTHON* variables on
+    the path), so nothing from a workspace can be imported by it."""
+    return [sys.executable, "-I", "-m", WATCHER_MODULE, container, str(Path(sessions_dir))]
+
+
+def _start_watcher(store: Store, container: str, *, sessions_dir: Path, client: Incus) -> int:
+    """Start the watcher detached (own session, no terminal, cwd ``/``); returns its pid."""
+    env = {k: os.environ[k] for k in WATCHER_ENV if k in os.environ}
+    env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    socket_path = getattr(client, "path", None)
+    if socket_path:
+        env["INCUS_SOCKET"] = socket_path
+    fd = os.open(store.log_path(container), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        proc = subprocess.Popen(watcher_argv(container, sessions_dir), cwd="/", env=env, stdin=subprocess.DEVNULL,
+                                stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    return proc.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _is_watcher(pid: int, container: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    # "coi.netwatch": a watcher that an older coi started before the module moved
+    return (WATCHER_MODULE.encode() in argv or b"coi.netwatch" in argv) and container.encode() in argv
+
+
+def _stop_watcher(store: Store, container: str) -> None:
+    record = store.record(container) or {}
+    pid = record.get("watcher")
+    if not isinstance(pid, int) or pid == os.getpid() or not _is_watcher(pid, container):
+        return
+    # SIGKILL to its process group (it leads one): immediate, and takes its
+    # 'nft monitor' child along. Whatever nft change it had under way is atomic.
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        return  # another user's watcher: it exits by itself when its record goes
+    wait_for(lambda: not _alive(pid), timeout=5, what=f"the network watcher of {container} to stop",
+             first_interval=0.001, max_interval=0.05)
