@@ -433,7 +433,7 @@ class FakeIncus:
 
     @_recorded
     def network_acls(self) -> list[dict[str, Any]]:
-        return list(self.acls.values())
+        return [{**body, "name": name} for name, body in self.acls.items()]
 
     @_recorded
     def create_network_acl(self, name: str, *, egress: list[dict[str, str]],
@@ -447,6 +447,8 @@ class FakeIncus:
     @_recorded
     def put_network_acl(self, name: str, *, egress: list[dict[str, str]],
                         ingress: list[dict[str, str]] | None = None, description: str = "") -> None:
+        if name not in self.acls:
+            raise _not_found(f"network ACL {name}")
         self.acls[name] = {"name": name, "egress": egress, "ingress": ingress or [], "description": description}
 
     @_recorded

@@ -1,5 +1,5 @@
-"""Test doubles for coi.network's unit tests: a stub of the Incus client calls the
-package makes, and host nftables that record the scripts coi's helper would run."""
+"""Test doubles for coi.network's unit tests: the shared FakeIncus set up as the
+package sees it, and host nftables that record the scripts coi's helper would run."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 
 from coi import network
 from coi.config import default_config
-from coi.errors import NotFoundError, OperationFailedError
+from coi.errors import OperationFailedError
 from coi.network import helper, service
+from fake_incus import FakeIncus
 
 ATT = network.Attachment(container="coi-abc12345-1", nic="eth0", bridge="coibr0", veth="veth1234abcd",
                          ipv4="10.195.0.23", gateway="10.195.0.1", subnet="10.195.0.0/24")
@@ -22,58 +23,36 @@ def net_config(**changes):
     return replace(default_config(env={"HOME": "/home/u"}).network, **changes)
 
 
-class StubIncus:
-    """Just the Incus client calls coi.network makes: one running container on coibr0
-    (``devices``: its own NIC settings), the coi profile, the bridge and its leases, ACLs."""
+def stub_incus(*, acl_error: str | None = None, devices=None, profile_nic=NIC, subnet: str = "10.195.0.1/24",
+               leases=()) -> FakeIncus:
+    """The shared FakeIncus as coi.network sees it: one running container on coibr0
+    (``devices``: its own NIC settings), the coi profile, the bridge and its leases; an
+    ``acl_error`` makes putting an ACL on the NIC fail as this kernel does."""
+    fake = FakeIncus()
+    fake.instances_by_name[ATT.container] = {
+        "name": ATT.container, "status": "Running", "config": {"volatile.eth0.host_name": "veth1234abcd"},
+        "devices": dict(devices or {}), "expanded_devices": {"eth0": dict(NIC)}, "profiles": ["coi"]}
+    fake.states[ATT.container] = {"status": "Running", "network": {"eth0": {"host_name": "veth1234abcd", "addresses": [
+        {"family": "inet", "address": "10.195.0.23", "scope": "global"}]}}}
+    fake.profiles["coi"] = {"name": "coi", "config": {}, "devices": {
+        "root": {"type": "disk", "path": "/", "pool": "coi"}, **({"eth0": profile_nic} if profile_nic else {})}}
+    fake.networks_by_name["coibr0"] = {"name": "coibr0", "config": {"ipv4.address": subnet}}
+    fake.leases["coibr0"] = [{"address": a, "type": "dynamic"} for a in leases]
+    if acl_error:
+        def refuse(name, **kw):
+            raise OperationFailedError(acl_error)
+        fake.on("update_instance", refuse)
+    return fake
 
-    project = "default"
-    path = "/nonexistent/unix.socket"
 
-    def __init__(self, *, acl_error: str | None = None, devices=None, profile_nic=NIC,
-                 subnet: str = "10.195.0.1/24", leases=()) -> None:
-        self.acl_error, self.devices = acl_error, devices or {}
-        self.profile_nic, self.subnet, self.leases = profile_nic, subnet, list(leases)
-        self.acls: dict[str, dict] = {}
-        self.updates: list[dict] = []
-        self.deleted: list[str] = []
+def updates(fake: FakeIncus) -> list:
+    """The device changes coi asked for, in order."""
+    return [c.kwargs.get("devices") for c in fake.called("update_instance")]
 
-    def instance(self, name):
-        return {"name": name, "status": "Running", "config": {"volatile.eth0.host_name": "veth1234abcd"},
-                "devices": self.devices, "expanded_devices": {"eth0": dict(NIC)}}
 
-    def instance_state(self, name):
-        return {"status": "Running", "network": {"eth0": {"host_name": "veth1234abcd", "addresses": [
-            {"family": "inet", "address": "10.195.0.23", "scope": "global"}]}}}
-
-    def profile(self, name):
-        return {"devices": {"root": {"type": "disk", "path": "/", "pool": "coi"},
-                            **({"eth0": self.profile_nic} if self.profile_nic else {})}}
-
-    def network(self, name):
-        return {"config": {"ipv4.address": self.subnet}}
-
-    def network_leases(self, name):
-        return [{"address": a, "type": "dynamic"} for a in self.leases]
-
-    def network_acls(self):
-        return [{"name": name, **body} for name, body in self.acls.items()]
-
-    def put_network_acl(self, name, **body):
-        if name not in self.acls:
-            raise NotFoundError(name)
-        self.acls[name] = body
-
-    def create_network_acl(self, name, **body):
-        self.acls[name] = body
-
-    def delete_network_acl(self, name):
-        self.deleted.append(name)
-        self.acls.pop(name, None)
-
-    def update_instance(self, name, *, devices=None, config=None):
-        self.updates.append(devices)
-        if self.acl_error:
-            raise OperationFailedError(self.acl_error)
+def deleted(fake: FakeIncus) -> list[str]:
+    """The ACLs coi deleted, in order."""
+    return [c[1] for c in fake.called("delete_network_acl")]
 
 
 REFUSED = ('Failed to update device "eth0": Failed adding bridge filter rules ... Error: Could not process rule: '

@@ -17,7 +17,8 @@ from coi.config import default_config
 from coi.errors import CoiError, NotFoundError
 from coi.network import backends, dns, service, watcher
 
-from network_doubles import ATT, REFUSED, FakeNft, StubIncus, apply, fake, net_config, quiet_watcher  # noqa: F401
+from network_doubles import (ATT, REFUSED, FakeNft, apply, deleted, fake, net_config, quiet_watcher,  # noqa: F401
+                             stub_incus, updates)
 
 
 def test_rules_go_on_before_the_start_only_when_pinned_and_the_backend_is_known(tmp_path):
@@ -37,7 +38,7 @@ def test_rules_go_on_before_the_start_only_when_pinned_and_the_backend_is_known(
 # ---- the backends ----------------------------------------------------------------------------
 
 def test_every_backend_is_a_backend(fake):
-    for backend in (network.AclBackend(StubIncus()), fake(), network.OpenBackend()):
+    for backend in (network.AclBackend(stub_incus()), fake(), network.OpenBackend()):
         assert isinstance(backend, network.Backend)
 
 
@@ -46,22 +47,22 @@ def test_every_backend_is_a_backend(fake):
     ("nftables", FakeNft), (None, FakeNft), ("unknown", FakeNft),  # no record: nft may still hold rules
 ])
 def test_the_backend_a_record_names(fake, name, kind):
-    assert isinstance(fake.backends.named(name, client=StubIncus()), kind)
+    assert isinstance(fake.backends.named(name, client=stub_incus()), kind)
 
 
 def test_acl_removal_keeps_the_pinned_nic():
     nic = {"type": "nic", "network": "coibr0", "ipv4.address": "10.195.0.23", "host_name": "coi0123456789ab",
            "security.acls": ATT.container, "security.acls.default.egress.action": "allow",
            "security.ipv4_filtering": "true"}
-    client = StubIncus(devices={"eth0": nic})
+    client = stub_incus(devices={"eth0": nic})
     network.AclBackend(client).remove(ATT.container)
-    assert client.updates == [{"eth0": {"type": "nic", "network": "coibr0", "ipv4.address": "10.195.0.23",
+    assert updates(client) == [{"eth0": {"type": "nic", "network": "coibr0", "ipv4.address": "10.195.0.23",
                                         "host_name": "coi0123456789ab", "security.ipv4_filtering": "true"}}]
-    assert client.deleted == [ATT.container]
+    assert deleted(client) == [ATT.container]
 
 
 def test_acl_containers_are_those_with_coi_s_description():
-    client = StubIncus()
+    client = stub_incus()
     client.acls = {"coi-a-1": {"description": network.ACL_DESCRIPTION + "coi-a-1"},
                    "theirs": {"description": "someone else's"}, "bare": {}}
     assert network.AclBackend(client).containers() == {"coi-a-1"}
@@ -70,32 +71,32 @@ def test_acl_containers_are_those_with_coi_s_description():
 # ---- the backend choice -----------------------------------------------------------------------------------
 
 def test_refused_acls_fall_back_to_nftables_once_and_are_remembered(tmp_path, quiet_watcher, fake):
-    client, lines = StubIncus(acl_error=REFUSED), []
+    client, lines = stub_incus(acl_error=REFUSED), []
     policy = network.plan(net_config(), None, env={})
     assert apply(client, policy, tmp_path, fake, lines.append) == "host nftables (inet + bridge)"
-    assert client.acls == {} and len(client.updates) == 1  # tried, refused, the ACL removed again
+    assert client.acls == {} and len(updates(client)) == 1  # tried, refused, the ACL removed again
     assert "no bridge-family conntrack" in lines[0] and "falling back" in lines[0]
     assert len(fake.calls) == 1 and "add chain inet coi coi-abc12345-1.out" in fake.calls[0]
     lines.clear()
     apply(client, policy, tmp_path, fake, lines.append)
-    assert lines == [] and len(client.updates) == 1  # not tried again
+    assert lines == [] and len(updates(client)) == 1  # not tried again
     record = network.Store(tmp_path).record(ATT.container)
     assert (record["backend"], record["mode"], record["attachment"]["veth"]) == ("nftables", "restricted",
                                                                                 "veth1234abcd")
 
 
 def test_working_acls_are_used(tmp_path, quiet_watcher, fake):
-    client = StubIncus()
+    client = stub_incus()
     policy = network.plan(net_config(), None, env={})
     assert apply(client, policy, tmp_path, fake) == "Incus network ACLs"
     assert fake.calls == []  # a veth not named like coi's pinned ones: the gate does not hold it
-    assert client.updates[0]["eth0"]["security.acls"] == ATT.container
+    assert updates(client)[0]["eth0"]["security.acls"] == ATT.container
     assert client.acls[ATT.container]["description"].startswith(network.ACL_DESCRIPTION)
     assert network.Store(tmp_path).record(ATT.container)["backend"] == "incus-acl"
 
 
 def test_acls_on_a_pinned_interface_open_the_gate_and_removal_shuts_it(tmp_path, quiet_watcher, fake, monkeypatch):
-    client = StubIncus()
+    client = stub_incus()
     pinned = {"type": "nic", "network": "coibr0", "ipv4.address": "10.195.0.23", "host_name": "coi0123456789ab"}
     monkeypatch.setattr(client, "instance", lambda name: {"name": name, "status": "Running", "config": {},
                                                           "devices": {}, "expanded_devices": {"eth0": pinned}})
@@ -103,12 +104,12 @@ def test_acls_on_a_pinned_interface_open_the_gate_and_removal_shuts_it(tmp_path,
     assert fake.calls == [network.nft_open_script("coi0123456789ab")]
     network.remove(ATT.container, sessions_dir=tmp_path, client=client, backends=fake.backends)
     assert fake.calls[1:] == [network.nft_close_script("coi0123456789ab")]
-    assert client.deleted == [ATT.container] and network.Store(tmp_path).record(ATT.container) is None
+    assert deleted(client) == [ATT.container] and network.Store(tmp_path).record(ATT.container) is None
 
 
 def test_fail_closed_without_any_backend(tmp_path, quiet_watcher, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    client = StubIncus(acl_error=REFUSED)
+    client = stub_incus(acl_error=REFUSED)
     with pytest.raises(CoiError) as err:
         network.apply(client, ATT.container, network.plan(net_config(), None, env={}), sessions_dir=tmp_path,
                       log=print)
@@ -119,7 +120,7 @@ def test_fail_closed_without_any_backend(tmp_path, quiet_watcher, monkeypatch):
 
 
 def test_open_mode_removes_earlier_rules(tmp_path, quiet_watcher, fake):
-    client = StubIncus(acl_error=REFUSED)
+    client = stub_incus(acl_error=REFUSED)
     apply(client, network.plan(net_config(), None, env={}), tmp_path, fake)
     fake.calls.clear()
     assert apply(client, network.plan(net_config(), "open", env={}), tmp_path, fake) == "open (no filtering)"
@@ -133,7 +134,7 @@ def test_allowlist_with_no_resolvable_name_fails_closed(tmp_path, quiet_watcher,
     monkeypatch.setattr(dns, "dns_query_a", nothing)
     policy = network.plan(net_config(allowed_domains=("gone.example",)), "allowlist", env={})
     with pytest.raises(CoiError, match="none of the allowed names resolved") as err:
-        apply(StubIncus(acl_error=REFUSED), policy, tmp_path, fake)
+        apply(stub_incus(acl_error=REFUSED), policy, tmp_path, fake)
     assert "--network=open" in err.value.hint
     assert fake.calls == []
 
@@ -141,7 +142,7 @@ def test_allowlist_with_no_resolvable_name_fails_closed(tmp_path, quiet_watcher,
 def test_stale_rules_for_the_same_address_are_removed(tmp_path, quiet_watcher, fake):
     store = network.Store(tmp_path)
     store.save_record("coi-old-1", {"backend": "nftables", "attachment": {"ipv4": ATT.ipv4}, "policy": {"mode": "restricted"}})
-    apply(StubIncus(acl_error=REFUSED), network.plan(net_config(), None, env={}), tmp_path, fake)
+    apply(stub_incus(acl_error=REFUSED), network.plan(net_config(), None, env={}), tmp_path, fake)
     assert network.nft_remove_script("coi-old-1") in fake.calls
     assert store.record("coi-old-1") is None
 
@@ -156,7 +157,7 @@ def test_remove_when_nft_cannot_be_run(tmp_path, monkeypatch, record, raises):
     if record:
         network.Store(tmp_path).save_record(ATT.container, record)
     try:
-        network.remove(ATT.container, sessions_dir=tmp_path, client=StubIncus())
+        network.remove(ATT.container, sessions_dir=tmp_path, client=stub_incus())
     except CoiError as exc:
         assert raises and "could not remove the network rules" in exc.message
     else:
@@ -169,7 +170,7 @@ def test_clean_removes_rules_of_containers_that_are_gone_in_every_backend(tmp_pa
     for name in ("coi-gone-1", "coi-live-1"):
         store.save_record(name, {"backend": "nftables", "attachment": {"ipv4": "10.195.0.9"}})
     fake.listed = {"containers": ["coi-other-1", "coi-live-1", "bad name"], "gate": True}
-    client = StubIncus()
+    client = stub_incus()
     client.acls = {"coi-acl-1": {"description": network.ACL_DESCRIPTION + "coi-acl-1"},
                    "coi-live-1": {"description": network.ACL_DESCRIPTION + "coi-live-1"}}
     gone = network.clean_orphans({"coi-live-1"}, sessions_dir=tmp_path, client=client, backends=fake.backends)
@@ -225,7 +226,7 @@ def watched(tmp_path, monkeypatch, fake, *, mode="allowlist"):
             return answers[name]
         raise network.ResolveError(f"{name}: no such name")
     monkeypatch.setattr(dns, "dns_query_a", query)
-    client = StubIncus(acl_error=REFUSED)
+    client = stub_incus(acl_error=REFUSED)
     policy = network.plan(net_config(allowed_domains=("a.example",)), mode, env={})
     apply(client, policy, tmp_path, fake)
     fake.calls.clear()

@@ -11,13 +11,13 @@ from coi import network
 from coi.errors import CoiError
 from coi.network import attach
 
-from network_doubles import ATT, NIC, StubIncus
+from network_doubles import ATT, NIC, stub_incus
 
 
 # ---- where the container is attached ----------------------------------------------------
 
 def test_find_attachment_of_a_running_container_waits_for_its_address():
-    assert network.find_attachment(StubIncus(), ATT.container) == ATT
+    assert network.find_attachment(stub_incus(), ATT.container) == ATT
 
 
 @pytest.mark.parametrize("state, nic, address", [
@@ -68,7 +68,7 @@ def test_names_that_can_carry_rules(name):
 # ---- pinned addresses --------------------------------------------------------------------
 
 def pin_client(**changes):
-    return StubIncus(**{"subnet": "10.9.0.1/24", **changes})
+    return stub_incus(**{"subnet": "10.9.0.1/24", **changes})
 
 
 def counting(start: int):
@@ -158,4 +158,4 @@ def test_address_lock_falls_back_to_a_per_user_lock(tmp_path, monkeypatch):
     ([], [{"expanded_devices": {"root": {"type": "disk", "network": "coibr0", "ipv4.address": "10.9.0.5"}}}], set()),
 ])
 def test_used_addresses(leases, instances, used):
-    assert attach.used_addresses(StubIncus(leases=leases), "coibr0", instances) == used
+    assert attach.used_addresses(stub_incus(leases=leases), "coibr0", instances) == used
