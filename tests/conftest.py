@@ -38,6 +38,31 @@ def pytest_collection_modifyitems(items):
                 item.add_marker(getattr(pytest.mark, tier))
 
 
+# ---- fakes of Incus (tests/fake_incus.py) ------------------------------------------
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """The fake daemon (``FakeDaemon``), serving on a socket of the test's own."""
+    from fake_incus import FakeDaemon, socket_in
+
+    with FakeDaemon(socket_in(tmp_path)) as fake:
+        yield fake
+
+
+@pytest.fixture
+def client(daemon):
+    """coi's real Incus client, talking to the fake daemon."""
+    from coi.incus import Incus
+
+    real = Incus(daemon.path)
+    yield real
+    real.close()
+
+
+# ---- the real daemon ---------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def incus():
     """The real daemon (coi setup must have run: scripts/test.sh does it)."""

@@ -13,36 +13,20 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the fake daemon lives there
 
 from coi.sessions import state  # noqa: E402
 from coi.incus import Incus  # noqa: E402
 from coi.tools import TOOLS  # noqa: E402
-from fake_incus import FakeFiles, FakeDaemon, error, socket_in  # noqa: E402
+from fake_incus import FakeDaemon, FakeFiles, error  # noqa: E402
 
 CLAUDE = TOOLS["claude"]
 HOME = f"{state.CODE_HOME}/.claude"
 FILES = "/1.0/instances/c1/files"
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(socket_in(tmp_path)) as fake:
-        yield fake
-
-
-@pytest.fixture
-def client(daemon: FakeDaemon) -> Iterator[Incus]:
-    client = Incus(daemon.path)
-    yield client
-    client.close()
 
 
 @pytest.fixture

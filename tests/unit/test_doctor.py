@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -17,7 +16,7 @@ from coi.config import Config, load_config
 from coi.host import Check, check_nftables, doctor, run_checks
 from coi.host.daemon import COI_NETWORK, COI_PROFILE
 from coi.incus import Incus
-from fake_incus import FakeDaemon, error, socket_in, sync
+from fake_incus import FakeDaemon, error, sync
 
 pytestmark = pytest.mark.unit
 
@@ -27,27 +26,19 @@ SESSION = {"name": "coi-1a2b3c4d-1", "config": {"user.coi.workspace": "/w", "boo
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeDaemon]:
+def fake(daemon: FakeDaemon) -> FakeDaemon:
     """A daemon that has everything coi setup gives it, and a built coi image."""
-    with FakeDaemon(socket_in(tmp_path)) as daemon:
-        daemon.on("GET", "/1.0", sync({"environment": {"server_version": "6.0.3",
-                                                       "kernel_features": {"idmapped_mounts": "true"}}}))
-        daemon.on("GET", "/1.0/storage-pools", sync([{"name": "default", "driver": "dir"},
-                                                     {"name": "coi", "driver": "btrfs"}]))
-        daemon.on("GET", f"/1.0/profiles/{COI_PROFILE}", sync({"config": {}, "devices": COI_DEVICES}))
-        daemon.on("GET", f"/1.0/networks/{COI_NETWORK}",
-                  sync({"config": {"ipv4.address": "10.195.0.1/24", "ipv4.nat": "true"}}))
-        daemon.on("GET", "/1.0/images/aliases/coi", sync({"name": "coi", "target": "f1"}))
-        daemon.on("GET", "/1.0/images/f1", sync({"properties": {"coi.kind": "coi", "coi.node": "v22.12.0"}}))
-        daemon.on("GET", "/1.0/instances", sync([SESSION]))
-        yield daemon
-
-
-@pytest.fixture
-def client(fake: FakeDaemon) -> Iterator[Incus]:
-    incus = Incus(fake.path)
-    yield incus
-    incus.close()
+    daemon.on("GET", "/1.0", sync({"environment": {"server_version": "6.0.3",
+                                                   "kernel_features": {"idmapped_mounts": "true"}}}))
+    daemon.on("GET", "/1.0/storage-pools", sync([{"name": "default", "driver": "dir"},
+                                                 {"name": "coi", "driver": "btrfs"}]))
+    daemon.on("GET", f"/1.0/profiles/{COI_PROFILE}", sync({"config": {}, "devices": COI_DEVICES}))
+    daemon.on("GET", f"/1.0/networks/{COI_NETWORK}",
+              sync({"config": {"ipv4.address": "10.195.0.1/24", "ipv4.nat": "true"}}))
+    daemon.on("GET", "/1.0/images/aliases/coi", sync({"name": "coi", "target": "f1"}))
+    daemon.on("GET", "/1.0/images/f1", sync({"properties": {"coi.kind": "coi", "coi.node": "v22.12.0"}}))
+    daemon.on("GET", "/1.0/instances", sync([SESSION]))
+    return daemon
 
 
 @pytest.fixture

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import grp
 import ipaddress
-import json
 import os
 import random
 import subprocess
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -29,7 +26,7 @@ from coi.host.system import (
     root_subid_ok,
 )
 from coi.incus import Incus
-from fake_incus import FakeDaemon, error, socket_in, sync
+from fake_incus import FakeDaemon, error, sync
 
 pytestmark = pytest.mark.unit
 
@@ -309,16 +306,9 @@ def test_ensure_address_lock_is_shared_by_the_group(tmp_path):
 # ---- the Incus side, against the fake daemon -----------------------------------------------
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(socket_in(tmp_path)) as daemon_:
-        yield daemon_
-
-
-@pytest.fixture
-def client(fake: FakeDaemon) -> Iterator[Incus]:
-    incus = Incus(fake.path)
-    yield incus
-    incus.close()
+def fake(daemon: FakeDaemon) -> FakeDaemon:
+    """The shared fake daemon (``daemon`` here names coi.host.daemon)."""
+    return daemon
 
 
 def test_a_running_daemon_is_left_alone(fake, client):

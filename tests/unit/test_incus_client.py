@@ -42,12 +42,6 @@ INCUS_BINARIES = {"/usr/libexec/incus/incusd", "/usr/bin/incus"}
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    with FakeDaemon(socket_in(tmp_path)) as fake:
-        yield fake
-
-
-@pytest.fixture
 def connect(daemon: FakeDaemon) -> Iterator[Callable[..., Incus]]:
     """Make clients of the fake daemon; all are closed after the test."""
     clients: list[Incus] = []
