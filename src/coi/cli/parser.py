@@ -54,23 +54,8 @@ def _workspace(p: argparse.ArgumentParser) -> None:
                    help="workspace directory (default: current directory)")
 
 
-class _Skipped:
-    """Stands in for the parsers of commands not being run: takes any call, builds nothing."""
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: self
-
-
-_SKIPPED = _Skipped()
-_ONLY: list[str | None] = [None]  # the command being run; None builds every parser
-
-
 def _command(sub, name: str, handler: str, summary: str, example: str, **kw) -> argparse.ArgumentParser:
-    if sub is _SKIPPED:
-        return _SKIPPED  # type: ignore[return-value]
-    if getattr(sub, "_coi_top", False) and _ONLY[0] not in (None, name):
-        sub.add_parser(name, help=summary)  # listed, but its flags are not built
-        return _SKIPPED  # type: ignore[return-value]
+    """The parser of one command (or sub-command): its handler, help and example."""
     p = sub.add_parser(
         name,
         help=summary,
@@ -118,30 +103,8 @@ def normalise(args: list[str]) -> list[str]:
     return out
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole tree, or with ``only`` just that command's sub-parser in full
-    (the others are listed by name: building them all costs more than running ``coi list``)."""
-    _ONLY[0] = only
-    parser = _Parser(
-        prog="coi",
-        description="Run AI coding agents inside isolated Incus system containers.",
-        epilog=(
-            "commands by group:\n"
-            "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
-            "  images:    build, image\n"
-            "  low-level: container, file, tmux\n"
-            "  host:      setup, doctor, config, completion, version\n\n"
-            "example:\n  coi shell            # Claude Code in a container, on the current directory"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--version", action="version", version=f"coi {__version__}")
-    _common(parser)
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
-    sub._coi_top = True  # type: ignore[attr-defined]
-
-    # ---- sessions ----
-    p = _command(sub, "shell", "sessions:shell", "start an agent session in a container (tmux inside)",
+def _shell_command(sub, summary: str) -> None:
+    p = _command(sub, "shell", "sessions:shell", summary,
                  "coi shell --persistent --slot 2")
     _session_flags(p)
     p.add_argument("--background", action="store_true", help="start the session detached and return")
@@ -156,7 +119,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "(default), 2 = the one before...; 'coi info' lists them ([sessions] keep)")
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
 
-    p = _command(sub, "run", "sessions:run", "run one command as 'code' in /workspace of a fresh container",
+
+def _run_command(sub, summary: str) -> None:
+    p = _command(sub, "run", "sessions:run", summary,
                  "coi run -- make test")
     _session_flags(p, resume=False)
     p.add_argument("--capture", action="store_true",
@@ -165,50 +130,65 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="kill the command after S seconds and exit 124 (default: 0 = none)")
     p.add_argument("command", nargs="*", help="the command and its arguments (after --)")
 
-    p = _command(sub, "attach", "sessions:attach", "attach to a running session",
+
+def _attach_command(sub, summary: str) -> None:
+    p = _command(sub, "attach", "sessions:attach", summary,
                  "coi attach coi-1a2b3c4d-1")
     _workspace(p)
     p.add_argument("name", nargs="?", help="container name (default: the one running session)")
     p.add_argument("--slot", type=int, default=0, metavar="N", help="slot of this workspace to attach to")
     p.add_argument("--bash", action="store_true", help="open a bash shell instead of the tmux session")
 
-    p = _command(sub, "list", "sessions:list_sessions", "list coi containers (and saved sessions with --all)",
+
+def _list_command(sub, summary: str) -> None:
+    p = _command(sub, "list", "sessions:list_sessions", summary,
                  "coi list --format json")
     _workspace(p)
     p.add_argument("--all", action="store_true", help="also list saved sessions")
     p.add_argument("--format", choices=["text", "json"], default="text", help="text or json (default: text)")
 
-    p = _command(sub, "info", "sessions:info", "show a saved session (default: latest of this workspace)",
+
+def _info_command(sub, summary: str) -> None:
+    p = _command(sub, "info", "sessions:info", summary,
                  "coi info 0b6c...")
     _workspace(p)
     p.add_argument("session_id", nargs="?", metavar="SESSION_ID")
 
-    p = _command(sub, "shutdown", "sessions:shutdown", "stop sessions gracefully, save them, delete ephemeral ones",
+
+def _shutdown_command(sub, summary: str) -> None:
+    p = _command(sub, "shutdown", "sessions:shutdown", summary,
                  "coi shutdown --all --timeout 30")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--all", action="store_true", help="every coi container")
     p.add_argument("--timeout", type=int, default=60, metavar="S", help="graceful stop timeout (default: 60)")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")
 
-    p = _command(sub, "kill", "sessions:kill", "force-stop and delete containers now", "coi kill coi-1a2b3c4d-1")
+
+def _kill_command(sub, summary: str) -> None:
+    p = _command(sub, "kill", "sessions:kill", summary, "coi kill coi-1a2b3c4d-1")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--all", action="store_true", help="every coi container")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")
 
-    p = _command(sub, "persist", "sessions:persist", "turn ephemeral containers persistent",
+
+def _persist_command(sub, summary: str) -> None:
+    p = _command(sub, "persist", "sessions:persist", summary,
                  "coi persist coi-1a2b3c4d-1")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--all", action="store_true", help="every coi container")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")
 
-    p = _command(sub, "clean", "sessions:clean", "delete stopped ephemeral containers and leftovers",
+
+def _clean_command(sub, summary: str) -> None:
+    p = _command(sub, "clean", "sessions:clean", summary,
                  "coi clean --sessions")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")
     p.add_argument("--sessions", action="store_true", help="also delete saved sessions")
     p.add_argument("--all", action="store_true", help="containers and saved sessions")
 
-    # ---- images ----
-    p = _command(sub, "build", "images:build", "build the coi image", "coi build --force")
+
+def _build_command(sub, summary: str) -> None:
+    p = _command(sub, "build", "images:build", summary, "coi build --force")
     p.add_argument("--force", action="store_true", help="replace an existing image")
     p.add_argument("--tools", default=None, metavar="LIST",
                    help="agent tools to install, comma-separated, or 'all' (claude, codex, gemini, opencode, aider; "
@@ -221,7 +201,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("--base", default=None, metavar="IMAGE", help="image to start from (default: coi)")
     q.add_argument("--force", action="store_true", help="replace an existing image")
 
-    p = _command(sub, "image", "images:image_list", "list and manage coi images", "coi image list --format json")
+
+def _image_command(sub, summary: str) -> None:
+    p = _command(sub, "image", "images:image_list", summary, "coi image list --format json")
     isub = p.add_subparsers(title="image commands", metavar="ACTION", parser_class=_Parser)
     q = _command(isub, "list", "images:image_list", "list coi-built images", "coi image list --all")
     q.add_argument("--all", action="store_true", help="every local image")
@@ -242,8 +224,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("prefix", metavar="PREFIX")
     q.add_argument("--keep", type=int, required=True, metavar="N", help="how many to keep (N >= 1)")
 
-    # ---- low-level ----
-    p = _command(sub, "container", "lowlevel:container_help", "low-level container operations",
+
+def _container_command(sub, summary: str) -> None:
+    p = _command(sub, "container", "lowlevel:container_help", summary,
                  "coi container exec NAME -- ls")
     csub = p.add_subparsers(title="container commands", metavar="ACTION", parser_class=_Parser)
     q = _command(csub, "launch", "lowlevel:container_launch", "create and start a container",
@@ -279,7 +262,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
                    help="idmapped mount so files keep their owners (default: on)")
 
-    p = _command(sub, "file", "lowlevel:file_help", "copy files into and out of containers",
+
+def _file_command(sub, summary: str) -> None:
+    p = _command(sub, "file", "lowlevel:file_help", summary,
                  "coi file push -r ./dir my-box:/tmp/dir")
     fsub = p.add_subparsers(title="file commands", metavar="ACTION", parser_class=_Parser)
     for action, a, b in (("push", "local", "remote"), ("pull", "remote", "local")):
@@ -289,7 +274,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         q.add_argument("source", metavar=a.upper() if a == "local" else "NAME:/PATH")
         q.add_argument("target", metavar=b.upper() if b == "local" else "NAME:/PATH")
 
-    p = _command(sub, "tmux", "lowlevel:tmux_list", "talk to the tmux sessions of running containers",
+
+def _tmux_command(sub, summary: str) -> None:
+    p = _command(sub, "tmux", "lowlevel:tmux_list", summary,
                  "coi tmux capture coi-1a2b3c4d-1")
     tsub = p.add_subparsers(title="tmux commands", metavar="ACTION", parser_class=_Parser)
     _command(tsub, "list", "lowlevel:tmux_list", "list coi tmux sessions", "coi tmux list")
@@ -300,28 +287,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     q = _command(tsub, "capture", "lowlevel:tmux_capture", "print a session's pane", "coi tmux capture NAME")
     q.add_argument("name", metavar="NAME")
 
-    # ---- host ----
-    _command(sub, "version", "host:version", "print the version", "coi version")
 
-    p = _command(sub, "completion", "host:completion", "print a shell completion script",
+def _version_command(sub, summary: str) -> None:
+    _command(sub, "version", "host:version", summary, "coi version")
+
+
+def _completion_command(sub, summary: str) -> None:
+    p = _command(sub, "completion", "host:completion", summary,
                  'eval "$(coi completion bash)"    # or: coi completion fish | source')
     p.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="bash, zsh or fish")
-    if _ONLY[0] in (None, "__complete"):
-        p = sub.add_parser("__complete")  # for the completion scripts; not listed
-        p.set_defaults(handler="host:complete")
-        p.add_argument("what", choices=["containers", "sessions"])
 
-    p = _command(sub, "setup", "host:setup",
-                 "make this host ready for coi (run as root; safe to repeat)", "sudo coi setup")
+
+def _setup_command(sub, summary: str) -> None:
+    p = _command(sub, "setup", "host:setup", summary,
+                 "sudo coi setup")
     p.add_argument("--ipv6", action="store_true", help="give the coi bridge IPv6 too (default: off)")
     p.add_argument("--user", metavar="NAME",
                    help="user to add to the Incus admin group (default: $SUDO_USER)")
 
-    p = _command(sub, "doctor", "host:doctor",
-                 "check that this host can run coi, with a fix for each problem", "coi doctor")
+
+def _doctor_command(sub, summary: str) -> None:
+    p = _command(sub, "doctor", "host:doctor", summary,
+                 "coi doctor")
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
 
-    p = _command(sub, "config", "config:show", "show the effective configuration",
+
+def _config_command(sub, summary: str) -> None:
+    p = _command(sub, "config", "config:show", summary,
                  "coi config show --format json")
     csub = p.add_subparsers(title="config commands", metavar="ACTION", parser_class=_Parser)
     q = _command(csub, "show", "config:show",
@@ -331,4 +323,58 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["toml", "json"], default="toml", help="output format (default: toml)")
     q = _command(csub, "path", "config:path", "list the configuration files consulted", "coi config path")
     _workspace(q)
+
+
+# Every command: its one-line summary and what builds its parser, in --help order.
+COMMANDS = {
+    "shell": ("start an agent session in a container (tmux inside)", _shell_command),
+    "run": ("run one command as 'code' in /workspace of a fresh container", _run_command),
+    "attach": ("attach to a running session", _attach_command),
+    "list": ("list coi containers (and saved sessions with --all)", _list_command),
+    "info": ("show a saved session (default: latest of this workspace)", _info_command),
+    "shutdown": ("stop sessions gracefully, save them, delete ephemeral ones", _shutdown_command),
+    "kill": ("force-stop and delete containers now", _kill_command),
+    "persist": ("turn ephemeral containers persistent", _persist_command),
+    "clean": ("delete stopped ephemeral containers and leftovers", _clean_command),
+    "build": ("build the coi image", _build_command),
+    "image": ("list and manage coi images", _image_command),
+    "container": ("low-level container operations", _container_command),
+    "file": ("copy files into and out of containers", _file_command),
+    "tmux": ("talk to the tmux sessions of running containers", _tmux_command),
+    "version": ("print the version", _version_command),
+    "completion": ("print a shell completion script", _completion_command),
+    "setup": ("make this host ready for coi (run as root; safe to repeat)", _setup_command),
+    "doctor": ("check that this host can run coi, with a fix for each problem", _doctor_command),
+    "config": ("show the effective configuration", _config_command),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole tree, or with ``only`` just that command's sub-parser in full
+    (the others are listed by name: building them all costs more than running ``coi list``)."""
+    parser = _Parser(
+        prog="coi",
+        description="Run AI coding agents inside isolated Incus system containers.",
+        epilog=(
+            "commands by group:\n"
+            "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
+            "  images:    build, image\n"
+            "  low-level: container, file, tmux\n"
+            "  host:      setup, doctor, config, completion, version\n\n"
+            "example:\n  coi shell            # Claude Code in a container, on the current directory"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--version", action="version", version=f"coi {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    for name, (summary, build) in COMMANDS.items():
+        if only in (None, name):
+            build(sub, summary)
+        else:
+            sub.add_parser(name, help=summary)  # listed, but its flags are not built
+    if only in (None, "__complete"):
+        p = sub.add_parser("__complete")  # for the completion scripts; not listed
+        p.set_defaults(handler="host:complete")
+        p.add_argument("what", choices=["containers", "sessions"])
     return parser

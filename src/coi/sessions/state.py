@@ -177,85 +177,110 @@ def copy_state(client: IncusClient, container: str, remote: str, local: Path, *,
     A missing ``remote``, or one that is not a directory, gives an empty copy.
     """
     _make_private_dir(local)
+    entries = _top_entries(client, container, remote, warn)
+    if entries is None:
+        return CopyReport(0, 0)
+    walk = _Walk(client, container, remote, local, limits=limits, warn=warn,
+                 skip={PurePosixPath(rel) for rel in exclude})
+    walk.queue(PurePosixPath(), entries, 1)
+    walk.run()
+    return walk.finish()
+
+
+def _top_entries(client: IncusClient, container: str, remote: str, warn: Warn) -> list[Any] | None:
+    """The names in the agent's state directory; None when there is nothing to copy."""
     try:
         _, info = client.pull_file(container, remote, max_bytes=0)
     except NotFoundError:
-        return CopyReport(0, 0)  # the agent never wrote any state
+        return None  # the agent never wrote any state
     except TooLargeError:  # a file where the directory should be
         info = {"type": "file"}
     except CoiError as exc:
         warn(f"the agent's state was not saved: {_printable(exc.message)}")
-        return CopyReport(0, 0)
+        return None
     if info["type"] != "directory":
         warn(f"{remote} in {container} is not a directory: no state saved")
-        return CopyReport(0, 0)
+        return None
+    return info.get("entries") or []
 
-    skip = {PurePosixPath(rel) for rel in exclude}
-    note = _Notes(warn)
-    budget = limits.max_files  # entries that may still be queued
-    left = limits.max_size  # bytes of content that may still be copied
-    files = 0
-    too_big: list[str] = []
-    too_deep: list[str] = []
-    pending: list[tuple[PurePosixPath, int]] = []  # (path below remote, depth); a stack
-    full = False
 
-    def queue(parent: PurePosixPath, entries: list[Any], depth: int) -> None:
-        nonlocal budget, full
+class _Walk:
+    """One bounded copy of a state directory, depth first in name order: entries are
+    queued while the file budget lasts, content copied while the byte budget lasts."""
+
+    def __init__(self, client: IncusClient, container: str, remote: str, local: Path, *,
+                 limits: SaveLimits, warn: Warn, skip: set[PurePosixPath]) -> None:
+        self.client, self.container, self.remote, self.local = client, container, remote, local
+        self.limits, self.warn, self.skip = limits, warn, skip
+        self.note = _Notes(warn)
+        self.budget = limits.max_files  # entries that may still be queued
+        self.left = limits.max_size  # bytes of content that may still be copied
+        self.files = 0
+        self.too_big: list[str] = []
+        self.too_deep: list[str] = []
+        self.pending: list[tuple[PurePosixPath, int]] = []  # (path below remote, depth); a stack
+        self.full = False
+
+    def queue(self, parent: PurePosixPath, entries: list[Any], depth: int) -> None:
         wanted = []
         for name in entries:
             problem = name_problem(name)
             if problem:
-                note(f"left out an entry of {_shown(parent)}: its name {_shown(name)} {problem}")
+                self.note(f"left out an entry of {_shown(parent)}: its name {_shown(name)} {problem}")
                 continue
-            if parent / name in skip:
+            if parent / name in self.skip:
                 continue
-            if budget == 0:
-                full = True
+            if self.budget == 0:
+                self.full = True
                 break
-            budget -= 1
+            self.budget -= 1
             wanted.append((parent / name, depth))
-        pending.extend(reversed(wanted))  # popped in name order
+        self.pending.extend(reversed(wanted))  # popped in name order
 
-    queue(PurePosixPath(), info.get("entries") or [], 1)
-    while pending and left > 0:
-        rel, depth = pending.pop()
+    def run(self) -> None:
+        while self.pending and self.left > 0:
+            self._copy(*self.pending.pop())
+
+    def _copy(self, rel: PurePosixPath, depth: int) -> None:
         try:
-            content, info = client.pull_file(container, f"{remote}/{rel}", max_bytes=left)
+            content, info = self.client.pull_file(self.container, f"{self.remote}/{rel}", max_bytes=self.left)
         except TooLargeError:
-            too_big.append(str(rel))
-            continue
+            self.too_big.append(str(rel))
+            return
         except CoiError as exc:
-            note(f"left out {_shown(rel)}: {_printable(exc.message)}")
-            continue
-        target = local / rel
+            self.note(f"left out {_shown(rel)}: {_printable(exc.message)}")
+            return
+        target = self.local / rel
         try:
             if info["type"] == "file":
                 _write_private(target, content, saved_mode("file", info["mode"]))
-                files += 1
-                left -= len(content)
+                self.files += 1
+                self.left -= len(content)
             elif info["type"] == "directory":
                 _make_private_dir(target)
                 entries = info.get("entries") or []
-                if depth < limits.max_depth:
-                    queue(rel, entries, depth + 1)
+                if depth < self.limits.max_depth:
+                    self.queue(rel, entries, depth + 1)
                 elif entries:
-                    too_deep.append(str(rel))
+                    self.too_deep.append(str(rel))
             # symlinks and special files are skipped on purpose: nothing from the
             # container may point a host path somewhere else.
         except OSError as exc:
-            note(f"left out {_shown(rel)}: {exc.strerror or exc}")
-    note.close()
-    if too_big or pending:  # the walk stops with entries pending only when no byte is left
-        first = _shown(too_big[0] if too_big else pending[-1][0])
-        warn(f"sessions.max_size ({limits.max_size} bytes) reached: files of the agent's state left out "
-             f"of the save, the first {first}")
-    if full:
-        warn(f"sessions.max_files ({limits.max_files}) reached: the rest of the agent's state is left out")
-    if too_deep:
-        warn(f"sessions.max_depth ({limits.max_depth}) reached: {len(too_deep)} directories saved without "
-             f"their contents, the first {_shown(too_deep[0])}")
-    return CopyReport(files, limits.max_size - left)
+            self.note(f"left out {_shown(rel)}: {exc.strerror or exc}")
+
+    def finish(self) -> CopyReport:
+        self.note.close()
+        limits = self.limits
+        if self.too_big or self.pending:  # the walk stops with entries pending only when no byte is left
+            first = _shown(self.too_big[0] if self.too_big else self.pending[-1][0])
+            self.warn(f"sessions.max_size ({limits.max_size} bytes) reached: files of the agent's state left "
+                      f"out of the save, the first {first}")
+        if self.full:
+            self.warn(f"sessions.max_files ({limits.max_files}) reached: the rest of the agent's state is left out")
+        if self.too_deep:
+            self.warn(f"sessions.max_depth ({limits.max_depth}) reached: {len(self.too_deep)} directories saved "
+                      f"without their contents, the first {_shown(self.too_deep[0])}")
+        return CopyReport(self.files, limits.max_size - self.left)
 
 
 # ---- saved sessions and their generations ---------------------------------------------
