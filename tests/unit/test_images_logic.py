@@ -13,7 +13,7 @@ import pytest
 from coi import config as coi_config
 from coi import images, tools
 from coi.errors import CoiError, UsageError
-from coi.images import bootstrap, dns, inputs, manage, progress, refs, run
+from coi.images import bootstrap, inputs, manage, progress, refs, run
 from coi.images.log import BuildLog
 from coi.incus import EXEC_NOT_STARTED
 
@@ -235,25 +235,6 @@ ROUTES = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n"
 ])
 def test_default_gateway(text, device, gateway):
     assert images.default_gateway(text, device) == gateway
-
-
-def _nic(*addresses):
-    return {"network": {"eth0": {"addresses": [dict(family=f, scope=s, address=a) for f, s, a in addresses]}}}
-
-
-@pytest.mark.parametrize("state, address", [
-    (_nic(("inet", "global", "10.1.2.3")), "10.1.2.3"),
-    (_nic(("inet6", "global", "fd42::1"), ("inet", "link", "169.254.0.1"), ("inet", "global", "10.1.2.4")),
-     "10.1.2.4"),
-    (_nic(("inet6", "global", "fd42::1")), None),
-    (_nic(), None),
-    ({"network": {"eth1": {}}}, None),
-    ({"network": None}, None),
-    ({}, None),
-    (None, None),
-])
-def test_global_ipv4(state, address):
-    assert dns.global_ipv4(state) == address
 
 
 # --- image rows, sizes, times and clean-up plans -------------------------------------------

@@ -20,23 +20,6 @@ def test_find_attachment_of_a_running_container_waits_for_its_address():
     assert network.find_attachment(stub_incus(), ATT.container) == ATT
 
 
-@pytest.mark.parametrize("state, nic, address", [
-    ({}, "eth0", None),
-    ({"network": {"eth0": {"addresses": [{"family": "inet6", "scope": "global", "address": "fd00::2"},
-                                         {"family": "inet", "scope": "link", "address": "169.254.0.2"},
-                                         {"family": "inet", "scope": "global", "address": "10.9.0.4"},
-                                         {"family": "inet", "scope": "global", "address": "10.9.0.5"}]}}},
-     "eth0", "10.9.0.4"),
-    ({"network": {"eth1": {"addresses": [{"family": "inet", "scope": "global", "address": "10.9.0.4"}]}}},
-     "eth0", None),
-    ({"network": {"eth1": {"addresses": [{"family": "inet", "scope": "global", "address": "10.9.0.4"}]}}},
-     "eth1", "10.9.0.4"),
-    ({"network": {"eth0": {"addresses": None}}}, "eth0", None),
-])
-def test_instance_ipv4(state, nic, address):
-    assert network.instance_ipv4(state, nic) == address
-
-
 @pytest.mark.parametrize("devices, found", [
     ({"eth0": NIC}, ("eth0", "coibr0")),
     ({"eth1": NIC, "eth0": {"type": "nic", "nictype": "bridged", "parent": "br0"}}, ("eth0", "br0")),

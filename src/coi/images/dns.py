@@ -4,11 +4,12 @@ an image whose resolver is a loopback stub that does not run (inside the builder
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
 
 from coi.errors import CoiError, OperationFailedError
 from coi.images.log import Log
 from coi.images.run import capture
+from coi.incus.records import ipv4_address
 from coi.wait import wait_for
 
 if TYPE_CHECKING:
@@ -47,22 +48,13 @@ def default_gateway(proc_net_route: str, device: str = "eth0") -> str | None:
     return None
 
 
-def global_ipv4(state: Mapping[str, Any], device: str = "eth0") -> str | None:
-    """The global IPv4 address of ``device`` in an instance's state, if it has one yet."""
-    nic = ((state or {}).get("network") or {}).get(device) or {}
-    for addr in nic.get("addresses") or []:
-        if addr.get("family") == "inet" and addr.get("scope") == "global":
-            return addr.get("address")
-    return None
-
-
 def wait_for_network(client: IncusClient, builder: str, *, say: Log) -> bool:
     """DHCP on eth0, then names resolve; True when a dead loopback resolver had to be repaired.
 
     Raises NetworkNotReady saying what is missing.
     """
     try:
-        address = wait_for(lambda: global_ipv4(client.instance_state(builder)),
+        address = wait_for(lambda: ipv4_address(client.instance_state(builder)),
                            timeout=_NETWORK_TIMEOUT, what=f"an IPv4 address on eth0 of {builder}")
     except CoiError:
         raise NetworkNotReady(f"eth0 got no IPv4 address (DHCP) within {_NETWORK_TIMEOUT:g}s; "

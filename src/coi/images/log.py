@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
-# Where a build's lines go (the terminal, a test's list). images, network and
-# sessions each define this alias today; one shared definition is left for later.
-Log = Callable[[str], None]
+from coi.messages import Log  # where a build's lines go (the terminal, a test's list)
 
 
 def log_path(config: Any, alias: str) -> Path:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from coi.network.acl import ACL_DESCRIPTION, acl_name, acl_spec
 from coi.network.attach import (ADDRESS_LOCK, DHCP_TIMEOUT, HOST_NAME_PREFIX, Attachment, Pin, address_lock,
-                                check_name, choose_address, find_attachment, instance_ipv4, is_pinned, pin_nic)
+                                check_name, choose_address, find_attachment, is_pinned, pin_nic)
 from coi.network.backends import (HELPER, AclBackend, Backend, BackendUnavailable, Backends, NftBackend, OpenBackend,
                                   apply_request, host_ipv4_addresses, nft_refusal)
 from coi.network.dns import Resolution, ResolveError, dns_query_a, parse_dns_answer, resolve_allowed, resolver_for
@@ -52,7 +52,7 @@ __all__ = [
     "NetworkPolicy", "NftBackend", "OpenBackend", "Pin", "Resolution", "ResolveError", "Store",
     "acl_name", "acl_spec", "address_lock", "applies_before_start", "apply", "apply_request", "backend_report",
     "chain", "check_iface", "check_name", "choose_address", "clean_orphans", "collapse", "containers_in_ruleset",
-    "dns_query_a", "find_attachment", "gate_in_ruleset", "host_ipv4_addresses", "instance_ipv4",
+    "dns_query_a", "find_attachment", "gate_in_ruleset", "host_ipv4_addresses",
     "interfaces_in_chain", "is_pinned", "log_file", "nft_apply_script", "nft_close_script", "nft_gate_script",
     "nft_open_script", "nft_probe", "nft_refusal", "nft_remove_script", "nft_set_script", "parse_dns_answer",
     "parse_trace", "pin_nic", "plan", "remove", "resolve_allowed", "resolver_for", "watcher_argv",

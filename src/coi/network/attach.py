@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
-from coi.errors import CoiError
+from coi.errors import CoiError, TimedOutError
+from coi.incus.records import ipv4_address
 from coi.network.policy import OPEN_HINT
 from coi.wait import wait_for
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 DHCP_TIMEOUT = 30.0
 # Made by `coi setup` (group incus-admin), so every coi user on the host shares it.
@@ -55,7 +56,7 @@ def check_name(container: str) -> str:
     return container
 
 
-def find_attachment(client: Incus, container: str, *, timeout: float = DHCP_TIMEOUT) -> Attachment:
+def find_attachment(client: IncusClient, container: str, *, timeout: float = DHCP_TIMEOUT) -> Attachment:
     """The bridge, host-side interface and IPv4 of a container.
 
     A container with a pinned NIC (``pin_nic``) has them in its config,
@@ -77,16 +78,7 @@ def find_attachment(client: Incus, container: str, *, timeout: float = DHCP_TIME
                       gateway=str(gateway_if.ip), subnet=str(gateway_if.network))
 
 
-def instance_ipv4(state: Mapping[str, Any], nic: str = "eth0") -> str | None:
-    """The first global IPv4 address of one NIC in an instance's state (``/state``), if any."""
-    data = ((state or {}).get("network") or {}).get(nic) or {}
-    for address in data.get("addresses") or []:
-        if address.get("family") == "inet" and address.get("scope") == "global":
-            return address.get("address")
-    return None
-
-
-def _leased(client: Incus, container: str, inst: Mapping[str, Any], nic: str,
+def _leased(client: IncusClient, container: str, inst: Mapping[str, Any], nic: str,
             timeout: float) -> tuple[str, str]:
     """(host-side interface, IPv4) of a running container once DHCP gave it an address."""
     def addressed() -> tuple[str, str] | None:
@@ -95,15 +87,13 @@ def _leased(client: Incus, container: str, inst: Mapping[str, Any], nic: str,
             raise CoiError(f"container {container} is not running ({state.get('status')})")
         data = (state.get("network") or {}).get(nic) or {}
         veth = data.get("host_name") or (inst.get("config") or {}).get(f"volatile.{nic}.host_name", "")
-        ipv4 = instance_ipv4(state, nic)
+        ipv4 = ipv4_address(state, nic)
         return (veth, str(ipaddress.IPv4Address(ipv4))) if veth and ipv4 else None
 
     try:
         return wait_for(addressed, timeout=timeout, what=f"{container} to get an IPv4 address",
                         first_interval=0.02)
-    except CoiError as exc:
-        if "timed out" not in exc.message:  # wait_for's deadline has no error type of its own
-            raise
+    except TimedOutError:
         raise CoiError(f"cannot isolate {container}: its {nic} got no IPv4 address within {timeout:g}s",
                        f"check the image's DHCP client, or {OPEN_HINT}") from None
 
@@ -162,7 +152,7 @@ class Pin:
     files: dict[str, bytes]  # resolv.conf: the bridge's resolver, before systemd-resolved runs
 
 
-def pin_nic(client: Incus, instances: Iterable[Mapping[str, Any]], *, profile: str = "coi",
+def pin_nic(client: IncusClient, instances: Iterable[Mapping[str, Any]], *, profile: str = "coi",
             rand: Callable[[int], bytes] = os.urandom) -> Pin | None:
     """Pin a new container's NIC to a free address; None when the profile's only NIC is
     not on a managed bridge with an IPv4 subnet (its rules then wait for DHCP).
@@ -190,7 +180,7 @@ def pin_nic(client: Incus, instances: Iterable[Mapping[str, Any]], *, profile: s
         files={"/etc/resolv.conf": f"nameserver {gateway}\n".encode()})
 
 
-def used_addresses(client: Incus, bridge: str, instances: Iterable[Mapping[str, Any]]) -> set[str]:
+def used_addresses(client: IncusClient, bridge: str, instances: Iterable[Mapping[str, Any]]) -> set[str]:
     """The bridge's leases and the addresses other containers' NICs on it are pinned to."""
     used = {lease.get("address", "") for lease in client.network_leases(bridge)}
     for inst in instances:

@@ -30,7 +30,7 @@ from coi.network.attach import NAME, Attachment
 from coi.network.policy import NetworkPolicy, is_ipv4
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 # Installed by 'coi setup' (root:root 0755): the one command a coi user may run through
 # sudo. It takes one JSON request on stdin and touches only coi's tables (coi.network.helper).
@@ -210,7 +210,7 @@ class AclBackend:
     description = "Incus network ACLs"
     opens_gate = False  # the daemon filters; the gate is host nftables
 
-    def __init__(self, client: Incus) -> None:
+    def __init__(self, client: IncusClient) -> None:
         self.client = client
 
     def apply(self, att: Attachment, policy: NetworkPolicy, addresses: list[str]) -> None:
@@ -299,7 +299,7 @@ class Backends:
     nft: Callable[[Sequence[str]], NftBackend] = NftBackend
     acl: Callable[[Incus], AclBackend] = AclBackend
 
-    def named(self, name: str | None, *, client: Incus | None,
+    def named(self, name: str | None, *, client: IncusClient | None,
               privileged_command: Sequence[str] = ()) -> Backend:
         """The backend a container's record names; host nftables for anything else (no
         record: coi's nft tables may still hold rules of the container)."""
@@ -311,7 +311,7 @@ class Backends:
             return OpenBackend()
         return self.nft(tuple(privileged_command))
 
-    def present(self, client: Incus | None, privileged_command: Sequence[str] = ()) -> list[Backend]:
+    def present(self, client: IncusClient | None, privileged_command: Sequence[str] = ()) -> list[Backend]:
         """The backends that may hold rules here (``clean_orphans`` looks in each)."""
         found: list[Backend] = []
         try:

@@ -15,9 +15,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from coi.errors import CoiError
+from coi.messages import Log
 from coi.network.attach import HOST_NAME_PREFIX, Attachment, find_attachment, is_pinned
 from coi.network.backends import (DEFAULT_BACKENDS, AclBackend, Backend, BackendUnavailable, Backends,
                                   NftBackend, OpenBackend, nft_binary, nft_refusal)
@@ -29,12 +30,10 @@ from coi.wait import wait_for
 
 if TYPE_CHECKING:
     from coi.config import Network
-    from coi.incus import Incus
-
-Log = Callable[[str], None]
+    from coi.incus import IncusClient
 
 
-def apply(client: Incus, container: str, policy: NetworkPolicy, *, sessions_dir: Path, log: Log,
+def apply(client: IncusClient, container: str, policy: NetworkPolicy, *, sessions_dir: Path, log: Log,
           backends: Backends = DEFAULT_BACKENDS) -> str:
     """Enforce ``policy`` on a container before its agent starts; returns the backend used.
 
@@ -68,7 +67,7 @@ def apply(client: Incus, container: str, policy: NetworkPolicy, *, sessions_dir:
     return backend.description
 
 
-def _apply_open(client: Incus, container: str, policy: NetworkPolicy, store: Store, log: Log,
+def _apply_open(client: IncusClient, container: str, policy: NetworkPolicy, store: Store, log: Log,
                 backends: Backends) -> str:
     """Open mode: no rules (earlier ones removed), and a pinned interface let past the gate."""
     remove(container, sessions_dir=store.root.parent, client=client, privileged_command=policy.privileged_command,
@@ -99,7 +98,7 @@ def _resolve(store: Store, att: Attachment, policy: NetworkPolicy, log: Log) -> 
     return resolution.addresses
 
 
-def _enforce(client: Incus, store: Store, att: Attachment, policy: NetworkPolicy, addresses: list[str],
+def _enforce(client: IncusClient, store: Store, att: Attachment, policy: NetworkPolicy, addresses: list[str],
              log: Log, backends: Backends) -> Backend:
     """Incus ACLs when this host allows them, else host nftables; fail closed when neither works."""
     reasons = []
@@ -149,7 +148,7 @@ def _close_gate(record: Mapping[str, Any], privileged_command: Sequence[str], ba
             pass  # the gate is not loaded here, or coi may not change it: nothing is open either
 
 
-def _drop_stale_address(store: Store, att: Attachment, *, client: Incus, log: Log,
+def _drop_stale_address(store: Store, att: Attachment, *, client: IncusClient, log: Log,
                         privileged_command: Sequence[str], backends: Backends) -> None:
     """Rules left for another container that had this address are stale now: remove them."""
     for name, record in store.records().items():
@@ -159,7 +158,7 @@ def _drop_stale_address(store: Store, att: Attachment, *, client: Incus, log: Lo
                    backends=backends)
 
 
-def remove(container: str, *, sessions_dir: Path, client: Incus | None, privileged_command: Sequence[str] = (),
+def remove(container: str, *, sessions_dir: Path, client: IncusClient | None, privileged_command: Sequence[str] = (),
            backends: Backends = DEFAULT_BACKENDS) -> None:
     """Remove a container's rules and its watcher; call when coi stops or deletes it.
 
@@ -183,7 +182,7 @@ def remove(container: str, *, sessions_dir: Path, client: Incus | None, privileg
     store.drop_record(container)
 
 
-def clean_orphans(existing: set[str], *, sessions_dir: Path, client: Incus | None = None,
+def clean_orphans(existing: set[str], *, sessions_dir: Path, client: IncusClient | None = None,
                   privileged_command: Iterable[str] = (), backends: Backends = DEFAULT_BACKENDS) -> list[str]:
     """Remove rules whose container no longer exists; returns the containers cleaned.
 
@@ -278,7 +277,7 @@ def watcher_argv(container: str, sessions_dir: Path) -> list[str]:
     return [sys.executable, "-I", "-m", WATCHER_MODULE, container, str(Path(sessions_dir))]
 
 
-def _start_watcher(store: Store, container: str, *, sessions_dir: Path, client: Incus) -> int:
+def _start_watcher(store: Store, container: str, *, sessions_dir: Path, client: IncusClient) -> int:
     """Start the watcher detached (own session, no terminal, cwd ``/``); returns its pid."""
     env = {k: os.environ[k] for k in WATCHER_ENV if k in os.environ}
     env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

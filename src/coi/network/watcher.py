@@ -40,7 +40,7 @@ from coi.network.service import remove
 from coi.network.store import Store, log_file
 
 if TYPE_CHECKING:
-    from coi.incus import Incus
+    from coi.incus import IncusClient
 
 POLL_SECONDS = 0.5  # how often the container is read (one REST call answered from Incus's database)
 STOPPED_GRACE = 5.0  # a reboot from inside shows "Stopped" for about half a second
@@ -54,7 +54,7 @@ def _say(message: str) -> None:
 class Watcher:
     """Follows one container until its rules are gone (``run``)."""
 
-    def __init__(self, container: str, sessions_dir: Path, client: Incus,
+    def __init__(self, container: str, sessions_dir: Path, client: IncusClient,
                  privileged_command: tuple[str, ...] = (), *, backends: Backends = DEFAULT_BACKENDS) -> None:
         self.container = container
         self.privileged_command = privileged_command  # from the user's trusted config, not the record
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     container, sessions_dir = args[0], Path(args[1]).absolute()
     os.chdir("/")  # hold no directory (a workspace) busy while the container lives
     from coi.config import load_config
-    from coi.incus import Incus
+    from coi.incus import IncusClient
     from coi.statedir import check_state_dir
 
     check_state_dir(sessions_dir)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from coi import naming
 from coi.config import Mount
 from coi.errors import CoiError, ConflictError, UsageError
+from coi.incus.records import ipv4_addresses
 
 if TYPE_CHECKING:
     from coi.tools import Tool
@@ -268,8 +269,7 @@ def is_coi(instance: Mapping[str, Any], prefix: str) -> bool:
 def to_info(instance: Mapping[str, Any]) -> ContainerInfo:
     cfg = instance.get("config") or {}
     state = instance.get("state") or {}
-    ipv4 = [a["address"] for nic, data in (state.get("network") or {}).items() if nic != "lo"
-            for a in data.get("addresses") or [] if a.get("family") == "inet"]
+    ipv4 = ipv4_addresses(state, global_only=False)
     slot = cfg.get(f"{KEY}slot", "")
     return ContainerInfo(
         name=instance["name"], status=instance.get("status", "Unknown"),
