@@ -297,7 +297,7 @@ class Backends:
     """Where the service and the watcher get their backends: the real ones by default."""
 
     nft: Callable[[Sequence[str]], NftBackend] = NftBackend
-    acl: Callable[[Incus], AclBackend] = AclBackend
+    acl: Callable[[IncusClient], AclBackend] = AclBackend
 
     def named(self, name: str | None, *, client: IncusClient | None,
               privileged_command: Sequence[str] = ()) -> Backend:

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     container, sessions_dir = args[0], Path(args[1]).absolute()
     os.chdir("/")  # hold no directory (a workspace) busy while the container lives
     from coi.config import load_config
-    from coi.incus import IncusClient
+    from coi.incus import Incus
     from coi.statedir import check_state_dir
 
     check_state_dir(sessions_dir)
