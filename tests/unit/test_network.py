@@ -320,3 +320,21 @@ def test_watcher_gives_a_container_not_started_yet_longer(tmp_path, monkeypatch,
     assert watch.run() == 0
     assert polled[-1] - polled[0] >= 0.3  # not removed after the short grace of a seen reboot
     assert fake.calls == [network.nft_remove_script(ATT.container)]
+
+
+def test_the_watcher_process_starts_with_the_users_config_and_a_real_client(tmp_path, monkeypatch):
+    """``python -I -m coi.network.watcher CONTAINER SESSIONS_DIR``: its main, up to the loop."""
+    from coi.incus import Incus
+    from coi.network import watcher
+    from fake_incus import FakeIncus
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    made: list[FakeIncus] = []
+    monkeypatch.setattr(Incus, "from_environment", classmethod(lambda cls, project: made.append(FakeIncus()) or made[0]))
+    monkeypatch.setattr(watcher.Watcher, "run", lambda self: 7)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert watcher.main([ATT.container, str(state)]) == 7
+    assert made and made[0].called("close")
+    assert watcher.main(["only-one"]) == 2
