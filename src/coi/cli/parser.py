@@ -69,6 +69,13 @@ def _command(sub, name: str, handler: str, summary: str, example: str, **kw) -> 
     return p
 
 
+def _targets(p: argparse.ArgumentParser) -> None:
+    """The containers a command acts on: names, or --all after a yes (--force: no question)."""
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every coi container")
+    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+
+
 def _session_flags(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
     """The global session flags of the contract."""
     _workspace(p)
@@ -158,25 +165,19 @@ def _info_command(sub, summary: str) -> None:
 def _shutdown_command(sub, summary: str) -> None:
     p = _command(sub, "shutdown", "sessions:shutdown", summary,
                  "coi shutdown --all --timeout 30")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--all", action="store_true", help="every coi container")
+    _targets(p)
     p.add_argument("--timeout", type=int, default=60, metavar="S", help="graceful stop timeout (default: 60)")
-    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
 
 
 def _kill_command(sub, summary: str) -> None:
     p = _command(sub, "kill", "sessions:kill", summary, "coi kill coi-1a2b3c4d-1")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--all", action="store_true", help="every coi container")
-    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    _targets(p)
 
 
 def _persist_command(sub, summary: str) -> None:
     p = _command(sub, "persist", "sessions:persist", summary,
                  "coi persist coi-1a2b3c4d-1")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--all", action="store_true", help="every coi container")
-    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    _targets(p)
 
 
 def _clean_command(sub, summary: str) -> None:

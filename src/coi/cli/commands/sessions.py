@@ -189,30 +189,29 @@ def _confirm(question: str) -> None:
 def kill(ctx: Context, *, names: list[str], all: bool = False, force: bool = False) -> int:
     from coi.sessions import manage
 
-    targets = _targets(ctx, names, all, force, "kill")
-    for inst in targets:
-        manage.kill(ctx.place, inst)
-        ctx.ui.info(f"Killed {inst['name']}")
-    return 1 if names and not targets else 0
+    return _each(ctx, names, all, force, "kill", lambda inst: manage.kill(ctx.place, inst), "Killed {}")
 
 
 def shutdown(ctx: Context, *, names: list[str], all: bool = False, timeout: int = 60, force: bool = False) -> int:
     from coi.sessions import manage
 
-    targets = _targets(ctx, names, all, force, "shutdown")
-    for inst in targets:
-        manage.shutdown(ctx.place, inst, timeout=timeout)
-        ctx.ui.info(f"Shut down {inst['name']}")
-    return 1 if names and not targets else 0
+    return _each(ctx, names, all, force, "shutdown", lambda inst: manage.shutdown(ctx.place, inst, timeout=timeout),
+                 "Shut down {}")
 
 
 def persist(ctx: Context, *, names: list[str], all: bool = False, force: bool = False) -> int:
     from coi.sessions import manage
 
-    targets = _targets(ctx, names, all, force, "persist")
+    return _each(ctx, names, all, force, "persist", lambda inst: manage.persist(ctx.place, inst),
+                 "{} is now persistent")
+
+
+def _each(ctx: Context, names: list[str], all: bool, force: bool, verb: str, act, said: str) -> int:
+    """``act`` on each target and say so; 1 when names were given and none was one of coi's."""
+    targets = _targets(ctx, names, all, force, verb)
     for inst in targets:
-        manage.persist(ctx.place, inst)
-        ctx.ui.info(f"{inst['name']} is now persistent")
+        act(inst)
+        ctx.ui.info(said.format(inst["name"]))
     return 1 if names and not targets else 0
 
 
