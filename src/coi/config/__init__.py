@@ -11,10 +11,11 @@ Must not: talk to Incus, write files, or import any other coi module than
 ``coi.errors`` and ``coi.tools`` (the one list of agent tools).
 """
 
+from typing import Any
+
 from coi.config.load import config_files, default_config, load_config, user_config_file
 from coi.config.model import (Build, Config, Defaults, Incus, Limits, LoadedConfig, Mount, Mounts, Network,
                               NetworkLogging, Paths, Profile, ProfileLimits, Sessions, Tool)
-from coi.config.render import render_toml, to_json
 from coi.config.schema import ENV_VARS, NETWORK_MODES, SCHEMA, SYSTEM_FILE, TOOLS, WORKSPACE_FILE, Key
 from coi.config.values import expand_path
 from coi.config.workspace import WORKSPACE_KEYS, untrusted_layer
@@ -25,3 +26,12 @@ __all__ = [
     "Paths", "Profile", "ProfileLimits", "Sessions", "Tool", "config_files", "default_config", "expand_path",
     "load_config", "render_toml", "to_json", "untrusted_layer", "user_config_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``config show``'s rendering, loaded only for it."""
+    if name in ("render_toml", "to_json"):
+        from coi.config import render
+
+        return getattr(render, name)
+    raise AttributeError(f"module 'coi.config' has no attribute {name!r}")

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from coi.errors import CoiError, OperationFailedError
-from coi.messages import Log
 from coi.sessions.spec import WORKSPACE, tmux_env
 
 if TYPE_CHECKING:
     from coi.incus import IncusClient
+    from coi.messages import Log
 
 # Loads the environment file written next to a command (see ``env_via_file``), removes
 # it, and runs the command. A second start after Incus lost track of the first finds

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from coi import naming
 from coi.config import Mount
 from coi.errors import CoiError, ImageNotFoundError, NotFoundError, OperationFailedError, TimedOutError
-from coi.messages import Log
 from coi.sessions.signals import deferred_signals, signals_ignored
 from coi.sessions.spec import (CONTAINER_CONFIG, KEY, STORAGE, ContainerInfo, Session, SessionRequest,
                                check_mount_sources, choose_slot, container_spec, is_coi, is_stopped,
@@ -20,6 +19,7 @@ from coi.wait import wait_for
 
 if TYPE_CHECKING:
     from coi.incus import IncusClient
+    from coi.messages import Log
 
 def list_containers(client: IncusClient, prefix: str, *, with_state: bool = True) -> list[ContainerInfo]:
     instances = client.instances(recursion=2 if with_state else 1)
