@@ -97,5 +97,5 @@ class Context:
         """What the session services work with: client, config, workspace, state dir, output."""
         from coi.sessions.lifecycle import Place
 
-        return Place(client=self.incus, config=self.config, workspace=self.workspace,
-                     sessions_dir=self.sessions_dir, messages=self.ui)
+        return Place(client=self.incus, config=self.config, workspace=self.workspace, messages=self.ui,
+                     state_dir=lambda: self.sessions_dir)

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from coi import naming
 from coi.errors import CoiError, NotFoundError
@@ -28,14 +28,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Place:
-    """Where sessions of one command run: the client, the config, the workspace and
-    coi's (checked) state directory, and where progress goes."""
+    """Where sessions of one command run: the client, the config, the workspace, where
+    progress goes, and coi's state directory, checked on first use (``state_dir``) so that
+    a request can refuse an exposed one before anything is made there."""
 
     client: IncusClient
     config: Config
     workspace: Path
-    sessions_dir: Path
     messages: Messages
+    state_dir: Callable[[], Path]
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.state_dir()
 
 
 # ---- the request ---------------------------------------------------------------

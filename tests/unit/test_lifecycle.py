@@ -1,0 +1,213 @@
+"""A session's start and end (coi.sessions.lifecycle and manage) against the shared
+FakeIncus: what is asked of Incus, in which order, and what is refused before anything
+exists. The network rules are stubbed out; they have tests of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from coi.config import default_config
+from coi.errors import CoiError, NotFoundError, UsageError
+from coi.sessions import lifecycle, manage, spec
+from coi.sessions.lifecycle import Place
+from fake_incus import DEFAULT, FakeIncus
+
+pytestmark = pytest.mark.unit
+
+
+class Said:
+    """The messages a service gave."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, text: str) -> None:
+        self.lines.append(("info", text))
+
+    def detail(self, text: str) -> None:
+        self.lines.append(("detail", text))
+
+    def warn(self, text: str) -> None:
+        self.lines.append(("warn", text))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("COI_CONTAINER_PREFIX", "coi-test-")
+    return home
+
+
+@pytest.fixture
+def network(monkeypatch):
+    """The network service, stubbed: which containers got rules, which lost them."""
+    from coi import network as net
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(net, "applies_before_start", lambda inst, policy, sessions_dir: True)
+    monkeypatch.setattr(net, "apply", lambda client, name, policy, **kw: calls.append(("apply", name)) or "nft")
+    monkeypatch.setattr(net, "remove", lambda name, **kw: calls.append(("remove", name)))
+    monkeypatch.setattr(net, "pin_nic", lambda client, instances: None)
+    return calls
+
+
+def place_for(home: Path, workspace: Path, fake: FakeIncus, **config_changes) -> Place:
+    config = default_config(env={"HOME": str(home)})
+    if config_changes:
+        config = replace(config, **config_changes)
+    state = home / ".coi"
+    return Place(client=fake, config=config, workspace=workspace, messages=Said(),
+                 state_dir=lambda: state.mkdir(mode=0o700, exist_ok=True) or state)
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    path = tmp_path / "project"
+    path.mkdir()
+    return path
+
+
+def request(place: Place, **kw):
+    args = dict(slot=0, env=[], mount=[], storage=None, profile_env={}, profile=None)
+    args.update(kw)
+    return lifecycle.request(place, **args)
+
+
+def test_a_request_takes_only_named_variables(home, workspace, monkeypatch):
+    monkeypatch.setenv("PASSED", "p")
+    monkeypatch.setenv("SECRET", "s")
+    cfg = default_config(env={"HOME": str(home)})
+    place = place_for(home, workspace, FakeIncus(), tool=replace(cfg.tool, env_passthrough=("PASSED",)))
+    req = request(place, env=["A=1", "PASSED=given"], profile_env={"B": "2"})
+    assert req.env == {"PASSED": "given", "B": "2", "A": "1"}  # the command line wins
+    assert req.workspace == workspace and req.base_config["boot.autostart"] == "false"
+    assert lifecycle.agent_env(req)["A"] == "1" and "SECRET" not in lifecycle.agent_env(req)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"env": ["NOPE"]}, "not KEY=VALUE"),
+    ({"mount": ["/x:/workspace"]}, "is /workspace"),
+    ({"mount": ["nothing"]}, "HOST:CONTAINER"),
+])
+def test_bad_requests_are_refused_before_anything_exists(home, workspace, kw, message):
+    fake = FakeIncus()
+    with pytest.raises(UsageError, match=message):
+        request(place_for(home, workspace, fake), **kw)
+    assert fake.calls == [] and not (home / ".coi").exists()
+
+
+def test_a_state_dir_inside_a_mount_is_refused_before_it_is_made(home, workspace, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    cfg = default_config(env={"HOME": str(home)})
+    place = place_for(home, workspace, FakeIncus(), paths=replace(cfg.paths, sessions_dir=shared / "state"))
+    with pytest.raises(CoiError, match="inside or around"):
+        request(place, mount=[f"{shared}:/shared"])
+    assert not (shared / "state").exists() and not (home / ".coi").exists()
+
+
+def test_storage_alone_is_the_workspaces_own_directory(home, workspace):
+    req = request(place_for(home, workspace, FakeIncus()), storage="")
+    assert req.storage.parent == home / ".coi" / "storage" and len(req.storage.name) == 8
+
+
+def test_a_session_starts_with_files_in_before_the_rules_and_the_start(home, workspace, network):
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    req = request(place)
+    session = lifecycle.open_session(place, req)
+    assert session.created and session.slot == 1 and fake.instance(session.name)["status"] == "Stopped"
+    lifecycle.start(place, session, req, None, debug=False, tmux_session=True)
+    order = [c[0] for c in fake.calls if c[0] in ("push_file", "start", "exec")]
+    assert order.index("push_file") < order.index("start")  # credentials written into the stopped container
+    assert network == [("apply", session.name)]
+    tmux = [c[2] for c in fake.called("exec") if "new-session" in c[2]]
+    assert tmux and "--session-id" in tmux[0][-1] and tmux[0][:3] == ["setpriv", "--reuid=1000", "--regid=1000"]
+    settings = json.loads(fake.files_of(session.name).nodes[f"{spec.CODE_HOME}/.claude/settings.json"].content)
+    assert settings["permissions"]["defaultMode"] == "bypassPermissions"
+
+
+def test_a_start_that_fails_removes_what_it_made(home, workspace, network):
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    req = request(place)
+    session = lifecycle.open_session(place, req)
+
+    def broken(name, command, **kw):
+        if "new-session" in command:
+            raise CoiError("the agent does not start")
+        return DEFAULT
+    fake.on("exec", broken)
+    with pytest.raises(CoiError):
+        lifecycle.start(place, session, req, None, debug=False, tmux_session=True)
+    assert not fake.exists(session.name) and ("remove", session.name) in network
+
+
+def test_the_end_saves_then_deletes_an_ephemeral_container(home, workspace, network):
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    req = request(place)
+    session = lifecycle.open_session(place, req)
+    fake.files_of(session.name).file(f"{spec.CODE_HOME}/.claude/projects/p/t.jsonl", b"{}")
+    fake.files_of(session.name).file(f"{spec.CODE_HOME}/.claude/.credentials.json", b"secret")
+    lifecycle.end(place, session.name)
+    saved = home / ".coi" / "sessions-claude" / session.session_id
+    assert (saved / "state" / "projects" / "p" / "t.jsonl").exists()
+    assert not (saved / "state" / ".credentials.json").exists()
+    assert not fake.exists(session.name) and network[-1] == ("remove", session.name)
+
+
+def test_a_persistent_container_is_kept_and_reused(home, workspace, network):
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    req = request(place, persistent=True)
+    first = lifecycle.open_session(place, req)
+    lifecycle.end(place, first.name)
+    assert fake.exists(first.name)
+    again = lifecycle.open_session(place, req)
+    assert (again.name, again.session_id, again.created) == (first.name, first.session_id, False)
+
+
+def test_a_missing_image_names_the_build(home, workspace, network):
+    fake = FakeIncus()
+    from coi.errors import ImageNotFoundError
+
+    def no_image(name, **kw):
+        raise ImageNotFoundError("Failed creating instance from image: Image not provided")
+    fake.on("create_instance", no_image)
+    with pytest.raises(NotFoundError, match="image coi not found") as exc:
+        lifecycle.open_session(place_for(home, workspace, fake), request(place_for(home, workspace, fake)))
+    assert "coi build" in exc.value.hint
+
+
+def test_kill_acts_only_on_coi_containers(home, workspace, network):
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    session = lifecycle.open_session(place, request(place))
+    fake.create_instance("mine", start=True)
+    found, problems = manage.named(place, [session.name, "mine", "nope"])
+    assert [i["name"] for i in found] == [session.name]
+    assert problems == ["mine is not a coi container", "container nope not found"]
+    manage.kill(place, found[0])
+    assert not fake.exists(session.name) and fake.exists("mine")
+
+
+def test_clean_plans_stopped_ephemeral_containers_only(home, workspace, network, monkeypatch):
+    from coi import network as net
+
+    monkeypatch.setattr(net, "clean_orphans", lambda existing, **kw: ["coi-test-gone-1"])
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    ephemeral = lifecycle.open_session(place, request(place))
+    kept = lifecycle.open_session(place, request(place, persistent=True, slot=2))
+    plan = manage.plan_clean(place, saved_sessions=False)
+    assert [i["name"] for i in plan.stopped] == [ephemeral.name] and plan.rules_removed == ["coi-test-gone-1"]
+    assert kept.name not in [i["name"] for i in plan.stopped]
+    assert os.path.isdir(home / ".coi")
