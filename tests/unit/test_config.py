@@ -504,3 +504,10 @@ def test_workspace_profiles_get_the_same_rules(layers) -> None:
     layers.write("workspace", '[profiles.ws]\nimage = "x"\nnetwork = { mode = "open" }\n[defaults]\nprofile = "ws"\n')
     loaded = layers.load()
     assert loaded.config.defaults.image == "x" and loaded.config.network.mode == "restricted"
+
+
+def test_every_network_mode_has_a_strength():
+    from coi.config.schema import NETWORK_MODES
+    from coi.config.workspace import _MODE_STRENGTH
+
+    assert set(_MODE_STRENGTH) == set(NETWORK_MODES)

@@ -12,6 +12,7 @@ from typing import Any
 from coi.config.schema import _PROFILE_TARGETS, SCHEMA, Layer, _generic
 from coi.config.values import _given
 
+# The network modes (schema.NETWORK_MODES) from the weakest to the strongest isolation.
 _MODE_STRENGTH = {"open": 0, "restricted": 1, "allowlist": 2}
 
 

@@ -155,6 +155,14 @@ def start_container(place: Place, name: str) -> None:
         place.client.start(name)
 
 
+def stop_container(place: Place, name: str, *, force: bool) -> None:
+    place.client.stop(name, force=force)
+
+
+def exists(place: Place, name: str) -> bool:
+    return place.client.exists(name)
+
+
 def delete_container(place: Place, name: str, *, force: bool) -> None:
     client = place.client
     if client.instance(name)["status"] != "Stopped":

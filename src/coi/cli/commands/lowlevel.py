@@ -37,7 +37,9 @@ def container_start(ctx: Context, *, name: str) -> int:
 
 
 def container_stop(ctx: Context, *, name: str, force: bool = False) -> int:
-    ctx.incus.stop(name, force=force)
+    from coi.sessions import manage
+
+    manage.stop_container(ctx.place, name, force=force)
     return 0
 
 
@@ -49,7 +51,9 @@ def container_delete(ctx: Context, *, name: str, force: bool = False) -> int:
 
 
 def container_exists(ctx: Context, *, name: str) -> int:
-    return 0 if ctx.incus.exists(name) else 1
+    from coi.sessions import manage
+
+    return 0 if manage.exists(ctx.place, name) else 1
 
 
 def container_running(ctx: Context, *, name: str) -> int:
