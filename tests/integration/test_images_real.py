@@ -256,7 +256,7 @@ def test_image_publish_list_exists_delete(coi_user, incus, base_image, alias, co
     assert alias in table and len(table.splitlines()) == 2
 
     proc = coi_user.run(["image", "list", "--format", "yaml"])
-    assert proc.returncode == 1 and "unknown format" in proc.stderr
+    assert proc.returncode == 2 and "invalid choice: 'yaml'" in proc.stderr  # a usage error, as everywhere
 
     assert coi_user.run(["image", "delete", alias]).returncode == 0
     assert coi_user.run(["image", "exists", alias]).returncode == 1

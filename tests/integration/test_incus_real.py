@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from coi.errors import CoiError, ConflictError, NotFoundError, OperationFailedError
+from coi.errors import CoiError, ConflictError, ImageNotFoundError, NotFoundError, OperationFailedError
 from coi.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def test_daemon_errors_are_typed(incus, base_image, container_name):
     with pytest.raises(OperationFailedError, match="running"):
         incus.delete(container_name)  # a running container is not deleted without force
     assert incus.instance(container_name)["status"] == "Running"
-    with pytest.raises(OperationFailedError, match="Image not provided"):  # the daemon's own reason
+    with pytest.raises(ImageNotFoundError, match="Image not provided"):  # the daemon's own reason, typed
         incus.create_instance(f"{container_name}x", image="coi-test-no-such-image")
     assert not incus.exists(f"{container_name}x")
 
