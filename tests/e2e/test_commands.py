@@ -72,7 +72,7 @@ def test_run_with_mounts_env_and_persistent(session_user, workspace, coi_user):
     (["run", "--mount", "/tmp:/a", "--mount", "/var:/a/b", "--", "true"], "overlaps /a"),
     (["run", "--mount", "/tmp:/a", "--mount", "/var:/a", "--", "true"], "is /a"),
     (["shell", "abc"], "did you mean --resume=abc?"),
-    (["list", "--format", "xml"], "unknown format"),
+    (["list", "--format", "xml"], "invalid choice: 'xml'"),
     (["kill"], "name a container or use --all"),
     (["container", "exec", "x", "--format", "raw", "--", "true"], "--format needs --capture"),
     (["file", "push", "/etc/hostname", "no-colon-here"], "is not NAME:/PATH"),
