@@ -86,18 +86,14 @@ def test_persistent_container_survives_and_restarts(session_user, workspace, inc
     assert proc.returncode == 0, proc.stderr
     assert incus.instance(name)["status"] == "Stopped"  # kept, not deleted
 
-    proc = session_user.run(["shell", "--persistent", "--background"], cwd=workspace)
-    assert proc.returncode == 0, proc.stderr
-    assert f"Container: {name}" in proc.stderr
+    assert session_user.background(workspace, "--persistent")["container"] == name
     assert session_user.run(["container", "exec", name, "--", "test", "-f", "/opt/installed-here"]).returncode == 0
 
 
 def test_two_slots_have_their_own_homes(session_user, workspace):
     names = []
     for _ in range(2):
-        proc = session_user.run(["shell", "--background", "--debug"], cwd=workspace)
-        assert proc.returncode == 0, proc.stderr
-        names.append([l.split(": ")[1] for l in proc.stderr.splitlines() if l.startswith("Container: ")][0])
+        names.append(session_user.background(workspace, "--debug")["container"])
     assert names[0].endswith("-1") and names[1].endswith("-2")
     run = lambda n, cmd: session_user.run(["container", "exec", n, "--user", "1000", "--", "sh", "-c", cmd])
     assert run(names[0], "touch /home/code/mine /workspace/shared").returncode == 0
@@ -117,13 +113,12 @@ def test_hostile_environment_values_arrive_unchanged(session_user, workspace):
 
 
 def test_ten_sessions_at_once_get_ten_slots(session_user, workspace):
-    procs = [subprocess.Popen(session_user.argv(["coi", "shell", "--background", "--debug"]), cwd=workspace,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(10)]
+    argv = session_user.argv(["coi", "shell", "--background", "--format", "json", "--debug"])
+    procs = [subprocess.Popen(argv, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(10)]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [r[1] for r, p in zip(results, procs) if p.returncode]
-    slots = sorted(int(l.split("-")[-1]) for _, err in results for l in err.splitlines()
-                   if l.startswith("Container: "))
-    assert slots == list(range(1, 11))
+    assert sorted(json.loads(out)["slot"] for out, _ in results) == list(range(1, 11))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
