@@ -30,6 +30,12 @@ if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv python3-pip >/dev/null
 fi
+# The tests also drive the shells coi completes for (bash is there; zsh and fish may not be).
+if [ -n "$extras" ] && ! { command -v zsh && command -v fish; } >/dev/null; then
+  echo "Installing zsh and fish for the completion tests..."
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish >/dev/null
+fi
 if [ ! -x "$prefix/bin/python" ]; then
   echo "Creating $prefix..."
   /usr/bin/python3 -m venv "$prefix"

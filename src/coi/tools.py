@@ -128,7 +128,8 @@ TOOLS: dict[str, Tool] = {
                    credential_files=(".claude/.credentials.json", ".claude/settings.json", ".claude.json"),
                    session_flag="--session-id", resume_flag="--resume", continue_flag="--continue",
                    sandbox_settings=(
-                       (".claude/settings.json", {"permissions": {"defaultMode": "bypassPermissions"}}),
+                       (".claude/settings.json", {"permissions": {"defaultMode": "bypassPermissions"},
+                                                  "allowDangerouslySkipPermissions": True}),
                        # Straight to the prompt: onboarding, the bypass-permissions warning, the
                        # auto-mode nudge and notice, the workspace trust question all answered.
                        (".claude.json", {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True,

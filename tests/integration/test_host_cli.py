@@ -14,10 +14,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_version_forms(coi_user):
-    for args in (["--version"], ["-v"], ["version"]):
+    for args in (["--version"], ["-v"], ["version"], ["version", "ignored"]):
         proc = coi_user.run(args)
         assert proc.returncode == 0
-        assert proc.stdout.startswith("coi ")
+        assert proc.stdout.startswith("code-on-incus (coi) v") and proc.stdout.splitlines()[1].startswith("Python ")
 
 
 def test_doctor_passes_for_a_normal_user(coi_user, incus):

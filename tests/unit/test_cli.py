@@ -30,9 +30,23 @@ def test_resume_needs_equals_for_an_id(args, resume):
     assert _parse(build_parser(), args, normalise).resume == resume
 
 
-def test_version_fast_path(capsys):
-    assert main(["--version"]) == 0
-    assert capsys.readouterr().out.startswith("coi ")
+@pytest.mark.parametrize("args", [["--version"], ["-v"], ["version"], ["version", "--short", "extra"]])
+def test_version_names_code_on_incus_then_python(args, capsys):
+    assert main(args) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("code-on-incus (coi) v0.") and second.startswith("Python 3.")
+
+
+def test_help_has_the_familiar_sections(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: coi ") and "\nFlags:\n" in out and "\nAvailable Commands:\n" in out
+    assert "code-on-incus" in out
+    with pytest.raises(SystemExit):
+        main(["image", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: coi image ") and "\nAvailable Commands:\n" in out
 
 
 def test_unexpected_failures_are_one_line(monkeypatch, capsys):

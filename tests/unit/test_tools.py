@@ -47,14 +47,16 @@ def test_credentials_copy_only_essentials_and_keep_user_settings(tmp_path):
     files = TOOLS["claude"].credentials(tmp_path)
     assert set(files) == {".claude/.credentials.json", ".claude/settings.json", ".claude.json"}
     settings = json.loads(files[".claude/settings.json"])
-    assert settings == {"permissions": {"allow": ["Bash"], "defaultMode": "bypassPermissions"}, "x": 1}
+    assert settings == {"permissions": {"allow": ["Bash"], "defaultMode": "bypassPermissions"}, "x": 1,
+                        "allowDangerouslySkipPermissions": True}
     assert json.loads(files[".claude.json"])["hasCompletedOnboarding"] is True
 
 
 def test_credentials_without_host_files_still_allow_sandboxed_use(tmp_path):
     files = TOOLS["claude"].credentials(tmp_path)
     assert ".claude/.credentials.json" not in files
-    assert json.loads(files[".claude/settings.json"]) == {"permissions": {"defaultMode": "bypassPermissions"}}
+    assert json.loads(files[".claude/settings.json"]) == {"permissions": {"defaultMode": "bypassPermissions"},
+                                                         "allowDangerouslySkipPermissions": True}
 
 
 def test_api_key_tools_copy_nothing_from_the_host(tmp_path):
@@ -133,7 +135,8 @@ def test_full_host_config_leaves_the_other_files_as_they_are(tmp_path):
         TOOLS["claude"].credentials(tmp_path).keys()
     minimal = TOOLS["claude"].credentials(tmp_path)
     assert minimal[".claude/.credentials.json"] == b'{"t": 1}'
-    assert json.loads(minimal[".claude/settings.json"]) == {"x": 1, "permissions": {"defaultMode": "bypassPermissions"}}
+    assert json.loads(minimal[".claude/settings.json"]) == {"x": 1, "permissions": {"defaultMode": "bypassPermissions"},
+                                                           "allowDangerouslySkipPermissions": True}
 
 
 def test_claude_resumes_its_own_transcript_or_starts_fresh(tmp_path):

@@ -74,9 +74,50 @@ complete -o default -F _coi coi
 
 
 def zsh(parser: argparse.ArgumentParser) -> str:
-    # zsh runs bash completion functions through bashcompinit.
-    return ("# coi completion for zsh: eval \"$(coi completion zsh)\"\n"
-            "autoload -U +X bashcompinit && bashcompinit\n" + bash(parser))
+    """A native zsh completion function (``#compdef coi``): save it as ``_coi`` in a
+    directory of ``$fpath``, or ``eval`` it."""
+    table = command_table(parser)
+
+    def array(name: str, field: str) -> str:
+        items = " ".join(f"{_zsh_word(key or '_')} {_zsh_word(v[field])}" for key, v in table.items())
+        return f"typeset -gA {name}\n{name}=( {items} )"
+
+    return f"""#compdef coi
+# coi completion for zsh: save as _coi in a directory of $fpath, or eval "$(coi completion zsh)"
+{array("_coi_subs", "subs")}
+{array("_coi_flags", "flags")}
+{array("_coi_dyn", "dynamic")}
+_coi() {{
+    local path="" next w i
+    for ((i = 2; i < CURRENT; i++)); do
+        w="${{words[i]}}"
+        [[ $w == -* ]] && continue
+        next="${{path:+$path }}$w"
+        (( ${{+_coi_subs[$next]}} )) && path="$next"
+    done
+    local key="${{path:-_}}" cur="${{words[CURRENT]}}"
+    if [[ $cur == --resume=* || $cur == --continue=* ]]; then
+        compset -P '*='
+        compadd -- ${{(f)"$(coi __complete sessions 2>/dev/null)"}}
+    elif [[ $cur == -* ]]; then
+        compadd -- ${{=_coi_flags[$key]}}
+    else
+        compadd -- ${{=_coi_subs[$key]}}
+        [[ -n ${{_coi_dyn[$key]}} ]] && compadd -- ${{(f)"$(coi __complete ${{_coi_dyn[$key]}} 2>/dev/null)"}}
+        _files
+    fi
+}}
+if [[ $zsh_eval_context[-1] == loadautofunc ]]; then
+    _coi "$@"
+else
+    compdef _coi coi
+fi
+"""
+
+
+def _zsh_word(text: str) -> str:
+    """``text`` as one single-quoted zsh word."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def fish(parser: argparse.ArgumentParser) -> str:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 import sys
 
-from coi import __version__
+from coi import version_text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run coi with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     args = sys.argv[1:] if argv is None else argv
-    # Fast path: the version needs neither argparse nor any other module.
-    if args and args[0] in ("--version", "-v", "version") and len(args) == 1:
-        print(f"coi {__version__}")
+    # Fast path: the version needs neither argparse nor any other module. Arguments
+    # after ``coi version`` are ignored, as code-on-incus does.
+    if args and (args[0] == "version" or (args[0] in ("--version", "-v") and len(args) == 1)):
+        print(version_text())
         return 0
     return _run(args)
 

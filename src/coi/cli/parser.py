@@ -7,10 +7,11 @@ imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from coi import __version__
+from coi import version_text
 from coi.config import NETWORK_MODES
 
 
@@ -32,11 +33,26 @@ def english_messages() -> Iterator[None]:
         argparse._, argparse.ngettext = saved  # type: ignore[attr-defined]
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help in code-on-incus's familiar form: ``Usage:``, ``Flags:``, ``Available Commands:``."""
+
+    def add_usage(self, usage, actions, groups, prefix=None):  # type: ignore[override]
+        super().add_usage(usage, actions, groups, prefix="Usage: " if prefix is None else prefix)
+
+
+COMMANDS_TITLE = "Available Commands"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with coi's one-line error format (exit code 2)."""
+    """argparse with coi's help sections and one-line error format (exit code 2)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["formatter_class"] = _Formatter
+        super().__init__(*args, **kwargs)
+        self._optionals.title = "Flags"
 
     def error(self, message: str):  # type: ignore[override]
-        self.print_usage()
+        self.print_usage(sys.stderr)
         self.exit(2, f"Error: {message}\nHint: run '{self.prog} --help' for usage\n")
 
 
@@ -61,7 +77,6 @@ def _command(sub, name: str, handler: str, summary: str, example: str, **kw) -> 
         help=summary,
         description=summary,
         epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         **kw,
     )
     p.set_defaults(handler=handler)
@@ -194,7 +209,7 @@ def _build_command(sub, summary: str) -> None:
     p.add_argument("--tools", default=None, metavar="LIST",
                    help="agent tools to install, comma-separated, or 'all' (claude, codex, gemini, opencode, aider; "
                         "default: [build] tools, 'claude')")
-    bsub = p.add_subparsers(title="build commands", metavar="ACTION", parser_class=_Parser)
+    bsub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
     q = _command(bsub, "custom", "images:build_custom", "build an image from a script run as root",
                  "coi build custom coi-rust --script rust.sh")
     q.add_argument("name", metavar="NAME", help="alias of the new image")
@@ -205,7 +220,7 @@ def _build_command(sub, summary: str) -> None:
 
 def _image_command(sub, summary: str) -> None:
     p = _command(sub, "image", "images:image_list", summary, "coi image list --format json")
-    isub = p.add_subparsers(title="image commands", metavar="ACTION", parser_class=_Parser)
+    isub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
     q = _command(isub, "list", "images:image_list", "list coi-built images", "coi image list --all")
     q.add_argument("--all", action="store_true", help="every local image")
     q.add_argument("--prefix", default=None, metavar="P", help="only aliases starting with P")
@@ -229,7 +244,7 @@ def _image_command(sub, summary: str) -> None:
 def _container_command(sub, summary: str) -> None:
     p = _command(sub, "container", "lowlevel:container_help", summary,
                  "coi container exec NAME -- ls")
-    csub = p.add_subparsers(title="container commands", metavar="ACTION", parser_class=_Parser)
+    csub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
     q = _command(csub, "launch", "lowlevel:container_launch", "create and start a container",
                  "coi container launch coi my-box")
     q.add_argument("launch_image", metavar="IMAGE")
@@ -267,7 +282,7 @@ def _container_command(sub, summary: str) -> None:
 def _file_command(sub, summary: str) -> None:
     p = _command(sub, "file", "lowlevel:file_help", summary,
                  "coi file push -r ./dir my-box:/tmp/dir")
-    fsub = p.add_subparsers(title="file commands", metavar="ACTION", parser_class=_Parser)
+    fsub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
     for action, a, b in (("push", "local", "remote"), ("pull", "remote", "local")):
         q = _command(fsub, action, f"lowlevel:file_{action}", f"copy a file {'into' if action == 'push' else 'out of'} a container",
                      f"coi file {action} -r " + ("./dir my-box:/tmp/dir" if action == "push" else "my-box:/tmp/dir ./dir"))
@@ -279,7 +294,7 @@ def _file_command(sub, summary: str) -> None:
 def _tmux_command(sub, summary: str) -> None:
     p = _command(sub, "tmux", "lowlevel:tmux_list", summary,
                  "coi tmux capture coi-1a2b3c4d-1")
-    tsub = p.add_subparsers(title="tmux commands", metavar="ACTION", parser_class=_Parser)
+    tsub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
     _command(tsub, "list", "lowlevel:tmux_list", "list coi tmux sessions", "coi tmux list")
     q = _command(tsub, "send", "lowlevel:tmux_send", "type TEXT and Enter into a session",
                  "coi tmux send coi-1a2b3c4d-1 'hello'")
@@ -316,7 +331,7 @@ def _doctor_command(sub, summary: str) -> None:
 def _config_command(sub, summary: str) -> None:
     p = _command(sub, "config", "config:show", summary,
                  "coi config show --format json")
-    csub = p.add_subparsers(title="config commands", metavar="ACTION", parser_class=_Parser)
+    csub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
     q = _command(csub, "show", "config:show",
                  "print the effective configuration and where each value came from",
                  "coi config show --format toml")
@@ -355,7 +370,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     (the others are listed by name: building them all costs more than running ``coi list``)."""
     parser = _Parser(
         prog="coi",
-        description="Run AI coding agents inside isolated Incus system containers.",
+        description="code-on-incus (coi): run AI coding agents inside isolated Incus system containers.",
         epilog=(
             "commands by group:\n"
             "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
@@ -364,11 +379,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "  host:      setup, doctor, config, completion, version\n\n"
             "example:\n  coi shell            # Claude Code in a container, on the current directory"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--version", action="version", version=f"coi {__version__}")
+    parser.add_argument("-v", "--version", action="version", version=version_text())
     _common(parser)
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(title=COMMANDS_TITLE, metavar="COMMAND", parser_class=_Parser)
     for name, (summary, build) in COMMANDS.items():
         if only in (None, name):
             build(sub, summary)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-from coi import __version__
+from coi import version_text
 from coi.cli.context import Context
 
 
 def version(ctx: Context) -> int:
-    ctx.ui.out(f"coi {__version__}")
+    ctx.ui.out(version_text())
     return 0
 
 
