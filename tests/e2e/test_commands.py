@@ -73,8 +73,8 @@ def test_run_with_mounts_env_and_persistent(session_user, workspace, coi_user):
     (["run", "--mount", "/tmp:/a", "--mount", "/var:/a", "--", "true"], "is /a"),
     (["shell", "abc"], "did you mean --resume=abc?"),
     (["list", "--format", "xml"], "invalid choice: 'xml'"),
-    (["kill"], "name a container or use --all"),
-    (["container", "exec", "x", "--format", "raw", "--", "true"], "--format needs --capture"),
+    (["kill"], "no container names provided"),
+    (["container", "exec", "x", "--format", "raw", "--", "true"], "--format flag requires --capture"),
     (["file", "push", "/etc/hostname", "no-colon-here"], "is not NAME:/PATH"),
 ])
 def test_usage_errors_exit_2_before_anything_is_created(session_user, workspace, args, message):
@@ -147,9 +147,12 @@ def test_container_low_level(session_user, sandbox_image, container_name):
     assert run(["container", "running", container_name]).returncode == 0
     proc = run(["container", "exec", container_name, "--user", "1000", "--cwd", "/tmp", "--capture", "--",
                 "sh", "-c", "pwd; exit 5"])
-    assert proc.returncode == 5 and json.loads(proc.stdout)["stdout"] == "/tmp\n"
+    # JSON: coi itself succeeded; the command's code is in the JSON. Raw: the command's own code.
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"stdout": "/tmp\n", "stderr": "", "exit_code": 5}
     proc = run(["container", "exec", container_name, "--capture", "--format", "raw", "--", "echo", "raw"])
-    assert proc.stdout == "raw\n"
+    assert proc.stdout == "raw\n" and proc.returncode == 0
+    proc = run(["container", "exec", container_name, "--capture", "--format", "raw", "--", "coi-test-no-such-cmd"])
+    assert proc.returncode == 127
     proc = run(["container", "delete", container_name])
     assert proc.returncode == 1 and "running" in proc.stderr
     assert run(["container", "running", container_name]).returncode == 0

@@ -76,8 +76,8 @@ def test_resume_in_a_fresh_container_remembers_and_refreshes_credentials(agent_u
 
 @pytest.mark.parametrize("arg, code, message", [
     ("--resume=../../etc", 2, "is not a session id"),
-    (f"--resume={uuid.uuid4()}", 1, "no saved session"),
-    ("--resume", 1, "no saved session for workspace"),
+    (f"--resume={uuid.uuid4()}", 1, "not found"),
+    ("--resume", 1, "no previous session to resume"),
 ])
 def test_bad_or_foreign_resume_is_refused(agent_user, workspace, coi_user, incus, arg, code, message):
     # A session saved in another workspace is never picked up.

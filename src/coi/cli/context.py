@@ -41,6 +41,7 @@ class Context:
         self.ui = ui
         self.workspace = workspace
         self.flag_values = flag_values
+        self.workspace_given = False  # -w/--workspace on the command line (else the current directory)
         self._loaded: LoadedConfig | None = None
 
     @classmethod
@@ -57,7 +58,9 @@ class Context:
                 if value is not None and value is not False:
                     flag_values[key] = (flag, value)
         ws = Path(os.path.abspath(os.path.expanduser(workspace or os.getcwd())))
-        return cls(ui=UI(quiet=quiet, verbose=verbose), workspace=ws, flag_values=flag_values)
+        ctx = cls(ui=UI(quiet=quiet, verbose=verbose), workspace=ws, flag_values=flag_values)
+        ctx.workspace_given = workspace is not None
+        return ctx
 
     def set_flag(self, key: str, label: str, value: Any) -> None:
         """Set a config value as if given on the command line (config is loaded again)."""

@@ -38,21 +38,25 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
             data["saved_sessions"] = [dict(s.metadata, path=str(s.path)) for s in saved]
         print_json(ui, data)
         return
+    ui.out("Active Containers:")
     if not containers:
-        ui.out("No coi containers")
+        ui.out("  (none)")
     for c in containers:
-        ui.out(f"{c.name} ({'persistent' if c.persistent else 'ephemeral'})")
-        ui.out(f"  Status: {c.status}")
-        ui.out(f"  Created: {c.created_at}")
-        ui.out(f"  Image: {c.image}")
-        ui.out(f"  Workspace: {c.workspace}")
-        if c.ipv4:
-            ui.out(f"  IPv4: {', '.join(c.ipv4)}")
+        ui.out(f"  {c.name} ({'persistent' if c.persistent else 'ephemeral'})")
+        ui.out(f"    Status: {c.status}")
+        ui.out(f"    Created: {c.created_at}")
+        ui.out(f"    Image: {c.image}")
+        ui.out(f"    Workspace: {c.workspace}")
+        ui.out(f"    IPv4: {', '.join(c.ipv4) if c.ipv4 else '-'}")
         if c.limits:
-            ui.out("  Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
+            ui.out("    Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
     if include_saved:
         ui.out("")
-        ui.out("Saved sessions:" if saved else "No saved sessions")
+        ui.out("Saved Sessions:")
+        if not saved:
+            ui.out("  (none)")
         for s in saved:
             md = s.metadata
-            ui.out(f"  {md.get('session_id')}  {md.get('tool')}  {md.get('saved_at')}  {md.get('workspace')}")
+            ui.out(f"  {md.get('session_id')} ({md.get('tool')})")
+            ui.out(f"    Saved: {md.get('saved_at')}")
+            ui.out(f"    Workspace: {md.get('workspace')}")

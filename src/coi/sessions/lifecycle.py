@@ -98,6 +98,18 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile)
 
 
+def resumed(place: Place, resume: str, *, generation: int) -> state.SavedSession:
+    """The save ``coi shell --resume[=ID]`` resumes: the given session, or this workspace's latest."""
+    latest = resume == "latest"
+    try:
+        return state.find_session(place.sessions_dir, place.config.tool.name, session_id=None if latest else resume,
+                                  workspace=place.workspace, generation=generation)
+    except state.NoSavedSession as exc:
+        if latest:
+            raise NotFoundError(f"no previous session to resume in {place.workspace}", exc.hint) from None
+        raise
+
+
 def agent_env(req: spec.SessionRequest) -> dict[str, str]:
     return spec.agent_environment(term=os.environ.get("TERM"), extra=req.env)
 
@@ -152,8 +164,12 @@ def remove(place: Place, name: str) -> None:
 
 # ---- start ----------------------------------------------------------------------------
 
-def open_session(place: Place, req: spec.SessionRequest) -> spec.Session:
-    return containers.open_session(place.client, req, place.messages.info)
+def open_session(place: Place, req: spec.SessionRequest, *, log: Log | None = None) -> spec.Session:
+    """The session's container: a new one, or the slot's persistent one again (and a line saying so)."""
+    session = containers.open_session(place.client, req, log or place.messages.info)
+    if not session.created:
+        place.messages.info(f"Reusing persistent container {session.name} (slot {session.slot})")
+    return session
 
 
 def start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: state.SavedSession | None, *,
@@ -288,7 +304,7 @@ def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: 
     (container, rules, watcher) is removed again. A run past ``timeout`` exits 124.
     """
     with signals.interruptible():
-        session = containers.open_session(place.client, req, place.messages.detail)
+        session = open_session(place, req, log=place.messages.detail)
         try:
             return _run_command(place, session, req, command, capture=capture, timeout=timeout)
         finally:

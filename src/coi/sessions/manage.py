@@ -23,14 +23,18 @@ def _prefix() -> str:
 # ---- choosing containers ---------------------------------------------------------
 
 def running(place: Place, *, slot: int = 0) -> list[spec.ContainerInfo]:
-    """coi's running containers; with ``slot``, only that slot of this workspace (one or none)."""
-    found = [c for c in containers.list_containers(place.client, _prefix(), with_state=False)
-             if c.status == "Running"]
-    if slot:
-        found = [c for c in found if c.workspace == str(place.workspace) and c.slot == slot]
-        if not found:
-            raise NotFoundError(f"no running session in slot {slot} of {place.workspace}", "see 'coi list'")
-    return found
+    """coi's running containers; with ``slot``, that slot of this workspace (refused when
+    it has no container, or one that is not running)."""
+    every = containers.list_containers(place.client, _prefix(), with_state=False)
+    if not slot:
+        return [c for c in every if c.status == "Running"]
+    mine = [c for c in every if c.workspace == str(place.workspace) and c.slot == slot]
+    if not mine:
+        raise NotFoundError(f"slot {slot} of {place.workspace}: no session found", "see 'coi list'")
+    if mine[0].status != "Running":
+        raise CoiError(f"slot {slot} of {place.workspace} ({mine[0].name}) is not running",
+                       f"start it again with 'coi shell --persistent --slot {slot}'")
+    return mine
 
 
 def coi_container(place: Place, name: str) -> dict[str, Any]:
@@ -45,7 +49,11 @@ def check_attachable(place: Place, inst: dict[str, Any], *, bash: bool) -> None:
         raise CoiError(f"container {name} is not running ({inst['status'].lower()})",
                        f"start it again with 'coi shell --persistent --slot {inst['config'].get('user.coi.slot', 'N')}'")
     if not bash and not tmux.has_tmux_session(place.client, name, place.config.incus.code_uid):
-        raise CoiError(f"container {name} has no coi tmux session", f"open a shell with 'coi attach {name} --bash'")
+        raise _no_tmux(name)
+
+
+def _no_tmux(name: str) -> CoiError:
+    return CoiError(f"No tmux session in {name}", f"open a shell with 'coi attach {name} --bash'")
 
 
 def all_coi(place: Place) -> list[dict[str, Any]]:
@@ -229,7 +237,8 @@ def push(place: Place, local: Path, name: str, path: str) -> None:
         client.push_file(name, path, local.read_bytes(), mode=local.stat().st_mode & 0o7777)
 
 
-def pull(place: Place, name: str, path: str, local: Path, *, recursive: bool) -> None:
+def pull(place: Place, name: str, path: str, local: Path, *, recursive: bool) -> Path:
+    """Copy ``name:path`` to ``local`` (into it, when it is a directory); where it went."""
     from coi.errors import UsageError
 
     client = place.client
@@ -238,11 +247,12 @@ def pull(place: Place, name: str, path: str, local: Path, *, recursive: bool) ->
         if not recursive:
             raise UsageError(f"{name}:{path} is a directory", "use -r to copy a directory")
         client.pull_tree(name, path, local)
-        return
+        return local
     if local.is_dir():
         local = local / Path(path).name
     local.write_bytes(content)
     local.chmod(meta["mode"])
+    return local
 
 
 # ---- coi tmux ------------------------------------------------------------------------------
@@ -252,7 +262,7 @@ def _running_session(place: Place, name: str) -> None:
     if inst["status"] != "Running":
         raise CoiError(f"container {name} is not running")
     if not tmux.has_tmux_session(place.client, name, place.config.incus.code_uid):
-        raise CoiError(f"container {name} has no coi tmux session", f"open a shell with 'coi attach {name} --bash'")
+        raise _no_tmux(name)
 
 
 def tmux_sessions(place: Place) -> list[str]:

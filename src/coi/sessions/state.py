@@ -418,6 +418,10 @@ def saved_sessions(sessions_dir: Path, tool: str | None = None) -> list[SavedSes
     return sorted(found, key=lambda s: s.metadata.get("saved_at", ""))
 
 
+class NoSavedSession(NotFoundError):
+    """The workspace has no saved session at all."""
+
+
 def find_session(sessions_dir: Path, tool: str, *, session_id: str | None, workspace: Path,
                  generation: int = 1) -> SavedSession:
     """A given session (must exist), or the latest of ``workspace`` only; its newest save,
@@ -426,11 +430,11 @@ def find_session(sessions_dir: Path, tool: str, *, session_id: str | None, works
         sid = check_session_id(session_id)
         found = load(sessions_root(sessions_dir, tool) / sid)
         if found is None:
-            raise NotFoundError(f"no saved session {sid}", "see 'coi list --all'")
+            raise NotFoundError(f"saved session {sid} not found", "see 'coi list --all'")
     else:
         mine = [s for s in saved_sessions(sessions_dir, tool) if s.metadata.get("workspace") == str(workspace)]
         if not mine:
-            raise NotFoundError(f"no saved session for workspace {workspace}",
+            raise NoSavedSession(f"no saved sessions for workspace {workspace}",
                                 "start one with 'coi shell'; sessions are saved when they end")
         found = mine[-1]
     if generation == 1:

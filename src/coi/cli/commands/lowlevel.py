@@ -70,17 +70,17 @@ def container_exec(ctx: Context, *, name: str, user: int | None = None, group: i
     if not command:
         raise UsageError("no command given", "coi container exec NAME -- COMMAND [ARG...]")
     if format is not None and not capture:
-        raise UsageError("--format needs --capture")
+        raise UsageError("--format flag requires --capture", "coi container exec NAME --capture --format raw -- CMD")
     result = manage.exec_in(ctx.place, name, command, user=user, group=group, env=parse_env(env), cwd=cwd,
                             capture=capture)
     if not isinstance(result, lifecycle.Captured):
         return result
-    if format == "raw":
+    if format == "raw":  # stdout alone, and the command's own exit code
         sys.stdout.write(result.stdout)
         sys.stdout.flush()
-    else:
-        ctx.ui.out(result.to_json())
-    return result.exit_code
+        return result.exit_code
+    ctx.ui.out(result.to_json())  # the command's exit code is in the JSON; coi itself succeeded
+    return 0
 
 
 def container_mount(ctx: Context, *, name: str, device: str, source: str, path: str, shift: bool = True) -> int:
@@ -96,7 +96,8 @@ def parse_remote(spec: str) -> tuple[str, str]:
     """``NAME:/PATH`` -> (name, path)."""
     name, sep, path = spec.partition(":")
     if not sep or not name or not path.startswith("/"):
-        raise UsageError(f"{spec!r} is not NAME:/PATH", "for example my-box:/tmp/file")
+        raise UsageError(f"{spec!r} is not NAME:/PATH: the expected format is container:path",
+                         "for example my-box:/tmp/file")
     return name, path
 
 
@@ -110,6 +111,7 @@ def file_push(ctx: Context, *, source: str, target: str, recursive: bool = False
     if local.is_dir() and not recursive:
         raise UsageError(f"{local} is a directory", "use -r to copy a directory")
     manage.push(ctx.place, local, name, path)
+    ctx.ui.info(f"Pushed {'directory' if local.is_dir() else 'file'} {local} to {name}:{path}")
     return 0
 
 
@@ -117,7 +119,8 @@ def file_pull(ctx: Context, *, source: str, target: str, recursive: bool = False
     from coi.sessions import manage
 
     name, path = parse_remote(source)
-    manage.pull(ctx.place, name, path, Path(target), recursive=recursive)
+    written = manage.pull(ctx.place, name, path, Path(target), recursive=recursive)
+    ctx.ui.info(f"Pulled {name}:{path} to {written}")
     return 0
 
 

@@ -41,9 +41,7 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
     saved = None
     persistent = ctx.flag_values.get("defaults.persistent", (None, None))[1]
     if resume:
-        saved = state.find_session(ctx.sessions_dir, cfg.tool.name,
-                                   session_id=None if resume == "latest" else resume, workspace=ctx.workspace,
-                                   generation=generation)
+        saved = lifecycle.resumed(ctx.place, resume, generation=generation)
         if persistent is None:
             persistent = bool(saved.metadata.get("persistent"))
         if saved.metadata.get("profile") and "defaults.profile" not in ctx.flag_values:
@@ -82,7 +80,7 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
     from coi.sessions import lifecycle
 
     if not command:
-        raise UsageError("no command given", "coi run [flags] -- COMMAND [ARG...]")
+        raise UsageError("no command given", "Usage: coi run [flags] [--] COMMAND [ARG...]")
     if len(command) == 1 and any(c in command[0] for c in " \n|;&<>()$`*?'\""):
         command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage)
@@ -114,6 +112,7 @@ def attach(ctx: Context, *, name: str | None = None, slot: int = 0, bash: bool =
     inst = manage.coi_container(place, name)
     need_terminal("coi attach", name)
     manage.check_attachable(place, inst, bash=bash)
+    ctx.ui.info(f"Attaching to {name}...")
     argv = tmux.attach_argv(ctx.incus, name, code_uid=ctx.config.incus.code_uid, term=os.environ.get("TERM"),
                             bash=bash)
     code = commands.run_attached(argv, again_if_lost=not bash)
@@ -137,6 +136,9 @@ def list_sessions(ctx: Context, *, all: bool = False, format: str = "text") -> i
         from coi.sessions import state
 
         saved = state.saved_sessions(ctx.sessions_dir)
+    if ctx.workspace_given:  # -w: that workspace's containers and sessions only
+        found = [c for c in found if c.workspace == str(ctx.workspace)]
+        saved = [s for s in saved if s.metadata.get("workspace") == str(ctx.workspace)]
     render_sessions(ctx.ui, found, saved, format=format, include_saved=all)
     return 0
 
@@ -166,9 +168,12 @@ def _targets(ctx: Context, names: list[str], all: bool, force: bool, verb: str) 
     from coi.sessions import manage
 
     if not names and not all:
-        raise UsageError("name a container or use --all", f"coi {verb} NAME... | --all")
+        hint = "see 'coi list' for the names, or use --all" if verb == "persist" else f"coi {verb} NAME... | --all"
+        raise UsageError("no container names provided", hint)
     if all:
         found = manage.all_coi(ctx.place)
+        if not found:
+            ctx.ui.info(f"No containers to {verb}")
         if found and not force:
             _confirm(f"{verb.capitalize()} {len(found)} container(s): {', '.join(i['name'] for i in found)}?")
         return found
