@@ -252,8 +252,12 @@ def test_image_publish_list_exists_delete(coi_user, incus, base_image, alias, co
     assert len(every) >= len(rows)
 
     table = coi_user.run(["image", "list", "--prefix", alias]).stdout
-    assert table.splitlines()[0].split()[:3] == ["ALIAS", "FINGERPRINT", "SIZE"]
-    assert alias in table and len(table.splitlines()) == 2
+    assert table.splitlines()[0] == "COI Images:" and table.splitlines()[1].split()[:3] == ["ALIAS", "FINGERPRINT", "SIZE"]
+    assert alias in table and len(table.splitlines()) == 3
+    assert coi_user.run(["images", "--prefix", alias]).stdout == table  # the alias of coi image list
+    every = coi_user.run(["image", "list", "--all"]).stdout
+    assert every.startswith("COI Images:\n") and "\nAvailable Images:\n" in every
+    assert coi_user.run(["image", "list", "--prefix", f"{alias}-nothing"]).stdout.startswith("No images found")
 
     proc = coi_user.run(["image", "list", "--format", "yaml"])
     assert proc.returncode == 2 and "invalid choice: 'yaml'" in proc.stderr  # a usage error, as everywhere
@@ -297,7 +301,8 @@ def test_image_cleanup_keeps_the_newest(coi_user, incus, alias, tmp_path):
 
     proc = coi_user.run(["image", "cleanup", prefix, "--keep", "2"])
     assert proc.returncode == 0, proc.stderr
-    assert f"Deleted image {prefix}1" in proc.stderr and "1 deleted, 2 kept" in proc.stderr
+    assert f"Deleted image {prefix}1" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == "Cleanup complete: 1 image(s) removed, 2 kept"
     assert not incus.image_exists(f"{prefix}1")
     with pytest.raises(NotFoundError):
         incus.image(made[0])

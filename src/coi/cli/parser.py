@@ -218,13 +218,20 @@ def _build_command(sub, summary: str) -> None:
     q.add_argument("--force", action="store_true", help="replace an existing image")
 
 
+def _image_list_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="every local image")
+    p.add_argument("--prefix", default=None, metavar="P", help="only aliases starting with P")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="table or json (default: table)")
+
+
+def _images_command(sub, summary: str) -> None:
+    _image_list_flags(_command(sub, "images", "images:image_list", summary, "coi images --all"))
+
+
 def _image_command(sub, summary: str) -> None:
     p = _command(sub, "image", "images:image_list", summary, "coi image list --format json")
     isub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
-    q = _command(isub, "list", "images:image_list", "list coi-built images", "coi image list --all")
-    q.add_argument("--all", action="store_true", help="every local image")
-    q.add_argument("--prefix", default=None, metavar="P", help="only aliases starting with P")
-    q.add_argument("--format", choices=["table", "json"], default="table", help="table or json (default: table)")
+    _image_list_flags(_command(isub, "list", "images:image_list", "list coi-built images", "coi image list --all"))
     q = _command(isub, "publish", "images:image_publish", "publish a stopped container as an image",
                  "coi image publish coi-1a2b3c4d-1 my-image")
     q.add_argument("container", metavar="CONTAINER")
@@ -353,6 +360,7 @@ COMMANDS = {
     "persist": ("turn ephemeral containers persistent", _persist_command),
     "clean": ("delete stopped ephemeral containers and leftovers", _clean_command),
     "build": ("build the coi image", _build_command),
+    "images": ("list coi images (the same as 'coi image list')", _images_command),
     "image": ("list and manage coi images", _image_command),
     "container": ("low-level container operations", _container_command),
     "file": ("copy files into and out of containers", _file_command),
@@ -374,7 +382,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog=(
             "commands by group:\n"
             "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
-            "  images:    build, image\n"
+            "  images:    build, image, images\n"
             "  low-level: container, file, tmux\n"
             "  host:      setup, doctor, config, completion, version\n\n"
             "example:\n  coi shell            # Claude Code in a container, on the current directory"

@@ -49,12 +49,24 @@ def image_list(ctx: Context, *, all: bool = False, prefix: str | None = None,  #
 
 
 def render_table(ctx: Context, rows: Iterable[ImageInfo], *, all: bool) -> None:  # noqa: A002
-    from coi.images import human_size
-
+    """``COI Images:`` (coi-built), and with ``--all`` ``Available Images:`` (every other)."""
     rows = list(rows)
     if not rows:
-        ctx.ui.out("No images" if all else "No coi images (build one with 'coi build')")
+        ctx.ui.out("No images found" + ("" if all else " (build one with 'coi build')"))
         return
+    ours = [r for r in rows if "coi.kind" in r.properties]
+    sections = [("COI Images:", ours)] + ([("Available Images:", [r for r in rows if r not in ours])] if all else [])
+    for i, (title, section) in enumerate(sections):
+        if i:
+            ctx.ui.out("")
+        ctx.ui.out(title)
+        for line in _table(section) if section else ["  (none)"]:
+            ctx.ui.out(line)
+
+
+def _table(rows: list[ImageInfo]) -> list[str]:
+    from coi.images import human_size
+
     header = ("ALIAS", "FINGERPRINT", "SIZE", "CREATED", "KIND", "BASE", "COI")
     table = [header] + [
         (r.alias or "-", r.fingerprint[:12], human_size(r.size), r.created[:16].replace("T", " "),
@@ -63,8 +75,7 @@ def render_table(ctx: Context, rows: Iterable[ImageInfo], *, all: bool) -> None:
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        ctx.ui.out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
 
 
 def image_publish(ctx: Context, *, container: str, alias: str, description: str = "") -> int:
@@ -98,5 +109,5 @@ def image_cleanup(ctx: Context, *, prefix: str, keep: int) -> int:
         ctx.ui.info(f"Deleted image {row.alias} (created {row.created[:19].replace('T', ' ')})")
     for row in kept:
         ctx.ui.info(f"Kept image {row.alias}")
-    ctx.ui.info(f"{len(deleted)} deleted, {len(kept)} kept")
+    ctx.ui.info(f"Cleanup complete: {len(deleted)} image(s) removed, {len(kept)} kept")
     return 0
