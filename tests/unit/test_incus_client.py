@@ -613,3 +613,24 @@ def test_the_real_client_and_the_one_fake_satisfy_the_protocol(tmp_path):
         for name in wanted:
             ours, theirs = inspect.signature(getattr(IncusClient, name)), inspect.signature(getattr(cls, name))
             assert list(ours.parameters) == list(theirs.parameters), (cls, name)
+
+
+@pytest.mark.parametrize("own_config, incus_conf, quiet", [(False, None, True), (True, None, False),
+                                                           (False, "/somewhere", False)])
+def test_the_incus_cli_never_greets_a_first_time_user(tmp_path, monkeypatch, own_config, incus_conf, quiet):
+    from coi.incus import client as incus_client
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "INCUS_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    if incus_conf:
+        monkeypatch.setenv("INCUS_CONF", incus_conf)
+    if own_config:
+        (tmp_path / ".config" / "incus").mkdir(parents=True)
+        (tmp_path / ".config" / "incus" / "config.yml").write_text("default-remote: local\n")
+    argv = Incus(str(tmp_path / "none.sock")).exec_argv("c", ["true"])
+    conf = tmp_path / ".cache" / "coi" / "incus-cli"
+    assert argv[:2] == (["env", f"INCUS_CONF={conf}"] if quiet else ["incus", "exec"])
+    assert (conf / "config.yml").exists() is quiet
+    assert not own_config or (tmp_path / ".config" / "incus" / "config.yml").read_text() == "default-remote: local\n"
+    assert incus_client._quiet_cli() == argv[:argv.index("incus")]

@@ -239,3 +239,19 @@ def test_as_user_keeps_the_groups(uid, gid, ids):
 ])
 def test_agent_shell_command(agent, argv):
     assert tmux.agent_shell_command(agent) == argv
+
+
+@pytest.mark.parametrize("name, slot", [("coi-1a2b3c4d-3", "3"), ("coi-1a2b3c4d-x", None), ("my-box", None),
+                                        ("coi-zzzzzzzz-1", None), ("other-1a2b3c4d-2", None)])
+def test_a_launched_container_is_coi_s_with_the_slot_its_name_gives(name, slot):
+    config = spec.launched_config(name, image="coi", ephemeral=False, prefix="coi-")
+    assert config["user.coi.launched"] == "true" and config["user.coi.persistent"] == "true"
+    assert config.get("user.coi.slot") == slot
+    assert spec.is_coi({"name": name, "config": config}, "coi-") is name.startswith("coi-")
+    assert spec.is_launched({"name": name, "config": config})
+    assert spec.launched_config(name, image="coi", ephemeral=True, prefix="coi-")["user.coi.persistent"] == "false"
+
+
+def test_a_container_coi_did_not_make_is_never_coi_s():
+    assert not spec.is_coi({"name": "coi-1a2b3c4d-1", "config": {"user.other": "x"}}, "coi-")
+    assert not spec.is_launched({"name": "coi-1a2b3c4d-1", "config": {"user.coi.launched": "no"}})

@@ -361,7 +361,7 @@ class Incus(Files):
                   group: int | None = None, cwd: str | None = None,
                   env: Mapping[str, str] | None = None, terminal: bool | None = None) -> list[str]:
         """argv for ``incus exec`` (the interactive path: a real terminal)."""
-        argv = ["incus", "exec", "--project", self.project, name]
+        argv = [*_quiet_cli(), "incus", "exec", "--project", self.project, name]
         if terminal is True:
             argv.append("-t")
         elif terminal is False:
@@ -479,3 +479,30 @@ class Incus(Files):
         self.call("PUT", f"/1.0/network-acls/{quote(name, safe='')}", f"network ACL {name}",
                   json_body={"egress": egress, "ingress": ingress, "description": description,
                              "config": {}})
+
+
+def _quiet_cli() -> list[str]:
+    """What to put before ``incus`` so that its CLI says nothing of its own.
+
+    Run for the first time (no client config yet), the ``incus`` CLI greets the user
+    with "To start your first container, try: incus launch ..." on stderr, in the
+    middle of coi's output. A user with a config of their own (or ``INCUS_CONF``)
+    keeps it; otherwise the CLI gets a config of coi's (``~/.cache/coi/incus-cli``),
+    and the user's own directory is left alone.
+    """
+    env = os.environ
+    if env.get("INCUS_CONF"):
+        return []
+    home = Path(env.get("HOME") or os.path.expanduser("~"))
+    own = Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "incus" / "config.yml"
+    if own.exists():
+        return []
+    conf = Path(env.get("XDG_CACHE_HOME") or home / ".cache") / "coi" / "incus-cli"
+    config = conf / "config.yml"
+    try:
+        if not config.exists():
+            conf.mkdir(parents=True, exist_ok=True, mode=0o700)
+            config.write_text("default-remote: local\n")
+    except OSError:
+        return []  # no place for it: the greeting is the lesser evil
+    return ["env", f"INCUS_CONF={conf}"]

@@ -12,8 +12,8 @@ from coi import naming
 from coi.config import Mount
 from coi.errors import CoiError, ImageNotFoundError, NotFoundError, OperationFailedError, TimedOutError
 from coi.sessions.signals import deferred_signals, signals_ignored
-from coi.sessions.spec import (CONTAINER_CONFIG, KEY, STORAGE, ContainerInfo, Session, SessionRequest,
-                               check_mount_sources, choose_slot, container_spec, is_coi, is_stopped,
+from coi.sessions.spec import (KEY, STORAGE, ContainerInfo, Session, SessionRequest, check_mount_sources,
+                               choose_slot, container_spec, is_coi, is_launched, is_stopped, launched_config,
                                new_session_id, to_info)
 from coi.wait import wait_for
 
@@ -32,7 +32,7 @@ def coi_container(client: IncusClient, name: str, prefix: str) -> dict[str, Any]
         inst = client.instance(name)
     except NotFoundError:
         raise NotFoundError(f"container {name} not found", "see 'coi list'") from None
-    if not is_coi(inst, prefix):
+    if not (is_coi(inst, prefix) or is_launched(inst)):
         raise CoiError(f"{name} is not a coi container", "coi only acts on containers it created")
     return inst
 
@@ -133,8 +133,9 @@ def launch_container(client: IncusClient, name: str, *, image: str, ephemeral: b
     from coi import network
 
     network.check_name(name)
+    config = launched_config(name, image=image, ephemeral=ephemeral, prefix=naming.container_prefix())
     with network.address_lock(lock_dir):
-        create_pinned(client, name, image=image, config=CONTAINER_CONFIG, devices={},
+        create_pinned(client, name, image=image, config=config, devices={},
                       instances=client.instances(recursion=1), ephemeral=ephemeral)
 
 

@@ -261,9 +261,32 @@ class ContainerInfo:
                 "session_id": self.session_id, "tool": self.tool}
 
 
+LAUNCHED = f"{KEY}launched"  # set on the containers of ``coi container launch``
+
+
+def is_launched(instance: Mapping[str, Any]) -> bool:
+    """A container ``coi container launch`` made (any name)."""
+    return (instance.get("config") or {}).get(LAUNCHED) == "true"
+
+
 def is_coi(instance: Mapping[str, Any], prefix: str) -> bool:
+    """One of coi's containers under ``prefix``: a session's, or one coi launched. Containers
+    coi did not create (no ``user.coi.*`` mark) are never coi's, whatever their name."""
     cfg = instance.get("config") or {}
-    return instance["name"].startswith(prefix) and f"{KEY}workspace" in cfg
+    return instance["name"].startswith(prefix) and (f"{KEY}workspace" in cfg or is_launched(instance))
+
+
+def launched_config(name: str, *, image: str, ephemeral: bool, prefix: str) -> dict[str, str]:
+    """Config of a ``coi container launch`` container: coi's container settings and its mark;
+    the slot when the name has coi's form (``<prefix><hash>-<slot>``); kept until deleted
+    unless ephemeral."""
+    config = {**CONTAINER_CONFIG, LAUNCHED: "true", f"{KEY}image": image,
+              f"{KEY}persistent": "false" if ephemeral else "true",
+              f"{KEY}created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    slot = naming.slot_of(name)
+    if slot is not None and re.fullmatch(rf"{re.escape(prefix)}[0-9a-f]{{8}}-{slot}", name):
+        config[f"{KEY}slot"] = str(slot)
+    return config
 
 
 def to_info(instance: Mapping[str, Any]) -> ContainerInfo:
