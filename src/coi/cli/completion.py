@@ -75,7 +75,7 @@ complete -o default -F _coi coi
 
 def zsh(parser: argparse.ArgumentParser) -> str:
     """A native zsh completion function (``#compdef coi``): save it as ``_coi`` in a
-    directory of ``$fpath``, or ``eval`` it."""
+    directory of ``$fpath``, or ``eval`` it. (Not ``path``: zsh ties it to ``$PATH``.)"""
     table = command_table(parser)
 
     def array(name: str, field: str) -> str:
@@ -88,14 +88,14 @@ def zsh(parser: argparse.ArgumentParser) -> str:
 {array("_coi_flags", "flags")}
 {array("_coi_dyn", "dynamic")}
 _coi() {{
-    local path="" next w i
+    local cpath="" next w i
     for ((i = 2; i < CURRENT; i++)); do
         w="${{words[i]}}"
         [[ $w == -* ]] && continue
-        next="${{path:+$path }}$w"
-        (( ${{+_coi_subs[$next]}} )) && path="$next"
+        next="${{cpath:+$cpath }}$w"
+        (( ${{+_coi_subs[$next]}} )) && cpath="$next"
     done
-    local key="${{path:-_}}" cur="${{words[CURRENT]}}"
+    local key="${{cpath:-_}}" cur="${{words[CURRENT]}}"
     if [[ $cur == --resume=* || $cur == --continue=* ]]; then
         compset -P '*='
         compadd -- ${{(f)"$(coi __complete sessions 2>/dev/null)"}}

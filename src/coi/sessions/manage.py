@@ -30,7 +30,7 @@ def running(place: Place, *, slot: int = 0) -> list[spec.ContainerInfo]:
         return [c for c in every if c.status == "Running"]
     mine = [c for c in every if c.workspace == str(place.workspace) and c.slot == slot]
     if not mine:
-        raise NotFoundError(f"slot {slot} of {place.workspace}: no session found", "see 'coi list'")
+        raise NotFoundError(f"slot {slot} of {place.workspace} not found: no container in it", "see 'coi list'")
     if mine[0].status != "Running":
         raise CoiError(f"slot {slot} of {place.workspace} ({mine[0].name}) is not running",
                        f"start it again with 'coi shell --persistent --slot {slot}'")
