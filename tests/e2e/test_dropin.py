@@ -52,8 +52,11 @@ def test_list_text_has_the_original_sections(session_user, workspace):
     every = session_user.run(["list", "--all", "-w", str(workspace)]).stdout.splitlines()
     saved = every[every.index("Saved Sessions:") + 1:]
     assert len(saved) == 3 and saved[1].strip().startswith("Saved: ") and saved[2].strip() == f"Workspace: {workspace}"
-    assert session_user.run(["list", "--all", "-w", str(session_user.workspace())]).stdout.endswith(
+    other = session_user.workspace()
+    assert session_user.run(["list", "--all", "-w", str(other)]).stdout.endswith(
         "Saved Sessions:\n  (none)\n")  # another workspace: none of this one's
+    assert "no saved sessions" in session_user.run(["info", "-w", str(other)]).stderr
+    assert session_user.run(["info", "-w", str(workspace)]).stdout.startswith("Session ID: ")
 
 
 @pytest.mark.parametrize("args, code, message", [
