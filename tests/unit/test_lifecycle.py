@@ -211,3 +211,21 @@ def test_clean_plans_stopped_ephemeral_containers_only(home, workspace, network,
     assert [i["name"] for i in plan.stopped] == [ephemeral.name] and plan.rules_removed == ["coi-test-gone-1"]
     assert kept.name not in [i["name"] for i in plan.stopped]
     assert os.path.isdir(home / ".coi")
+
+
+def test_a_missing_command_is_exit_code_127_not_an_error(home, workspace, network):
+    """Incus answers a command that exits 127 with "Command not found"; coi gives back 127."""
+    from coi.errors import CommandNotFoundError
+
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    session = lifecycle.open_session(place, request(place))
+
+    def missing(name, command, **kw):
+        if "no-such-cmd" in command:
+            raise CommandNotFoundError("exec in container: Command not found")
+        return DEFAULT
+    fake.on("exec", missing)
+    result = manage.exec_in(place, session.name, ["no-such-cmd"], user=None, group=None, env={}, cwd="/",
+                            capture=True)
+    assert result.exit_code == 127 and "command not found" in result.stderr

@@ -80,6 +80,19 @@ def once_argv(command: list[str], *, terminal: bool = False) -> list[str]:
             "terminal" if terminal else "recorded", *command]
 
 
+def captured(client: IncusClient, name: str, argv: list[str], **kw: Any) -> Any:
+    """``Incus.exec`` of a guarded command (``once_argv``), captured. Incus answers a
+    command that exits 127 with "Command not found" instead of its result: that is
+    the command's own exit code 127, given back as a result like any other."""
+    from coi.errors import CommandNotFoundError
+    from coi.incus import ExecResult
+
+    try:
+        return client.exec(name, argv, **kw)
+    except CommandNotFoundError:
+        return ExecResult(127, "", f"{argv[-1] if argv else 'the command'}: command not found\n")
+
+
 def lost_track(exit_code: int, stderr: str) -> CoiError | None:
     """The error to report when a second start found the first one's exit status unknown."""
     if exit_code == 254 and _LOST in stderr:

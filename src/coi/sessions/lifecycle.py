@@ -323,8 +323,8 @@ def _run_command(place: Place, session: spec.Session, req: spec.SessionRequest, 
     if capture:
         if timeout:  # coreutils' timeout inside: exits 124 like coi run does
             command = ["timeout", f"{timeout:g}", *command]
-        result = client.exec(session.name, commands.as_user(commands.once_argv(command), uid=req.code_uid),
-                             env=env_vars, cwd=spec.WORKSPACE)
+        guarded = commands.as_user(commands.once_argv(command), uid=req.code_uid)
+        result = commands.captured(client, session.name, guarded, env=env_vars, cwd=spec.WORKSPACE)
         stderr = commands.checked_stderr(result, place.messages.warn)
         return Captured(result.stdout, stderr, result.exit_code)
     terminal = sys.stdin.isatty()

@@ -204,8 +204,8 @@ def exec_in(place: Place, name: str, command: list[str], *, user: int | None, gr
     if as_code:  # what a login as code would have; --env values win
         env = {**spec.tmux_env(), "LOGNAME": "code", "SHELL": "/bin/bash", **env}
     if capture:
-        result = client.exec(name, started(commands.once_argv(command)), env=env, user=incus_user or 0,
-                             group=incus_group or 0, cwd=cwd)
+        result = commands.captured(client, name, started(commands.once_argv(command)), env=env,
+                                   user=incus_user or 0, group=incus_group or 0, cwd=cwd)
         stderr = commands.checked_stderr(result, place.messages.warn)
         return lifecycle.Captured(result.stdout, stderr, result.exit_code)
     client.instance(name)  # a clear error for an unknown container
