@@ -462,17 +462,22 @@ class FakeIncus:
             raise _not_found(f"profile {name}")
         return self.profiles[name]
 
-    @_recorded
-    def create_profile(self, name: str, *, config: Mapping[str, str], devices: Mapping[str, Any],
-                       description: str = "") -> None:
+    def _put_profile(self, name: str, config: Mapping[str, str], devices: Mapping[str, Any],
+                     description: str) -> None:
         self.profiles[name] = {"name": name, "config": dict(config), "devices": dict(devices),
                                "description": description}
 
     @_recorded
+    def create_profile(self, name: str, *, config: Mapping[str, str], devices: Mapping[str, Any],
+                       description: str = "") -> None:
+        self._put_profile(name, config, devices, description)
+
+    @_recorded
     def update_profile(self, name: str, *, config: Mapping[str, str], devices: Mapping[str, Any],
                        description: str = "") -> None:
-        self.profiles[name] = {"name": name, "config": dict(config), "devices": dict(devices),
-                               "description": description}
+        if name not in self.profiles:
+            raise _not_found(f"profile {name}")
+        self._put_profile(name, config, devices, description)
 
     @_recorded
     def projects(self) -> list[str]:

@@ -90,7 +90,7 @@ def captured(client: IncusClient, name: str, argv: list[str], **kw: Any) -> Any:
     try:
         return client.exec(name, argv, **kw)
     except CommandNotFoundError:
-        return ExecResult(127, "", f"{argv[-1] if argv else 'the command'}: command not found\n")
+        return ExecResult(127, "", "command not found\n")
 
 
 def lost_track(exit_code: int, stderr: str) -> CoiError | None:
