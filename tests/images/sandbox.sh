@@ -4,7 +4,7 @@
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 need=""
-for cmd in tmux python3 sudo; do command -v "$cmd" >/dev/null || need="$need $cmd"; done
+for cmd in tmux python3 sudo git; do command -v "$cmd" >/dev/null || need="$need $cmd"; done
 if [ -n "$need" ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends $need

@@ -1,7 +1,7 @@
 """Shell completion for bash, zsh and fish, generated from the argparse tree.
 
 Static words (commands, flags) are written into the script; container names
-and saved session ids come live from ``coi __complete containers|sessions``.
+and saved session ids come live from ``coi __complete containers|sessions|branches``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 # Arguments that take a container name or a saved session id.
 CONTAINER_ARGS = {"name", "names", "container"}
 SESSION_ARGS = {"session_id"}
+BRANCH_ARGS = {"branch_name"}  # branch sessions of the current workspace
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -21,14 +22,15 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def command_table(parser: argparse.ArgumentParser) -> dict[str, dict[str, str]]:
-    """``"shell"`` / ``"image list"`` -> {"flags": "...", "subs": "...", "dynamic": "containers|sessions|"}."""
+    """``"shell"`` / ``"image list"`` -> {"flags": "...", "subs": "...", "dynamic": "containers|sessions|branches|"}."""
     table: dict[str, dict[str, str]] = {}
 
     def visit(prefix: str, p: argparse.ArgumentParser) -> None:
         subs = _subparsers(p)
         flags = sorted(o for a in p._actions for o in a.option_strings if o.startswith("--"))
         dests = {a.dest for a in p._actions if not a.option_strings}
-        dynamic = "containers" if dests & CONTAINER_ARGS else "sessions" if dests & SESSION_ARGS else ""
+        dynamic = "containers" if dests & CONTAINER_ARGS else "sessions" if dests & SESSION_ARGS \
+            else "branches" if dests & BRANCH_ARGS else ""
         table[prefix] = {"flags": " ".join(flags), "subs": " ".join(sorted(subs)), "dynamic": dynamic}
         for name, sub in subs.items():
             visit(f"{prefix} {name}".strip(), sub)

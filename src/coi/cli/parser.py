@@ -114,6 +114,18 @@ def _session_flags(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
                    help="network mode (default: [network] mode, 'restricted')")
 
 
+def _branch_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--branch", nargs="?", const="", default=None, metavar="NAME",
+                   help="work on a copy of the repository on branch coi/NAME (a new copy, or NAME's again; "
+                        "no NAME: a generated one; default: [git] isolation)")
+    p.add_argument("--carry", action="store_true",
+                   help="with a new --branch: bring your uncommitted changes along")
+
+
+def _format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["text", "json"], default="text", help="text or json (default: text)")
+
+
 def normalise(args: list[str]) -> list[str]:
     """``--resume`` without ``=ID`` means the latest session; an ID needs the ``=``."""
     out = []
@@ -129,6 +141,7 @@ def _shell_command(sub, summary: str) -> None:
     p = _command(sub, "shell", "sessions:shell", summary,
                  "coi shell --persistent --slot 2")
     _session_flags(p)
+    _branch_flags(p)
     p.add_argument("--background", action="store_true", help="start the session detached and return")
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help='with --background, json prints {"container", "session_id", "slot", "workspace", '
@@ -146,6 +159,7 @@ def _run_command(sub, summary: str) -> None:
     p = _command(sub, "run", "sessions:run", summary,
                  "coi run -- make test")
     _session_flags(p, resume=False)
+    _branch_flags(p)
     p.add_argument("--capture", action="store_true",
                    help='print one JSON object {"stdout", "stderr", "exit_code"}')
     p.add_argument("--timeout", type=float, default=0, metavar="S",
@@ -201,6 +215,39 @@ def _clean_command(sub, summary: str) -> None:
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")
     p.add_argument("--sessions", action="store_true", help="also delete saved sessions")
     p.add_argument("--all", action="store_true", help="containers and saved sessions")
+
+
+def _diff_command(sub, summary: str) -> None:
+    p = _command(sub, "diff", "branches:diff", summary, "coi diff brave-otter --stat")
+    _workspace(p)
+    p.add_argument("branch_name", nargs="?", metavar="NAME", help="branch session (default: the workspace's only one)")
+    p.add_argument("--committed", action="store_true", help="only committed work (what coi merge takes)")
+    p.add_argument("--stat", action="store_true", help="a summary of the files instead of the patch")
+    _format(p)
+
+
+def _log_command(sub, summary: str) -> None:
+    p = _command(sub, "log", "branches:log", summary, "coi log brave-otter")
+    _workspace(p)
+    p.add_argument("branch_name", nargs="?", metavar="NAME", help="branch session (default: the workspace's only one)")
+    _format(p)
+
+
+def _merge_command(sub, summary: str) -> None:
+    p = _command(sub, "merge", "branches:merge", summary, "coi merge brave-otter --squash")
+    _workspace(p)
+    p.add_argument("branch_name", metavar="NAME", help="branch session")
+    p.add_argument("--squash", action="store_true", help="one commit with all of the session's changes")
+    p.add_argument("--rebase", action="store_true", help="the session's commits replayed on your branch")
+    _format(p)
+
+
+def _discard_command(sub, summary: str) -> None:
+    p = _command(sub, "discard", "branches:discard", summary, "coi discard brave-otter")
+    _workspace(p)
+    p.add_argument("branch_name", metavar="NAME", help="branch session")
+    p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    _format(p)
 
 
 def _build_command(sub, summary: str) -> None:
@@ -359,6 +406,10 @@ COMMANDS = {
     "kill": ("force-stop and delete containers now", _kill_command),
     "persist": ("turn ephemeral containers persistent", _persist_command),
     "clean": ("delete stopped ephemeral containers and leftovers", _clean_command),
+    "diff": ("show a branch session's work against its base", _diff_command),
+    "log": ("list a branch session's commits", _log_command),
+    "merge": ("merge a branch session's commits into your current branch", _merge_command),
+    "discard": ("delete a branch session's copy and its branch", _discard_command),
     "build": ("build the coi image", _build_command),
     "images": ("list coi images (the same as 'coi image list')", _images_command),
     "image": ("list and manage coi images", _image_command),
@@ -382,6 +433,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog=(
             "commands by group:\n"
             "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
+            "  branches:  diff, log, merge, discard\n"
             "  images:    build, image, images\n"
             "  low-level: container, file, tmux\n"
             "  host:      setup, doctor, config, completion, version\n\n"
@@ -399,5 +451,5 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "__complete"):
         p = sub.add_parser("__complete")  # for the completion scripts; not listed
         p.set_defaults(handler="host:complete")
-        p.add_argument("what", choices=["containers", "sessions"])
+        p.add_argument("what", choices=["containers", "sessions", "branches"])
     return parser

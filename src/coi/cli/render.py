@@ -30,12 +30,14 @@ def render_checks(ui: UI, checks: Iterable[Any], *, format: str) -> None:
 
 
 def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: str,
-                    include_saved: bool) -> None:
-    """``coi list``: containers (and saved sessions with --all), as text or JSON."""
+                    include_saved: bool, branches: list[Any] | None = None) -> None:
+    """``coi list``: containers (and saved sessions with --all, branch sessions when there
+    are any), as text or JSON."""
     if format == "json":
         data: dict[str, Any] = {"active_containers": [c.to_json() for c in containers]}
         if include_saved:
             data["saved_sessions"] = [dict(s.metadata, path=str(s.path)) for s in saved]
+        data["branch_sessions"] = [b.to_json() for b in branches or []]
         print_json(ui, data)
         return
     ui.out("Active Containers:")
@@ -48,6 +50,8 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
         ui.out(f"    Image: {c.image}")
         ui.out(f"    Workspace: {c.workspace}")
         ui.out(f"    IPv4: {', '.join(c.ipv4) if c.ipv4 else '-'}")
+        if c.branch:
+            ui.out(f"    Branch: coi/{c.branch}")
         if c.limits:
             ui.out("    Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
     if include_saved:
@@ -60,3 +64,42 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
             ui.out(f"  {md.get('session_id')} ({md.get('tool')})")
             ui.out(f"    Saved: {md.get('saved_at')}")
             ui.out(f"    Workspace: {md.get('workspace')}")
+            if md.get("branch"):
+                ui.out(f"    Branch: coi/{md['branch']}")
+    if branches is not None:
+        render_branches(ui, branches)
+
+
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences, carriage returns,
+    C1 codes) written as ``\\xNN``. Whatever an agent wrote passes through here."""
+    return "".join(c if c == "\t" or (" " <= c != "\x7f" and not "\x80" <= c <= "\x9f") else f"\\x{ord(c):02x}"
+                   for c in text)
+
+
+def render_branches(ui: UI, statuses: list[Any]) -> None:
+    """``coi list``'s branch sessions: branch, workspace, work and state, one block each."""
+    ui.out("")
+    ui.out("Branch Sessions:")
+    if not statuses:
+        ui.out("  (none)")
+    for s in statuses:
+        b = s.branch
+        work = shown(s.problem) if s.problem else \
+            f"{s.ahead} commit(s) ahead, {s.uncommitted} uncommitted file(s)"
+        ui.out(f"  {b.branch}")
+        ui.out(f"    Workspace: {b.workspace}")
+        ui.out(f"    Work: {work}")
+        ui.out(f"    State: {s.state}" + (f" ({s.container})" if s.container else ""))
+        ui.out(f"    Copy: {b.copy}")
+
+
+_PATCH_COLORS = (("+++", "1"), ("---", "1"), ("diff --git", "1"), ("@@", "36"), ("+", "32"), ("-", "31"))
+
+
+def render_patch(ui: UI, patch: bytes, *, color: bool) -> None:
+    """A patch from an agent's copy: every line through ``shown``, coloured on a terminal."""
+    for raw in patch.decode("utf-8", "replace").splitlines():
+        line = shown(raw)
+        code = next((c for p, c in _PATCH_COLORS if line.startswith(p)), None) if color else None
+        ui.out(f"\033[{code}m{line}\033[0m" if code else line)

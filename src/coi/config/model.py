@@ -71,6 +71,14 @@ class Mounts:
 
 
 @dataclass(frozen=True)
+class Git:
+    """``[git]``: what the agent's /workspace is: the workspace itself ("shared") or a copy of
+    the repository on a branch of its own ("branch", ``coi.branches``)."""
+
+    isolation: str = "shared"
+
+
+@dataclass(frozen=True)
 class Sessions:
     """``[sessions]``: bounds of one save, and how many saves of a session are kept."""
 
@@ -111,6 +119,7 @@ class Profile:
     mounts: tuple[Mount, ...] | None = None
     network_mode: str | None = None
     allowed_domains: tuple[str, ...] | None = None
+    git_isolation: str | None = None
     limits: ProfileLimits = field(default_factory=ProfileLimits)
 
 
@@ -126,12 +135,13 @@ class Config:
     build: Build
     profiles: Mapping[str, Profile]
     sessions: Sessions = field(default_factory=Sessions)
+    git: Git = field(default_factory=Git)
 
 
 _CLASSES: Mapping[str, type] = {
     "defaults": Defaults, "tool": Tool, "paths": Paths, "incus": Incus, "network": Network,
     "network.logging": NetworkLogging, "mounts": Mounts, "limits": Limits, "build": Build,
-    "sessions": Sessions,
+    "sessions": Sessions, "git": Git,
 }
 
 

@@ -23,6 +23,9 @@ TOOLS = tuple(AGENT_TOOLS)  # the agent tools, in the contract's order (coi.tool
 NETWORK_MODES = ("restricted", "allowlist", "open")
 
 
+GIT_ISOLATION = ("shared", "branch")  # the workspace itself, or a copy of the repository on a branch of its own
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: where it lives in TOML and what it accepts."""
@@ -68,6 +71,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("network.logging.enabled", "bool", False),
     Key("network.logging.path", "path?", ""),  # empty: <sessions_dir>/logs/network.log
     Key("mounts.default", "mounts", []),
+    Key("git.isolation", "str", "shared", env="COI_GIT_ISOLATION", choices=GIT_ISOLATION),
     # Saved sessions: how much of the agent's state a save copies out, and how many saves are kept.
     Key("sessions.keep", "int", 3, bounds=(1, 100)),
     Key("sessions.max_size", "str", "512MiB"),
@@ -86,6 +90,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("profiles.*.mounts", "mounts"),
     Key("profiles.*.network.mode", "str", choices=NETWORK_MODES, attr="network_mode"),
     Key("profiles.*.network.allowed_domains", "strlist", attr="allowed_domains"),
+    Key("profiles.*.git.isolation", "str", choices=GIT_ISOLATION, attr="git_isolation"),
     Key("profiles.*.limits.cpu", "cpu"),
     Key("profiles.*.limits.memory", "str"),
     Key("profiles.*.limits.processes", "int"),
@@ -125,7 +130,8 @@ def _generic(path: str) -> str:
 _PROFILE_TARGETS = {
     "image": "defaults.image", "persistent": "defaults.persistent", "tool": "tool.name",
     "mounts": "mounts.default", "network.mode": "network.mode",
-    "network.allowed_domains": "network.allowed_domains", "limits.cpu": "limits.cpu",
+    "network.allowed_domains": "network.allowed_domains", "git.isolation": "git.isolation",
+    "limits.cpu": "limits.cpu",
     "limits.memory": "limits.memory", "limits.processes": "limits.processes",
 }
 

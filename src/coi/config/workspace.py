@@ -25,7 +25,7 @@ WORKSPACE_KEYS = frozenset({
     "network.mode", "network.allowed_domains", "network.refresh_interval_minutes",
     "network.block_private_networks", "network.block_metadata_endpoint",
     "network.allow_local_network_access", "network.logging.enabled",
-    "mounts.default", "limits.cpu", "limits.memory", "limits.processes",
+    "mounts.default", "git.isolation", "limits.cpu", "limits.memory", "limits.processes",
     *(k.path for k in SCHEMA if k.path.startswith("profiles.*.")),
 })
 
@@ -68,6 +68,8 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
         return "a workspace file cannot lift a network block"
     if top == "network.allow_local_network_access" and value:
         return "a workspace file cannot open the local network"
+    if top == "git.isolation" and value == "shared" and base == "branch":
+        return "a workspace file cannot turn branch isolation off"
     if top == "mounts.default":
         outside = [str(m.host) for m in value if not _inside(m.host, workspace)]
         if outside:

@@ -60,8 +60,11 @@ def _workspace_containers(instances: list[dict[str, Any]], req: SessionRequest) 
     return out
 
 
-def _reusable(inst: Mapping[str, Any] | None) -> bool:
-    return bool(inst) and (inst.get("config") or {}).get(f"{KEY}persistent") == "true"
+def _reusable(inst: Mapping[str, Any] | None, req: SessionRequest) -> bool:
+    """A persistent container of the slot, on the same branch copy (or none) as asked."""
+    cfg = (inst or {}).get("config") or {}
+    wanted = req.branch.name if req.branch is not None else ""
+    return bool(inst) and cfg.get(f"{KEY}persistent") == "true" and cfg.get(f"{KEY}branch", "") == wanted
 
 
 def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
@@ -78,9 +81,9 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
         existing = _workspace_containers(instances, req)
         if req.persistent:
             if req.slot > 0:
-                candidates = [req.slot] if _reusable(existing.get(req.slot)) else []
+                candidates = [req.slot] if _reusable(existing.get(req.slot), req) else []
             else:
-                candidates = sorted(s for s, inst in existing.items() if _reusable(inst))
+                candidates = sorted(s for s, inst in existing.items() if _reusable(inst, req))
             if candidates:
                 slot = candidates[0]
                 inst = existing[slot]
@@ -97,7 +100,7 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
             image=req.image, workspace=req.workspace, slot=slot, session_id=session_id,
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
             host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
-            base_config=req.base_config, profile=req.profile)
+            base_config=req.base_config, profile=req.profile, branch=req.branch)
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from coi import naming
-from coi.errors import CoiError, NotFoundError
+from coi.errors import CoiError, ConflictError, NotFoundError, UsageError
 from coi.messages import Log, Messages
 from coi.sessions import commands, containers, signals, spec, state, tmux
 
@@ -64,10 +64,14 @@ def use_shift(place: Place) -> bool:
 
 def request(place: Place, *, slot: int, env: list[str], mount: list[str], storage: str | None,
             profile_env: Mapping[str, str], profile: str | None, session_id: str | None = None,
-            persistent: bool | None = None) -> spec.SessionRequest:
-    """What a session of this workspace is to be, every value checked before anything exists.
+            persistent: bool | None = None, branch: str | None = None, carry: bool = False,
+            saved: state.SavedSession | None = None) -> spec.SessionRequest:
+    """What a session of this workspace is to be, every value checked before anything exists
+    but a branch session's new copy, which is reserved last (``branch_copy``).
 
     ``storage``: None (no storage), "" (the workspace's default directory) or a path.
+    ``branch``: None (the workspace itself, unless ``[git] isolation`` says branch), ""
+    (a new copy with a generated name) or NAME.
     """
     from coi.tools import get_tool
 
@@ -88,22 +92,74 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
     shift = use_shift(place)
     place.messages.detail("Workspace mount: " + ("idmapped (shift=true)" if shift else
                                                  f"raw.idmap {os.getuid()} -> {cfg.incus.code_uid}"))
+    persistent = cfg.defaults.persistent if persistent is None else persistent
+    copy, new = branch_copy(place, wanted=branch, carry=carry, saved=saved, persistent=persistent)
     return spec.SessionRequest(
-        workspace=place.workspace, slot=slot,
-        persistent=cfg.defaults.persistent if persistent is None else persistent,
-        image=cfg.defaults.image, env=extra_env, mounts=mounts, storage=storage_path,
+        workspace=place.workspace, slot=slot, persistent=persistent, image=cfg.defaults.image, env=extra_env, mounts=mounts, storage=storage_path,
         tool=get_tool(cfg.tool.name), binary=cfg.tool.binary, max_slots=cfg.defaults.max_slots,
         prefix=naming.container_prefix(), code_uid=cfg.incus.code_uid, host_uid=os.getuid(), host_gid=os.getgid(),
         shift=shift, lock_dir=place.sessions_dir / "locks",
-        base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile)
+        base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
+        branch=copy, branch_new=new, carry=carry)
 
 
-def resumed(place: Place, resume: str, *, generation: int) -> state.SavedSession:
-    """The save ``coi shell --resume[=ID]`` resumes: the given session, or this workspace's latest."""
+def branch_copy(place: Place, *, wanted: str | None, carry: bool, saved: state.SavedSession | None,
+                persistent: bool) -> tuple[Any, bool]:
+    """(the session's branch copy or None, whether it was reserved just now).
+
+    A resumed branch session continues on its copy; ``[git] isolation = "branch"`` makes
+    every new session a branch session. A copy another container has is refused, unless
+    that is the persistent container this session will reuse.
+    """
+    from coi.branches import copies
+
+    saved_name = (saved.metadata.get("branch") or None) if saved else None
+    if wanted is None:
+        wanted = saved_name or ("" if place.config.git.isolation == "branch" else None)
+    if wanted is None:
+        if carry:
+            raise UsageError("--carry needs a branch session", "coi shell --branch --carry")
+        return None, False
+    name = wanted or saved_name
+    if name:
+        try:
+            found = copies.find(place.sessions_dir, place.workspace, copies.check_name(name))
+        except NotFoundError:
+            if saved_name == name:
+                raise NotFoundError(f"the copy of coi/{name} is gone (discarded?)",
+                                    "start a new branch session: coi shell --branch") from None
+        else:
+            if carry:
+                raise UsageError(f"--carry brings changes into a new copy, and coi/{name} exists",
+                                 "commit your changes and merge them there, or pick a new name")
+            check_copy_free(place, found.name, persistent)
+            place.messages.info(f"Continuing on branch {found.branch}")
+            return found, False
+    made, _ = copies.reserve(place.sessions_dir, place.workspace, name or None)
+    place.messages.info(f"Branch: {made.branch} (from {made.base[:12]})")
+    return made, True
+
+
+def check_copy_free(place: Place, name: str, persistent: bool, workspace: Path | None = None) -> None:
+    """Refuse a copy that a container of the workspace has (but the persistent one a
+    ``persistent`` session reuses)."""
+    workspace = workspace or place.workspace
+    for inst in place.client.instances(recursion=1):
+        cfg = inst.get("config") or {}
+        if cfg.get(f"{spec.KEY}branch") == name and cfg.get(f"{spec.KEY}workspace") == str(workspace):
+            if persistent and cfg.get(f"{spec.KEY}persistent") == "true":
+                continue  # the container this session reuses
+            raise ConflictError(f"branch coi/{name} is in use by container {inst['name']}",
+                                f"attach to it (coi attach {inst['name']}) or end it first (coi kill {inst['name']})")
+
+
+def resumed(place: Place, resume: str, *, generation: int, branch: str | None = None) -> state.SavedSession:
+    """The save ``coi shell --resume[=ID]`` resumes: the given session, or this workspace's
+    latest (on copy ``branch``, when named)."""
     latest = resume == "latest"
     try:
         return state.find_session(place.sessions_dir, place.config.tool.name, session_id=None if latest else resume,
-                                  workspace=place.workspace, generation=generation)
+                                  workspace=place.workspace, generation=generation, branch=branch or None)
     except state.NoSavedSession as exc:
         if latest:
             raise NotFoundError(f"no previous session to resume in {place.workspace}", exc.hint) from None
@@ -165,11 +221,51 @@ def remove(place: Place, name: str) -> None:
 # ---- start ----------------------------------------------------------------------------
 
 def open_session(place: Place, req: spec.SessionRequest, *, log: Log | None = None) -> spec.Session:
-    """The session's container: a new one, or the slot's persistent one again (and a line saying so)."""
-    session = containers.open_session(place.client, req, log or place.messages.info)
+    """The session's container: a new one, or the slot's persistent one again (and a line saying so).
+
+    A new branch copy is filled while the container is created; when either fails, the
+    copy goes again (nothing ran in it yet).
+    """
+    filling = _fill_copy(req)
+    try:
+        session = containers.open_session(place.client, req, log or place.messages.info)
+        if filling is not None:
+            filling.result()
+    except BaseException:
+        if filling is not None:
+            _forget_new_copy(req, filling)
+        raise
     if not session.created:
         place.messages.info(f"Reusing persistent container {session.name} (slot {session.slot})")
     return session
+
+
+def _fill_copy(req: spec.SessionRequest):
+    """The new copy's checkout, started in a thread of its own (a Future), or None."""
+    if req.branch is None or not req.branch_new:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coi.branches import copies
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(copies.fill, req.branch, carry=req.carry)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _forget_new_copy(req: spec.SessionRequest, filling: Any = None) -> None:
+    from coi.branches import copies
+
+    if filling is not None:
+        try:
+            filling.result()
+        except BaseException:
+            pass
+    try:
+        copies.forget(req.branch, copies.repository(req.workspace))
+    except CoiError:
+        pass
 
 
 def start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: state.SavedSession | None, *,
@@ -182,6 +278,8 @@ def start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: 
         except BaseException:
             if session.created:
                 unisolate(place, session.name)
+            if req.branch_new:
+                _forget_new_copy(req)
             raise
 
 
@@ -275,11 +373,27 @@ def end(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
                                "session_id": session_id, "container_name": name, "persistent": persistent,
                                "workspace": cfg.get(f"{key}workspace", ""), "tool": tool,
                                "slot": int(slot) if slot.isdigit() else None,
-                               "image": cfg.get(f"{key}image", ""), "profile": cfg.get(f"{key}profile")})
+                               "image": cfg.get(f"{key}image", ""), "profile": cfg.get(f"{key}profile"),
+                               "branch": cfg.get(f"{key}branch")})
         place.messages.info("Session data saved")
     if not persistent:
         containers.remove_container(client, name)
     unisolate(place, name)
+    if cfg.get(f"{key}branch"):
+        bring_back(place, Path(cfg.get(f"{key}workspace", "")), cfg[f"{key}branch"])
+
+
+def bring_back(place: Place, workspace: Path, name: str) -> None:
+    """The session's branch into the host repository (``coi/NAME``); a failure only warns:
+    the work stays in the copy, where diff and merge find it."""
+    from coi.branches import copies, review
+
+    try:
+        branch = copies.find(place.sessions_dir, workspace, name)
+        head = review.bring_back(branch)
+        place.messages.info(f"Branch {branch.branch} is at {head[:12]} in {workspace}")
+    except CoiError as exc:
+        place.messages.warn(f"branch coi/{name} was not brought back: {exc.message}")
 
 
 # ---- coi run --------------------------------------------------------------------------
@@ -308,9 +422,11 @@ def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: 
         try:
             return _run_command(place, session, req, command, capture=capture, timeout=timeout)
         finally:
-            if not session.persistent:
-                with signals.signals_ignored():  # a second signal must not cut the clean-up short
+            with signals.signals_ignored():  # a second signal must not cut the clean-up short
+                if not session.persistent:
                     remove(place, session.name)
+                if req.branch is not None:
+                    bring_back(place, req.workspace, req.branch.name)
 
 
 def _run_command(place: Place, session: spec.Session, req: spec.SessionRequest, command: list[str], *,

@@ -17,6 +17,7 @@ from coi.errors import CoiError, ConflictError, UsageError
 from coi.incus.records import ipv4_addresses
 
 if TYPE_CHECKING:
+    from coi.branches.copies import Branch
     from coi.tools import Tool
 
 KEY = naming.CONFIG_PREFIX  # "user.coi."
@@ -142,12 +143,15 @@ def tmux_env() -> dict[str, str]:
 def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, persistent: bool,
                    tool: str, mounts: list[Mount], storage: Path | None, host_uid: int, host_gid: int,
                    code_uid: int, shift: bool, base_config: Mapping[str, str],
-                   profile: str | None = None) -> tuple[dict, dict]:
+                   profile: str | None = None, branch: Branch | None = None) -> tuple[dict, dict]:
     """(config, devices) of a session container.
 
     Workspace ownership: with ``shift`` (idmapped mounts, host uid == code uid)
     the mount is shifted; otherwise ``raw.idmap`` maps the host user's ids to
     ``code``, so files keep the host user as owner either way.
+
+    A branch session (``branch``) gets its copy at /workspace instead of the workspace,
+    and the host repository's objects read-only where the copy's alternate finds them.
     """
     config = dict(base_config)
     config.update({
@@ -157,11 +161,19 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
     })
     if profile:
         config[f"{KEY}profile"] = profile
+    if branch is not None:
+        config[f"{KEY}branch"] = branch.name
     if not shift:
         config["raw.idmap"] = f"uid {host_uid} {code_uid}\ngid {host_gid} {code_uid}"
     disk = {"type": "disk", **({"shift": "true"} if shift else {})}
     # Sources without links (``check_mount_sources`` holds them to that on every start).
-    devices = {"workspace": {**disk, "source": os.path.realpath(workspace), "path": WORKSPACE}}
+    source = branch.copy if branch is not None else workspace
+    devices = {"workspace": {**disk, "source": os.path.realpath(source), "path": WORKSPACE}}
+    if branch is not None:
+        from coi.branches.copies import CONTAINER_OBJECTS
+
+        devices["repo-objects"] = {**disk, "source": os.path.realpath(branch.objects), "path": CONTAINER_OBJECTS,
+                                   "readonly": "true"}
     for i, mount in enumerate(mounts, 1):
         devices[f"mount{i}"] = {**disk, "source": os.path.realpath(mount.host), "path": mount.container}
     if storage is not None:
@@ -209,6 +221,9 @@ class SessionRequest:
     base_config: Mapping[str, str]  # Incus config every session container gets (limits included)
     session_id: str | None = None  # keep this id (resume)
     profile: str | None = None
+    branch: Branch | None = None  # a branch session's copy (coi.branches)
+    branch_new: bool = False  # the copy was reserved for this session and still has to be filled
+    carry: bool = False  # the new copy takes the host's uncommitted changes along
 
 
 @dataclass
@@ -253,12 +268,14 @@ class ContainerInfo:
     session_id: str
     tool: str
     limits: dict[str, str] = field(default_factory=dict)
+    branch: str | None = None  # a branch session's NAME (its branch is coi/NAME)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "created_at": self.created_at,
                 "image": self.image, "persistent": self.persistent, "workspace": self.workspace,
                 "slot": self.slot, "ipv4": self.ipv4[0] if self.ipv4 else None,
-                "session_id": self.session_id, "tool": self.tool}
+                "session_id": self.session_id, "tool": self.tool,
+                "branch": f"coi/{self.branch}" if self.branch else None}
 
 
 LAUNCHED = f"{KEY}launched"  # set on the containers of ``coi container launch``
@@ -301,6 +318,7 @@ def to_info(instance: Mapping[str, Any]) -> ContainerInfo:
         slot=int(slot) if slot.isdigit() else None, ipv4=ipv4 if instance.get("status") == "Running" else [],
         session_id=cfg.get(f"{KEY}session_id", ""), tool=cfg.get(f"{KEY}tool", ""),
         limits={k[len("limits."):]: v for k, v in cfg.items() if k.startswith("limits.")},
+        branch=cfg.get(f"{KEY}branch") or None,
     )
 
 

@@ -423,18 +423,21 @@ class NoSavedSession(NotFoundError):
 
 
 def find_session(sessions_dir: Path, tool: str, *, session_id: str | None, workspace: Path,
-                 generation: int = 1) -> SavedSession:
-    """A given session (must exist), or the latest of ``workspace`` only; its newest save,
-    or with ``generation`` an older one (2 = the one before the newest)."""
+                 generation: int = 1, branch: str | None = None) -> SavedSession:
+    """A given session (must exist), or the latest of ``workspace`` only (on copy ``branch``,
+    when given); its newest save, or with ``generation`` an older one (2 = the one before
+    the newest)."""
     if session_id:
         sid = check_session_id(session_id)
         found = load(sessions_root(sessions_dir, tool) / sid)
         if found is None:
             raise NotFoundError(f"saved session {sid} not found", "see 'coi list --all'")
     else:
-        mine = [s for s in saved_sessions(sessions_dir, tool) if s.metadata.get("workspace") == str(workspace)]
+        mine = [s for s in saved_sessions(sessions_dir, tool) if s.metadata.get("workspace") == str(workspace)
+                and (branch is None or s.metadata.get("branch") == branch)]
         if not mine:
-            raise NoSavedSession(f"no saved sessions for workspace {workspace}",
+            on = f" on branch coi/{branch}" if branch else ""
+            raise NoSavedSession(f"no saved sessions for workspace {workspace}{on}",
                                 "start one with 'coi shell'; sessions are saved when they end")
         found = mine[-1]
     if generation == 1:

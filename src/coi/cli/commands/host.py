@@ -56,12 +56,17 @@ def completion(ctx: Context, *, shell: str) -> int:
 
 
 def complete(ctx: Context, *, what: str) -> int:
-    """Live words for completion: coi container names or saved session ids."""
+    """Live words for completion: coi container names, saved session ids or branch sessions."""
     if what == "containers":
         from coi import naming, sessions
 
         for c in sessions.list_containers(ctx.incus, naming.container_prefix(), with_state=False):
             ctx.ui.out(c.name)
+    elif what == "branches":
+        from coi.branches import copies
+
+        for b in copies.all_branches(ctx.sessions_dir, ctx.workspace):
+            ctx.ui.out(b.name)
     else:
         from coi.sessions import state
 

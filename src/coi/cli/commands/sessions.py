@@ -25,7 +25,7 @@ def _request(ctx: Context, **kw: Any):
 def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
           env: list[str], mount: list[str], storage: str | None = None, background: bool = False,
           debug: bool = False, tmux: bool = True, generation: int = 1, format: str = "text",
-          extra: list[str]) -> int:
+          branch: str | None = None, carry: bool = False, extra: list[str]) -> int:
     from coi.sessions import commands, lifecycle, signals, state
 
     if extra:
@@ -41,13 +41,14 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
     saved = None
     persistent = ctx.flag_values.get("defaults.persistent", (None, None))[1]
     if resume:
-        saved = lifecycle.resumed(ctx.place, resume, generation=generation)
+        saved = lifecycle.resumed(ctx.place, resume, generation=generation, branch=branch)
         if persistent is None:
             persistent = bool(saved.metadata.get("persistent"))
         if saved.metadata.get("profile") and "defaults.profile" not in ctx.flag_values:
             ctx.set_flag("defaults.profile", "the resumed session", saved.metadata["profile"])
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage,
-                   session_id=saved.session_id if saved else None, persistent=persistent)
+                   session_id=saved.session_id if saved else None, persistent=persistent,
+                   branch=branch, carry=carry, saved=saved)
     place = ctx.place
     with signals.interruptible():
         session = lifecycle.open_session(place, req)
@@ -65,7 +66,8 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
 
             print_json(ctx.ui, {"container": session.name, "session_id": session.session_id,
                                 "slot": session.slot, "workspace": str(session.workspace),
-                                "network": cfg.network.mode})
+                                "network": cfg.network.mode,
+                                "branch": req.branch.branch if req.branch else None})
         return 0
     argv = lifecycle.attached_argv(place, session, req, saved, debug=debug, tmux_session=tmux)
     code = commands.run_attached(argv, again_if_lost=tmux)
@@ -76,14 +78,15 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
 # ---- run ---------------------------------------------------------------------
 
 def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
-        storage: str | None = None, capture: bool = False, timeout: float = 0, command: list[str]) -> int:
+        storage: str | None = None, capture: bool = False, timeout: float = 0, branch: str | None = None,
+        carry: bool = False, command: list[str]) -> int:
     from coi.sessions import lifecycle
 
     if not command:
         raise UsageError("no command given", "Usage: coi run [flags] [--] COMMAND [ARG...]")
     if len(command) == 1 and any(c in command[0] for c in " \n|;&<>()$`*?'\""):
         command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
-    req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage)
+    req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage, branch=branch, carry=carry)
     result = lifecycle.run(ctx.place, req, command, capture=capture, timeout=timeout)
     if isinstance(result, lifecycle.Captured):
         ctx.ui.out(result.to_json())
@@ -139,8 +142,30 @@ def list_sessions(ctx: Context, *, all: bool = False, format: str = "text") -> i
     if ctx.workspace_given:  # -w: that workspace's containers and sessions only
         found = [c for c in found if c.workspace == str(ctx.workspace)]
         saved = [s for s in saved if s.metadata.get("workspace") == str(ctx.workspace)]
-    render_sessions(ctx.ui, found, saved, format=format, include_saved=all)
+    branches = _branch_statuses(ctx, found)
+    render_sessions(ctx.ui, found, saved, format=format, include_saved=all, branches=branches)
     return 0
+
+
+def _branch_statuses(ctx: Context, found: list[Any]) -> list[Any] | None:
+    """The branch sessions ``coi list`` shows (None when there are none: no section then)."""
+    if not (ctx.sessions_dir / "branches").is_dir():
+        return None
+    from coi.branches import copies
+
+    recorded = copies.all_branches(ctx.sessions_dir, ctx.workspace if ctx.workspace_given else None)
+    if not recorded:
+        return None
+    import dataclasses
+
+    from coi.branches import review
+
+    using = {(c.workspace, c.branch): c for c in found if c.branch}
+    out = []
+    for status in review.statuses(recorded):
+        c = using.get((str(status.branch.workspace), status.branch.name))
+        out.append(dataclasses.replace(status, container=c.name, state=c.status) if c else status)
+    return out
 
 
 def info(ctx: Context, *, session_id: str | None = None) -> int:
@@ -175,7 +200,7 @@ def _targets(ctx: Context, names: list[str], all: bool, force: bool, verb: str) 
         if not found:
             ctx.ui.info(f"No containers to {verb}")
         if found and not force:
-            _confirm(f"{verb.capitalize()} {len(found)} container(s): {', '.join(i['name'] for i in found)}?")
+            confirm(f"{verb.capitalize()} {len(found)} container(s): {', '.join(i['name'] for i in found)}?")
         return found
     found, problems = manage.named(ctx.place, names)
     for problem in problems:
@@ -183,7 +208,7 @@ def _targets(ctx: Context, names: list[str], all: bool, force: bool, verb: str) 
     return found
 
 
-def _confirm(question: str) -> None:
+def confirm(question: str) -> None:
     if not sys.stdin.isatty():
         raise UsageError("refusing to ask without a terminal", "add --force to confirm")
     answer = input(f"{question} [y/N] ").strip().lower()
@@ -230,7 +255,7 @@ def clean(ctx: Context, *, force: bool = False, sessions: bool = False, all: boo
         ctx.ui.info("Nothing to clean")
         return 0
     if not force:
-        _confirm(f"Delete {len(plan.stopped)} stopped container(s) and {len(plan.saved)} saved session(s)?")
+        confirm(f"Delete {len(plan.stopped)} stopped container(s) and {len(plan.saved)} saved session(s)?")
     for inst in plan.stopped:
         lifecycle.end(ctx.place, inst["name"], inst=inst)
         ctx.ui.info(f"Removed {inst['name']}")
