@@ -239,6 +239,15 @@ def sandbox_image(incus, base_image, tmp_path_factory):
     return SANDBOX_IMAGE
 
 
+def wait_for_spares(state_dir: Path) -> None:
+    """Until no background process is making a spare branch copy there (each holds its lock)."""
+    import fcntl
+
+    for lock in state_dir.glob("branches/*/.spare.lock"):
+        with open(lock) as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+
+
 def configured(user: User, config: str):
     """``user`` with ``config`` as their own coi config for one test; afterwards their
     sessions, saved state and config are removed."""
@@ -250,6 +259,7 @@ def configured(user: User, config: str):
     yield user
     # Remove every coi-test- container the test left (sessions of this user).
     subprocess.run(user.argv(["coi", "kill", "--all", "--force"]), capture_output=True)
+    wait_for_spares(user.home / ".coi")
     shutil.rmtree(user.home / ".coi", ignore_errors=True)
     shutil.rmtree(cfg, ignore_errors=True)
 

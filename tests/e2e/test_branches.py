@@ -174,3 +174,28 @@ def test_discard_asks_without_force_and_refuses_a_copy_in_use(session_user, repo
     assert proc.returncode == 2 and "add --force" in proc.stderr  # no terminal: no question, no deletion
     assert coi_json(session_user, repo, "list")["branch_sessions"][0]["name"] == "busy"
     assert session_user.run(["discard", "busy", "--force"], cwd=repo).returncode == 0
+
+
+def test_a_spare_copy_is_kept_ready_and_taken(session_user, repo):
+    from conftest import wait_for_spares
+
+    state = session_user.home / ".coi"
+    assert session_user.run(["run", "--branch", "one", "--", "true"], cwd=repo).returncode == 0
+    wait_for_spares(state)
+    [spare] = list(state.glob("branches/*/.spare"))
+    spare_inode = spare.stat().st_ino
+    (repo / "later.txt").write_text("after the spare was made\n")
+    subprocess.run(["chown", f"{session_user.uid}:{session_user.gid}", str(repo / "later.txt")], check=True)
+    git(session_user, repo, "add", "later.txt")
+    git(session_user, repo, "commit", "-qm", "host moved on")
+    proc = session_user.run(["run", "--branch", "two", "--", "sh", "-c", "cat later.txt && git status --porcelain "
+                             "&& git log -1 --format=%s"], cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    # The spare (made before the host's last commit) became the copy, brought up to HEAD.
+    assert proc.stdout == "after the spare was made\nhost moved on\n"
+    [copy] = list(state.glob("branches/*/two"))
+    assert copy.stat().st_ino == spare_inode
+    wait_for_spares(state)
+    assert list(state.glob("branches/*/.spare"))  # and a new one is ready
+    for name in ("one", "two"):
+        assert session_user.run(["discard", name, "--force"], cwd=repo).returncode == 0

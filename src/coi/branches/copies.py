@@ -254,24 +254,28 @@ def _link_repository(root: Path, repo: Repository) -> None:
 
 
 def _init(branch: Branch, repo: Repository) -> None:
+    """The host's branch, the view and the record of a reserved copy (its files: ``fill``)."""
     fmt = f"--object-format={branch.object_format}"
     # The host's branch first: it keeps every object the copy borrows reachable there.
     repo.git(["update-ref", "--no-deref", "-m", "coi: branch session", branch.ref, branch.base, ""])
-    git.run(["init", "-q", fmt, f"--initial-branch={branch.branch}", str(branch.copy)], isolated=True)
-    dot = branch.copy / ".git"
-    (dot / "objects" / "info" / "alternates").write_text(ALTERNATE + "\n")
-    (dot / "refs" / "heads" / "coi").mkdir(parents=True, exist_ok=True)
-    (dot / "refs" / "heads" / "coi" / branch.name).write_text(branch.base + "\n")
-    with open(dot / "config", "a") as fh:
-        # minimal: the index coi writes on the host stays valid in the container, where
-        # files show other owners (the mount maps them to code).
-        fh.write("[core]\n\tcheckStat = minimal\n" + _identity(repo))
     git.run(["init", "-q", "--bare", fmt, f"--initial-branch={branch.branch}", str(branch.view)], isolated=True)
-    (branch.view / "objects" / "info" / "alternates").write_text(f"{dot / 'objects'}\n{repo.objects}\n")
+    (branch.view / "objects" / "info" / "alternates").write_text(
+        f"{branch.copy / '.git' / 'objects'}\n{repo.objects}\n")
     tmp = branch.meta.with_suffix(".tmp")
     tmp.write_text(json.dumps({**branch.to_json(), "git_dir": str(branch.git_dir),
                                "object_format": branch.object_format}, indent=2) + "\n")
     os.replace(tmp, branch.meta)
+
+
+def _new_repository(path: Path, *, object_format: str, branch: str, commit: str) -> None:
+    """An empty repository at ``path`` on ``branch`` at ``commit``, borrowing the host's objects."""
+    git.run(["init", "-q", f"--object-format={object_format}", f"--initial-branch={branch}", str(path)],
+            isolated=True)
+    dot = path / ".git"
+    (dot / "objects" / "info" / "alternates").write_text(ALTERNATE + "\n")
+    ref = dot / "refs" / "heads" / branch
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit + "\n")
 
 
 def _identity(repo: Repository) -> str:
@@ -284,19 +288,117 @@ def _identity(repo: Repository) -> str:
     return f"[user]\n\tname = {json.dumps(name)}\n\temail = {json.dumps(email)}\n"
 
 
-def fill(branch: Branch, *, carry: bool) -> None:
-    """Check the base out into the new copy; with ``carry`` the host's uncommitted changes
-    (staged, unstaged and untracked, not ignored) arrive there as uncommitted changes."""
+def fill(branch: Branch, *, carry: bool, spare: bool = False) -> None:
+    """The new copy's files: the base checked out (with ``carry``, the host's uncommitted
+    changes, staged, unstaged and untracked, not ignored, arrive as uncommitted changes).
+
+    With ``spare`` the workspace's spare copy is taken when there is one (a rename, and
+    only the files that differ are written), and a new spare is made in the background.
+    """
     repo = repository(branch.workspace)
+    have = _take_spare(branch) if spare else None  # the commit its files are at
+    if have is None:
+        _new_repository(branch.copy, object_format=branch.object_format, branch=branch.branch, commit=branch.base)
     dot = branch.copy / ".git"
-    tree = branch.base
-    if carry:
-        tree = _working_tree(repo, objects=dot / "objects", scratch=branch.view)
-    git.run(["-c", "checkout.workers=0", "read-tree", "-u", "--reset", tree], cwd=branch.copy, isolated=True)
+    with open(dot / "config", "a") as fh:
+        # minimal: the index coi writes on the host stays valid in the container, where
+        # files show other owners (the mount maps them to code).
+        fh.write("[core]\n\tcheckStat = minimal\n" + _identity(repo))
+    tree = _working_tree(repo, objects=dot / "objects", scratch=branch.view) if carry else branch.base
+    if tree != have:  # only what differs is written
+        git.run(["-c", "checkout.workers=0", "read-tree", "-u", "--reset", tree], cwd=branch.copy, isolated=True)
     if tree != branch.base:
         git.run(["reset", "-q", "--no-refresh", branch.base], cwd=branch.copy, isolated=True)
     shutil.copyfile(dot / "index", branch.view / "index")  # the view's index starts with valid stat data
     _mark_index(branch, branch.base)
+    if spare:
+        refill_spare(branch.root.parent.parent, branch.workspace)
+
+
+# ---- the spare copy ---------------------------------------------------------------------
+# One checked-out copy per workspace, kept ready under <root>/.spare: a branch session takes
+# it with a rename, so its start does not wait for a checkout of every file. It is made by
+# a background process (``python -I -m coi.branches.spare``) that holds <root>/.spare.lock.
+# The spare is coi's alone: it is never mounted before it becomes a session's copy.
+
+SPARE = ".spare"
+
+
+SPARE_BRANCH = "coi-spare"
+
+
+def _take_spare(branch: Branch) -> str | None:
+    """The spare as ``branch``'s copy, on ``coi/NAME``: the commit its files are at, or None
+    when there is no spare ready."""
+    import fcntl
+
+    spare = branch.root / SPARE
+    with open(branch.root / ".spare.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # a spare is being made: no waiting for it
+        commit = _read_under(spare, [".git", "refs", "heads", SPARE_BRANCH], 512)
+        if commit is None or not _HEX["sha1"].match(commit.strip()) or not (spare / ".git" / "index").is_file():
+            return None
+        os.rename(spare, branch.copy)  # over the empty directory reserve made
+    dot = branch.copy / ".git"
+    (dot / "refs" / "heads" / SPARE_BRANCH).unlink()
+    (dot / "refs" / "heads" / "coi").mkdir(parents=True, exist_ok=True)
+    (dot / "refs" / "heads" / "coi" / branch.name).write_text(branch.base + "\n")
+    (dot / "HEAD").write_text(f"ref: {branch.ref}\n")
+    return commit.strip().decode()
+
+
+def refill_spare(state_dir: Path, workspace: Path) -> None:
+    """Start the background process that makes the workspace's next spare."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-I", "-m", "coi.branches.spare", str(state_dir), str(workspace)],
+                     cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
+def make_spare(state_dir: Path, workspace: Path) -> None:
+    """The workspace's spare, checked out at the host's HEAD (nothing when one is there or
+    being made)."""
+    import fcntl
+
+    root = workspace_root(state_dir, workspace)
+    with open(root / ".spare.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        if (root / SPARE).exists():
+            return
+        repo = repository(workspace)
+        _link_repository(root, repo)
+        for stale in root.glob(".spare.tmp-*"):
+            _remove_tree(stale)
+        tmp = root / f".spare.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            _new_repository(tmp, object_format=repo.object_format, branch=SPARE_BRANCH, commit=repo.head())
+            git.run(["-c", "checkout.workers=0", "read-tree", "-u", "--reset", SPARE_BRANCH], cwd=tmp,
+                    isolated=True)
+            os.rename(tmp, root / SPARE)
+        finally:
+            if tmp.exists():
+                _remove_tree(tmp)
+
+
+def remove_spare(state_dir: Path, workspace: Path) -> None:
+    """The workspace's spare gone (waits for one being made)."""
+    import fcntl
+
+    root = workspace_root(state_dir, workspace)
+    if not root.is_dir():
+        return
+    with open(root / ".spare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_tree(root / SPARE)
 
 
 def _working_tree(repo: Repository, *, objects: Path, scratch: Path) -> str:

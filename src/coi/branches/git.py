@@ -57,7 +57,9 @@ def run(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = 
     except FileNotFoundError:
         raise git_missing() from None
     if check and proc.returncode != 0:
-        raise GitError(f"git {args[0]} failed: {first_line(proc.stderr)}")
+        what = next((a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-c")),
+                    "")
+        raise GitError(f"git {what} failed: {first_line(proc.stderr)}")
     return proc
 
 

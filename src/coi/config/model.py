@@ -76,6 +76,7 @@ class Git:
     the repository on a branch of its own ("branch", ``coi.branches``)."""
 
     isolation: str = "shared"
+    keep_spare: bool = True  # one checked-out spare copy per workspace, made in the background
 
 
 @dataclass(frozen=True)

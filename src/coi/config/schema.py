@@ -72,6 +72,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("network.logging.path", "path?", ""),  # empty: <sessions_dir>/logs/network.log
     Key("mounts.default", "mounts", []),
     Key("git.isolation", "str", "shared", env="COI_GIT_ISOLATION", choices=GIT_ISOLATION),
+    # A checked-out spare copy per workspace, so that a branch session does not wait for a checkout.
+    Key("git.keep_spare", "bool", True, env="COI_GIT_KEEP_SPARE"),
     # Saved sessions: how much of the agent's state a save copies out, and how many saves are kept.
     Key("sessions.keep", "int", 3, bounds=(1, 100)),
     Key("sessions.max_size", "str", "512MiB"),

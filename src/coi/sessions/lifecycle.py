@@ -100,7 +100,7 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
         prefix=naming.container_prefix(), code_uid=cfg.incus.code_uid, host_uid=os.getuid(), host_gid=os.getgid(),
         shift=shift, lock_dir=place.sessions_dir / "locks",
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
-        branch=copy, branch_new=new, carry=carry)
+        branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare)
 
 
 def branch_copy(place: Place, *, wanted: str | None, carry: bool, saved: state.SavedSession | None,
@@ -249,7 +249,7 @@ def _fill_copy(req: spec.SessionRequest):
     from coi.branches import copies
 
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(copies.fill, req.branch, carry=req.carry)
+    future = pool.submit(copies.fill, req.branch, carry=req.carry, spare=req.keep_spare)
     pool.shutdown(wait=False)
     return future
 

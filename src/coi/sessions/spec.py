@@ -224,6 +224,7 @@ class SessionRequest:
     branch: Branch | None = None  # a branch session's copy (coi.branches)
     branch_new: bool = False  # the copy was reserved for this session and still has to be filled
     carry: bool = False  # the new copy takes the host's uncommitted changes along
+    keep_spare: bool = False  # the new copy may take the workspace's spare ([git] keep_spare)
 
 
 @dataclass
