@@ -199,3 +199,54 @@ def test_a_spare_copy_is_kept_ready_and_taken(session_user, repo):
     assert list(state.glob("branches/*/.spare"))  # and a new one is ready
     for name in ("one", "two"):
         assert session_user.run(["discard", name, "--force"], cwd=repo).returncode == 0
+
+
+def test_full_flow_through_a_terminal_detach_diff_merge_and_resume(session_user, repo, incus):
+    from terminal import Terminal
+
+    term = Terminal(session_user.argv(["coi", "shell", "--branch", "feature"], env={"TERM": "xterm-256color"}),
+                    cwd=str(repo))
+    term.wait_for("fake-claude> ")
+    assert "Branch: coi/feature" in term.output()
+    name = next(line.split(": ", 1)[1].strip() for line in term.output().splitlines()
+                if line.startswith("Container: "))
+    term.type("remember the branch")
+    term.wait_for("echo: remember the branch")
+    term.type("exit")  # the agent exits: bash is left, in the copy
+    term.wait_for("code@")
+    term.type("echo v2 > src/app.py && git commit -qam 'agent: v2' && echo wip > wip.txt && echo DONE-$((6*7))")
+    term.wait_for("DONE-42")
+    term.detach()
+    assert term.finish() == 0
+    assert incus.instance(name)["status"] == "Running"
+
+    listed = coi_json(session_user, repo, "list")
+    [container] = [c for c in listed["active_containers"] if c["name"] == name]
+    assert container["branch"] == "coi/feature"
+    [entry] = listed["branch_sessions"]
+    assert (entry["ahead"], entry["uncommitted"], entry["state"], entry["container"]) == (1, 1, "Running", name)
+    text = session_user.run(["diff", "feature"], cwd=repo)
+    assert text.returncode == 0 and "+v2" in text.stdout and "+wip" in text.stdout
+    assert "\x1b" not in text.stdout  # not a terminal: no colours
+    log = session_user.run(["log"], cwd=repo)  # the workspace's only branch session
+    assert log.returncode == 0 and "agent: v2" in log.stdout
+    merged = coi_json(session_user, repo, "merge", "feature")
+    assert merged["outcome"] == "fast-forward" and merged["into"] == "main"
+    assert (repo / "src" / "app.py").read_text() == "v2\n" and not (repo / "wip.txt").exists()
+
+    # The session ends; its copy (with the uncommitted file) stays, and --resume continues on it.
+    assert session_user.run(["shutdown", name], cwd=repo).returncode == 0
+    term = Terminal(session_user.argv(["coi", "shell", "--branch", "feature", "--resume"],
+                                      env={"TERM": "xterm-256color"}), cwd=str(repo))
+    term.wait_for("fake-claude> ")
+    assert "Continuing on branch coi/feature" in term.output()
+    assert "remembering: remember the branch" in term.text()
+    term.type("exit")
+    term.wait_for("code@")
+    term.type("cat wip.txt; git --no-pager log -1 --format=%s")
+    term.wait_for("agent: v2")
+    assert "wip" in term.text()
+    term.type("sudo poweroff")
+    term.wait_for("Session data saved", timeout=90)
+    assert term.finish() == 0
+    assert session_user.run(["discard", "feature", "--force"], cwd=repo).returncode == 0
