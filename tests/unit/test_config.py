@@ -480,6 +480,9 @@ def test_unknown_profile_lists_the_defined_ones(layers) -> None:
     ("", '[defaults]\nimage = "ws-image"', "defaults.image", "ws-image", False),
     ("", "[limits]\nmemory = \"1GiB\"", "limits.memory", "1GiB", False),
     ("[defaults]\ntrust_workspace_config = true", '[network]\nmode = "open"', "network.mode", "open", False),
+    ("", '[git]\nisolation = "branch"', "git.isolation", "branch", False),  # stricter: allowed
+    ('[git]\nisolation = "branch"', '[git]\nisolation = "shared"', "git.isolation", "branch", True),
+    ("", "[git]\nkeep_spare = false", "git.keep_spare", True, True),
 ])
 def test_untrusted_workspace_cannot_weaken_isolation(layers, user, workspace, key, expected, ignored) -> None:
     layers.write("user", user)
@@ -498,6 +501,13 @@ def test_untrusted_workspace_mounts_stay_inside(layers, tmp_path) -> None:
     assert any("outside the workspace (/etc)" in w for w in loaded.warnings)
     layers.write("workspace", f'[[mounts.default]]\nhost = "{inside}"\ncontainer = "/notes"\n')
     assert [m.container for m in layers.load().config.mounts.default] == ["/notes"]
+
+
+def test_a_profile_can_make_sessions_branch_sessions(layers) -> None:
+    layers.write("user", '[profiles.safe]\ngit = { isolation = "branch" }\n')
+    assert layers.load().config.git.isolation == "shared"
+    layers.write("user", '[profiles.safe]\ngit = { isolation = "branch" }\n[defaults]\nprofile = "safe"\n')
+    assert layers.load().config.git.isolation == "branch"
 
 
 def test_workspace_profiles_get_the_same_rules(layers) -> None:

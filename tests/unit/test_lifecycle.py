@@ -229,3 +229,61 @@ def test_a_missing_command_is_exit_code_127_not_an_error(home, workspace, networ
     result = manage.exec_in(place, session.name, ["no-such-cmd"], user=None, group=None, env={}, cwd="/",
                             capture=True)
     assert result.exit_code == 127 and "command not found" in result.stderr
+
+
+# ---- branch sessions ---------------------------------------------------------------------
+
+@pytest.fixture
+def repo(workspace):
+    import subprocess
+
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    (workspace / "f").write_text("x\n")
+    for args in (["init", "-q"], ["add", "f"], ["commit", "-qm", "one"]):
+        subprocess.run(["git", *args], cwd=workspace, env=env, check=True)
+    return workspace
+
+
+def test_a_branch_session_gets_its_copy_and_a_persistent_one_is_reused_only_on_its_branch(home, repo, network):
+    fake = FakeIncus()
+    place = place_for(home, repo, fake)
+    req = request(place, persistent=True, branch="alpha")
+    assert req.branch.name == "alpha" and req.branch_new
+    first = lifecycle.open_session(place, req)
+    devices = fake.instance(first.name)["devices"]
+    assert devices["workspace"]["source"] == str(req.branch.copy) and (req.branch.copy / "f").exists()
+    assert ("info", "Branch: coi/alpha (from " + req.branch.base[:12] + ")") in place.messages.lines
+    # The same branch again: the persistent container is reused, the copy is not new.
+    again_req = request(place, persistent=True, branch="alpha")
+    assert not again_req.branch_new
+    assert lifecycle.open_session(place, again_req).name == first.name
+    # Another branch, or none: a container of its own.
+    assert lifecycle.open_session(place, request(place, persistent=True, branch="beta")).name != first.name
+    assert lifecycle.open_session(place, request(place, persistent=True)).name != first.name
+
+
+def test_a_copy_in_use_is_refused_and_a_failed_start_removes_a_new_copy(home, repo, network):
+    from coi.errors import ConflictError, ImageNotFoundError
+
+    fake = FakeIncus()
+    place = place_for(home, repo, fake)
+    lifecycle.open_session(place, request(place, branch="busy"))
+    with pytest.raises(ConflictError, match="in use by container"):
+        request(place, branch="busy")
+    fake.on("create_instance", lambda name, **kw: (_ for _ in ()).throw(ImageNotFoundError("no image")))
+    req = request(place, branch="doomed")
+    with pytest.raises(NotFoundError, match="image coi not found"):
+        lifecycle.open_session(place, req)
+    assert not req.branch.copy.exists() and not req.branch.meta.exists()
+
+
+def test_isolation_branch_config_and_carry_rules(home, repo, network):
+    fake = FakeIncus()
+    cfg = default_config(env={"HOME": str(home)})
+    place = place_for(home, repo, fake, git=replace(cfg.git, isolation="branch"))
+    assert request(place).branch is not None  # every session a branch session
+    plain = place_for(home, repo, fake)
+    assert request(plain).branch is None
+    with pytest.raises(UsageError, match="--carry needs a branch session"):
+        request(plain, carry=True)

@@ -193,6 +193,22 @@ def test_the_spec_records_the_session_and_resolves_links(tmp_path):
     assert devices["storage"]["path"] == spec.STORAGE
 
 
+def test_a_branch_session_mounts_its_copy_and_the_repository_objects_read_only(tmp_path):
+    from coi.branches.copies import CONTAINER_OBJECTS, Branch
+
+    (tmp_path / "ws" / ".git" / "objects").mkdir(parents=True)
+    branch = Branch(name="brave-otter", workspace=tmp_path / "ws", base="0" * 40, created_at="",
+                    root=tmp_path / "state" / "branches" / "h", git_dir=tmp_path / "ws" / ".git")
+    config, devices = _spec(tmp_path / "ws", branch=branch)
+    assert config["user.coi.branch"] == "brave-otter"
+    assert config["user.coi.workspace"] == str(tmp_path / "ws")  # slots and resume stay the workspace's
+    assert devices["workspace"]["source"] == str(tmp_path / "state" / "branches" / "h" / "brave-otter")
+    assert devices["repo-objects"] == {"type": "disk", "source": str(tmp_path / "ws" / ".git" / "objects"),
+                                       "path": CONTAINER_OBJECTS, "readonly": "true"}
+    _, plain = _spec(tmp_path / "ws")
+    assert "repo-objects" not in plain and "user.coi.branch" not in _spec(tmp_path / "ws")[0]
+
+
 @pytest.mark.parametrize("instance, prefix, coi", [
     ({"name": "coi-a-1", "config": {"user.coi.workspace": "/w"}}, "coi-", True),
     ({"name": "coi-a-1", "config": {}}, "coi-", False),
