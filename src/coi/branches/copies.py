@@ -389,16 +389,17 @@ def make_spare(state_dir: Path, workspace: Path) -> None:
                 _remove_tree(tmp)
 
 
-def remove_spare(state_dir: Path, workspace: Path) -> None:
-    """The workspace's spare gone (waits for one being made)."""
+def remove_spares(state_dir: Path) -> int:
+    """Every workspace's spare gone (each waits for one being made); how many there were."""
     import fcntl
 
-    root = workspace_root(state_dir, workspace)
-    if not root.is_dir():
-        return
-    with open(root / ".spare.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _remove_tree(root / SPARE)
+    removed = 0
+    for spare in sorted((state_dir / "branches").glob(f"*/{SPARE}")):
+        with open(spare.parent / ".spare.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _remove_tree(spare)
+            removed += 1
+    return removed
 
 
 def _working_tree(repo: Repository, *, objects: Path, scratch: Path) -> str:

@@ -111,11 +111,13 @@ class CleanPlan:
     stopped: list[dict[str, Any]]
     saved: list[state.SavedSession]
     rules_removed: list[str] = field(default_factory=list)
+    spares_removed: int = 0  # spare branch copies (coi.branches), made again when needed
 
 
 def plan_clean(place: Place, *, saved_sessions: bool) -> CleanPlan:
     """Stopped, non-persistent coi containers and (with ``saved_sessions``) every saved
-    session. Network rules of containers that no longer exist are removed at once."""
+    session. Network rules of containers that no longer exist, and the spare branch
+    copies, are removed at once."""
     from coi import network
 
     client = place.client
@@ -125,7 +127,12 @@ def plan_clean(place: Place, *, saved_sessions: bool) -> CleanPlan:
     existing = {i["name"] for i in client.instances(recursion=1, all_projects=True)}
     removed = network.clean_orphans(existing, sessions_dir=place.sessions_dir, client=client,
                                     privileged_command=place.config.network.privileged_command)
-    return CleanPlan(stopped, saved, list(removed))
+    spares = 0
+    if (place.sessions_dir / "branches").is_dir():
+        from coi.branches import copies
+
+        spares = copies.remove_spares(place.sessions_dir)
+    return CleanPlan(stopped, saved, list(removed), spares)
 
 
 # ---- info ------------------------------------------------------------------------------

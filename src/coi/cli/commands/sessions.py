@@ -251,6 +251,8 @@ def clean(ctx: Context, *, force: bool = False, sessions: bool = False, all: boo
     plan = manage.plan_clean(ctx.place, saved_sessions=sessions or all)
     for name in plan.rules_removed:
         ctx.ui.info(f"Removed network rules of {name}")
+    if plan.spares_removed:
+        ctx.ui.info(f"Removed {plan.spares_removed} spare branch copy(ies)")
     if not plan.stopped and not plan.saved:
         ctx.ui.info("Nothing to clean")
         return 0
