@@ -152,3 +152,36 @@ def test_every_agent_opens_at_its_own_screen(coi_user, agents_image, nft_sudo, w
 def test_all_installs_every_agent_on_debian_13(incus, agents_image):
     tools = incus.image_by_alias(agents_image)["properties"]["coi.tools"].split(",")
     assert tools == ["claude", "codex", "gemini", "opencode", "aider"]
+
+
+def test_claude_works_on_a_branch_of_its_own_and_the_work_is_merged(real_user, workspace):
+    """The README's branch workflow on the real image: Claude Code opens in the copy, the
+    work (committed in the container with the image's own git) is reviewed and merged."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(real_user.argv(["git", "-c", "user.name=Me", "-c", "user.email=me@example.invalid",
+                                              *args]), cwd=workspace, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    (workspace / "app.txt").write_text("v1\n")
+    subprocess.run(["chown", f"{real_user.uid}:{real_user.gid}", str(workspace / "app.txt")], check=True)
+    git("init", "-q", "--initial-branch=main")
+    git("add", "app.txt")
+    git("commit", "-qm", "first")
+    info = real_user.background(workspace, "--branch", "accept")
+    assert info["branch"] == "coi/accept"
+    name = info["container"]
+    wait_for(lambda: PROMPT in pane(real_user, name), timeout=60, what="Claude Code's prompt")
+    assert not [d for d in DIALOGS if d.lower() in pane(real_user, name).lower()]
+    work = in_container(real_user, name, "cd /workspace && git branch --show-current && echo v2 > app.txt "
+                                         "&& git commit -qam 'agent: v2' && git log --oneline | wc -l")
+    assert work.returncode == 0, work.stderr
+    assert work.stdout.split() == ["coi/accept", "2"]
+    assert (workspace / "app.txt").read_text() == "v1\n"  # the host's tree is not the agent's
+    assert "+v2" in real_user.run(["diff", "accept"], cwd=workspace).stdout
+    assert real_user.run(["shutdown", name], cwd=workspace).returncode == 0
+    merged = real_user.run(["merge", "accept", "--format", "json"], cwd=workspace)
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads(merged.stdout)["outcome"] == "fast-forward"
+    assert (workspace / "app.txt").read_text() == "v2\n"
+    assert real_user.run(["discard", "accept", "--force"], cwd=workspace).returncode == 0

@@ -250,3 +250,21 @@ def test_full_flow_through_a_terminal_detach_diff_merge_and_resume(session_user,
     term.wait_for("Session data saved", timeout=90)
     assert term.finish() == 0
     assert session_user.run(["discard", "feature", "--force"], cwd=repo).returncode == 0
+
+
+@pytest.mark.security
+def test_the_host_repository_is_out_of_the_agents_reach(session_user, repo):
+    """In a branch session the host's tree is not mounted and its objects are read-only,
+    also for the container's root."""
+    before = git(session_user, repo, "count-objects", "-v")
+    script = ("for who in '' sudo; do $who touch /.coi-repo/objects/planted 2>/dev/null && echo WROTE; "
+              "$who mount -o remount,rw /.coi-repo/objects 2>/dev/null && echo REMOUNTED; done; "
+              "ls -a /workspace | tr '\\n' ' '; grep -c ' /workspace ' /proc/mounts")
+    proc = session_user.run(["run", "--branch", "--", "sh", "-c", script], cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "WROTE" not in proc.stdout and "REMOUNTED" not in proc.stdout
+    assert not (repo / ".git" / "objects" / "planted").exists()
+    assert git(session_user, repo, "count-objects", "-v") == before
+    assert proc.stdout.split()[:5] == [".", "..", ".git", "README", "src"]
+    name = next(line.split("coi/", 1)[1].split()[0] for line in proc.stderr.splitlines() if line.startswith("Branch:"))
+    assert session_user.run(["discard", name, "--force"], cwd=repo).returncode == 0

@@ -181,7 +181,7 @@ def _list_command(sub, summary: str) -> None:
                  "coi list --format json")
     _workspace(p)
     p.add_argument("--all", action="store_true", help="also list saved sessions")
-    p.add_argument("--format", choices=["text", "json"], default="text", help="text or json (default: text)")
+    _format(p)
 
 
 def _info_command(sub, summary: str) -> None:
