@@ -268,3 +268,19 @@ def test_the_host_repository_is_out_of_the_agents_reach(session_user, repo):
     assert proc.stdout.split()[:5] == [".", "..", ".git", "README", "src"]
     name = next(line.split("coi/", 1)[1].split()[0] for line in proc.stderr.splitlines() if line.startswith("Branch:"))
     assert session_user.run(["discard", name, "--force"], cwd=repo).returncode == 0
+
+
+def test_discard_names_what_root_in_the_container_left_behind(session_user, repo):
+    proc = session_user.run(["run", "--branch", "rooted", "--", "sh", "-c",
+                             "sudo mkdir -p /workspace/build/out && sudo touch /workspace/build/out/f"], cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    [copy] = list((session_user.home / ".coi").glob("branches/*/rooted"))
+    owner = (copy / "build").stat().st_uid
+    if owner == session_user.uid:
+        pytest.skip("root in the container writes as the host user here (idmapped mount)")
+    refused = session_user.run(["discard", "rooted", "--force"], cwd=repo)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"sudo rm -rf {copy}" in refused.stderr
+    subprocess.run(["rm", "-rf", str(copy)], check=True)  # what the hint says, as root
+    assert session_user.run(["discard", "rooted", "--force"], cwd=repo).returncode == 0
+    assert "coi/rooted" not in git(session_user, repo, "branch", "--list")
