@@ -287,3 +287,18 @@ def test_isolation_branch_config_and_carry_rules(home, repo, network):
     assert request(plain).branch is None
     with pytest.raises(UsageError, match="--carry needs a branch session"):
         request(plain, carry=True)
+
+
+def test_a_run_whose_rules_fail_leaves_no_container_and_no_new_copy(home, repo, network, monkeypatch):
+    from coi import network as net
+
+    def refuse(client, name, policy, **kw):
+        raise CoiError("rules refused")
+    monkeypatch.setattr(net, "apply", refuse)
+    fake = FakeIncus()
+    place = place_for(home, repo, fake)
+    req = request(place, branch="never")
+    with pytest.raises(CoiError, match="rules refused"):
+        lifecycle.run(place, req, ["true"], capture=True, timeout=0)
+    assert not req.branch.copy.exists() and not req.branch.meta.exists()
+    assert [i["name"] for i in fake.instances()] == []

@@ -419,22 +419,27 @@ def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: 
     """
     with signals.interruptible():
         session = open_session(place, req, log=place.messages.detail)
+        started = False
         try:
+            start_isolated(place, session.name, place.messages.detail)
+            started = True
             return _run_command(place, session, req, command, capture=capture, timeout=timeout)
         finally:
             with signals.signals_ignored():  # a second signal must not cut the clean-up short
                 if not session.persistent:
                     remove(place, session.name)
-                if req.branch is not None:
+                if req.branch is not None and started:
                     bring_back(place, req.workspace, req.branch.name)
+                elif req.branch_new:  # the command never ran: the new copy holds nothing
+                    _forget_new_copy(req)
 
 
 def _run_command(place: Place, session: spec.Session, req: spec.SessionRequest, command: list[str], *,
                  capture: bool, timeout: float) -> int | Captured:
+    """``command`` in the started container, streamed or captured."""
     import subprocess
 
     client = place.client
-    start_isolated(place, session.name, place.messages.detail)
     env_vars = agent_env(req)
     if capture:
         if timeout:  # coreutils' timeout inside: exits 124 like coi run does
