@@ -351,42 +351,55 @@ def _take_spare(branch: Branch) -> str | None:
 
 
 def refill_spare(state_dir: Path, workspace: Path) -> None:
-    """Start the background process that makes the workspace's next spare."""
+    """Start the background process that makes the workspace's next spare, unless one runs.
+
+    The spare's lock is taken here and handed to the process (the same open file), so
+    that from this call's return until the spare is ready the lock is held: whoever waits
+    for the lock waits for the spare.
+    """
+    import fcntl
     import subprocess
     import sys
 
-    subprocess.Popen([sys.executable, "-I", "-m", "coi.branches.spare", str(state_dir), str(workspace)],
-                     cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
-
-
-def make_spare(state_dir: Path, workspace: Path) -> None:
-    """The workspace's spare, checked out at the host's HEAD (nothing when one is there or
-    being made)."""
-    import fcntl
-
-    root = workspace_root(state_dir, workspace)
-    with open(root / ".spare.lock", "a") as lock:
+    with open(workspace_root(state_dir, workspace) / ".spare.lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return
-        if (root / SPARE).exists():
-            return
-        repo = repository(workspace)
-        _link_repository(root, repo)
-        for stale in root.glob(".spare.tmp-*"):
-            _remove_tree(stale)
-        tmp = root / f".spare.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            _new_repository(tmp, object_format=repo.object_format, branch=SPARE_BRANCH, commit=repo.head())
-            git.run(["-c", "checkout.workers=0", "read-tree", "-u", "--reset", SPARE_BRANCH], cwd=tmp,
-                    isolated=True)
-            os.rename(tmp, root / SPARE)
-        finally:
-            if tmp.exists():
-                _remove_tree(tmp)
+            return  # one is being made (or taken) right now
+        subprocess.Popen([sys.executable, "-I", "-m", "coi.branches.spare", str(state_dir), str(workspace),
+                          str(lock.fileno())], pass_fds=(lock.fileno(),), cwd="/", stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def make_spare(state_dir: Path, workspace: Path, *, locked: bool = False) -> None:
+    """The workspace's spare, checked out at the host's HEAD (nothing when one is there or
+    being made). ``locked``: the caller holds the spare's lock already."""
+    import fcntl
+
+    root = workspace_root(state_dir, workspace)
+    if not locked:
+        with open(root / ".spare.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            make_spare(state_dir, workspace, locked=True)
+        return
+    if (root / SPARE).exists():
+        return
+    repo = repository(workspace)
+    _link_repository(root, repo)
+    for stale in root.glob(".spare.tmp-*"):
+        _remove_tree(stale)
+    tmp = root / f".spare.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _new_repository(tmp, object_format=repo.object_format, branch=SPARE_BRANCH, commit=repo.head())
+        git.run(["-c", "checkout.workers=0", "read-tree", "-u", "--reset", SPARE_BRANCH], cwd=tmp, isolated=True)
+        os.rename(tmp, root / SPARE)
+    finally:
+        if tmp.exists():
+            _remove_tree(tmp)
 
 
 def remove_spares(state_dir: Path) -> int:

@@ -1,8 +1,10 @@
-"""``python -I -m coi.branches.spare STATE_DIR WORKSPACE``: make a workspace's spare copy in
-the background (started by ``copies.refill_spare``); failures leave no spare, nothing else."""
+"""``python -I -m coi.branches.spare STATE_DIR WORKSPACE LOCK_FD``: make a workspace's spare
+copy in the background (started by ``copies.refill_spare``, which hands over the spare's
+lock as LOCK_FD: it is held until this process ends). A failure leaves no spare, nothing else."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,11 +13,13 @@ from coi.errors import CoiError
 
 
 def main(argv: list[str]) -> int:
-    state_dir, workspace = Path(argv[0]), Path(argv[1])
+    state_dir, workspace, lock_fd = Path(argv[0]), Path(argv[1]), int(argv[2])
     try:
-        make_spare(state_dir, workspace)
+        make_spare(state_dir, workspace, locked=True)
     except (CoiError, OSError):
         return 1
+    finally:
+        os.close(lock_fd)
     return 0
 
 
