@@ -8,10 +8,13 @@ what it created before it returns, also when it fails.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import floor
-from measure import BenchError, Series, compare, run
+import repo
+from measure import BenchError, Proc, Series, compare, poll, run
 
 PREFIX = "coi-bench-"
 FLOOR_PREFIX = f"{PREFIX}floor-"
@@ -105,6 +109,8 @@ class Setup:
     build_base: str | None  # None: coi's default base
     repeat: int
     warmup: int
+    branch_files: int = repo.FILES  # the branch case's generated repository (bench/repo.py)
+    branch_mib: int = repo.HISTORY_MIB
     host_uid: int = field(default_factory=os.getuid)
     host_gid: int = field(default_factory=os.getgid)
     shift: bool = False
@@ -301,6 +307,12 @@ class Refused(BenchError):
 
 def _coi_session(setup: Setup, workspace: Path, extra: list[str]) -> tuple[float, str]:
     """``coi shell --background`` until the agent runs in tmux; the container is left running."""
+    seconds, name, _ = _coi_session_output(setup, workspace, extra)
+    return seconds, name
+
+
+def _coi_session_output(setup: Setup, workspace: Path, extra: list[str]) -> tuple[float, str, Proc]:
+    """``_coi_session``, and coi's output too (what the session was given, e.g. its branch)."""
     t0 = time.perf_counter()
     proc = setup.coi_run(["shell", "--background", *extra], cwd=workspace)
     if proc.code != 0:
@@ -312,7 +324,7 @@ def _coi_session(setup: Setup, workspace: Path, extra: list[str]) -> tuple[float
     except BaseException:
         kill(setup, name)
         raise
-    return time.perf_counter() - t0, name
+    return time.perf_counter() - t0, name, proc
 
 
 def session_case(setup: Setup) -> list[Row]:
@@ -520,6 +532,223 @@ def _default_build_base(setup: Setup) -> str:
     return "coi"
 
 
+# ---- branch sessions ---------------------------------------------------------------------
+
+BRANCH_ADDED = 1.0  # seconds a branch session's copy may add to the session start
+REFILL_TIMEOUT = 600.0  # a refill (a checkout of every file) that takes longer fails the case
+REFILL_START_TIMEOUT = 10.0  # from coi's exit to its refill holding the lock (it starts before coi exits)
+
+
+def _branch_root(setup: Setup, workspace: Path) -> Path:
+    """``<sessions>/branches/<workspace hash>``: the workspace's copies, spare and lock (coi
+    hashes its working directory, the real path)."""
+    return setup.sessions / "branches" / hashlib.sha256(os.path.realpath(workspace).encode()).hexdigest()[:8]
+
+
+def _flock_held(path: Path) -> bool:
+    """Whether a process holds a flock on ``path``, read from /proc/locks without taking the
+    lock (a refill that finds it taken gives up). Only the inode is compared: on btrfs,
+    stat's device is the subvolume's, not the one /proc/locks names."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> 0 EOF" ("->" for waiters)
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode:
+            return True
+    return False
+
+
+def _wait_unlocked(path: Path, timeout: float) -> None:
+    """Take and release ``path``'s exclusive flock: back once its holder let go. The blocking
+    flock runs in a thread, so a refill that never ends is an error, not a hang."""
+    failed: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            finally:
+                os.close(fd)  # closing releases it
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            failed.append(exc)
+    thread = threading.Thread(target=take, name="coi-bench-spare-lock", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise BenchError(f"timed out after {timeout:g}s waiting for the spare copy's refill ({path})")
+    if failed:
+        raise BenchError(f"cannot wait for {path}: {failed[0]}")
+
+
+def _wait_spare(root: Path) -> bool:
+    """Wait for the workspace's spare refill to end; True when a spare copy is then ready.
+
+    No lock file: this coi keeps no spare here. The lock is waited for only once it is
+    held or the spare is there, never taken while free before that: a refill that
+    starts while the bench holds it would give up and leave no spare.
+    """
+    lock, spare = root / ".spare.lock", root / ".spare"
+    if not lock.exists():
+        return False
+    try:
+        poll(lambda: spare.is_dir() or _flock_held(lock), timeout=REFILL_START_TIMEOUT,
+             what=f"the spare refill to start ({lock})")
+    except BenchError:
+        return False  # no refill came (it failed before taking the lock)
+    _wait_unlocked(lock, REFILL_TIMEOUT)
+    return spare.is_dir()
+
+
+def wait_refills(sessions: Path, timeout: float = 120.0) -> list[str]:
+    """Wait for every spare refill under ``sessions`` to end, so none still writes there when
+    run.py removes the temporary directory; returns the locks still held at the deadline."""
+    held: list[str] = []
+    for lock in sorted((sessions / "branches").glob("*/.spare.lock")):
+        try:
+            _wait_unlocked(lock, timeout)
+        except BenchError:
+            held.append(str(lock))
+    return held
+
+
+def _drop_spare(root: Path) -> None:
+    """No spare for the next session (a first session of a workspace): the refill waited
+    for, then the spare removed under its lock."""
+    _wait_spare(root)
+    lock, spare = root / ".spare.lock", root / ".spare"
+    if not lock.exists():
+        shutil.rmtree(spare, ignore_errors=True)
+        return
+    with open(lock, "rb") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        shutil.rmtree(spare, ignore_errors=True)
+    if spare.exists():
+        raise BenchError(f"cannot remove the spare copy {spare}")
+
+
+def _branch_of(proc: Proc) -> str:
+    """NAME of the session's branch ``coi/NAME``: from the JSON, else the ``Branch:`` line."""
+    try:
+        branch = json.loads(proc.stdout).get("branch") or ""
+    except (ValueError, AttributeError):
+        branch = ""
+    if not branch:
+        match = re.search(r"^Branch: (\S+)", proc.stderr + proc.stdout, re.M)
+        branch = match.group(1) if match else ""
+    if not branch.startswith("coi/"):
+        raise BenchError(f"coi did not name the session's branch: {(proc.stdout + proc.stderr).strip()[-300:]}")
+    return branch.removeprefix("coi/")
+
+
+def _branch_cleanup(setup: Setup, workspace: Path, root: Path) -> list[str]:
+    """The case's sessions, copies, branches and spare gone (also after a failure); returns
+    what could not be removed."""
+    problems: list[str] = []
+    real = os.path.realpath(workspace)
+    try:
+        for inst in floor.instances():
+            if inst["name"].startswith(PREFIX) and (inst.get("config") or {}).get("user.coi.workspace") == real:
+                kill(setup, inst["name"])
+    except BenchError as exc:
+        problems.append(f"sessions of {workspace}: {exc}")
+    for meta in sorted((root / ".meta").glob("*.json")):
+        proc = setup.coi_run(["discard", meta.stem, "--force"], cwd=workspace)
+        if proc.code != 0:
+            problems.append(f"coi discard {meta.stem}: {(proc.stderr.strip() or proc.stdout.strip())[-200:]}")
+    try:
+        _wait_spare(root)  # no refill may still write there when the directory goes
+    except BenchError as exc:
+        problems.append(str(exc))
+    shutil.rmtree(root, ignore_errors=True)
+    if root.exists():
+        problems.append(f"directory {root}")
+    return problems
+
+
+def branch_case(setup: Setup) -> list[Row]:
+    """``coi shell --background --branch`` on a generated repository (bench/repo.py)
+    against ``coi shell --background`` on the same one: what the branch copy adds to the
+    start, with the spare copy ready and without one (the full checkout)."""
+    workspace = setup.workspace("branch")
+    try:
+        info = repo.ensure(workspace, files=setup.branch_files, history_mib=setup.branch_mib)
+    except (repo.RepoError, OSError) as exc:
+        raise BenchError(f"generating the repository: {exc}") from exc
+    root = _branch_root(setup, workspace)
+    size = f"{info.files:,} files, {info.count_objects.get('size-pack', '?')} of history"
+    spare = Series("coi", f"coi shell --background --branch, spare copy ready ({size}; until the agent runs)")
+    cold = Series("coi", f"coi shell --background --branch, no spare: the full checkout ({size})")
+    base = Series("floor", "coi shell --background on the same repository, without --branch")
+    ready: list[bool] = []
+
+    def branch_once(with_spare: bool) -> float:
+        if with_spare:
+            ready.append(_wait_spare(root))
+        else:
+            _drop_spare(root)
+        os.sync()  # the last refill's and discard's writes out of the way of this start
+        seconds, name, proc = _coi_session_output(setup, workspace, ["--branch", "--format", "json"])
+        try:
+            branch = _branch_of(proc)
+        finally:
+            kill(setup, name)
+        setup.coi_run(["discard", branch, "--force"], cwd=workspace).check()
+        return seconds
+
+    def floor_once() -> float:
+        _wait_spare(root)
+        os.sync()
+        seconds, name = _coi_session(setup, workspace, [])
+        kill(setup, name)
+        return seconds
+
+    first: float | None = None
+    note = ""
+    try:
+        # Uncounted: the workspace's first branch session, which also makes the first spare.
+        first = branch_once(False)
+        runs = [(lambda: branch_once(True), spare), (lambda: branch_once(False), cold), (floor_once, base)]
+        for i in range(setup.warmup + setup.repeat):
+            for func, series in runs if i % 2 == 0 else runs[::-1]:
+                seconds = func()
+                if i >= setup.warmup:
+                    series.samples.append(seconds)
+    except Refused as exc:
+        note = str(exc)
+    finally:
+        left = _branch_cleanup(setup, workspace, root)
+    if left:
+        raise BenchError("the branch case left " + "; ".join(left))
+    counted = ready[setup.warmup:]
+    extra = {"repo": info.to_json(), "repo_generate_seconds": info.generate_seconds, "repo_cached": info.cached,
+             "repo_count_objects": info.count_objects, "repo_pack_bytes": info.pack_bytes,
+             "first_session_seconds": round(first, 4) if first is not None else None}
+    rows = []
+    for key, label, series in (("branch_spare", "branch session start (spare copy ready)", spare),
+                               ("branch_no_spare", "branch session start (no spare: first session of a workspace)",
+                                cold)):
+        added = series.median - base.median if series.median is not None and base.median is not None else None
+        shown = f"{added:+.2f} s" if added is not None else "?"
+        target = f"adds ≤ {BRANCH_ADDED:g} s: {shown}" if key == "branch_spare" else f"— (adds {shown})"
+        row = Row(key, label, series, base, Target(text=target),
+                  extra={**extra, "added_seconds": round(added, 4) if added is not None else None},
+                  note=f"adds {shown} to the start (coi median minus floor median)" if added is not None else "")
+        if note:
+            row.status, row.note = "not available", note
+        elif key == "branch_spare" and added is not None:
+            row.checks["added"] = added <= BRANCH_ADDED
+            row.checks["spare ready before each run"] = bool(counted) and all(counted)
+            row.extra["spare_ready"] = counted
+            if not all(counted):
+                row.note += f"; no spare was ready before {counted.count(False)} of {len(counted)} run(s)"
+        rows.append(row)
+    return rows
+
+
 # ---- breakdowns ----------------------------------------------------------------------------
 
 
@@ -556,4 +785,5 @@ CASES: dict[str, Callable[[Setup], list[Row]]] = {
     "parallel": parallel_case,
     "network": network_case,
     "build": build_case,
+    "branch": branch_case,
 }

@@ -1,6 +1,7 @@
 """coi's benchmark suite: coi's commands against bare ``incus`` doing the same work.
 
     sudo /opt/coi/bin/python bench/run.py [--repeat N] [--warmup N] [--json PATH] [--cases a,b]
+        [--branch-repo-files N --branch-repo-mb M]
 
 The first line names the machine. Every case times whole processes, coi and
 its floor alternately, and reports min/median/max (warm-up runs are not
@@ -29,7 +30,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import floor  # noqa: E402 - the bench's own modules, next to this file
-from cases import ALLOWED_DOMAINS, CASES, PREFIX, Row, Setup, in_parallel  # noqa: E402
+import repo  # noqa: E402
+from cases import ALLOWED_DOMAINS, CASES, PREFIX, Row, Setup, in_parallel, wait_refills  # noqa: E402
 from measure import BenchError, Series, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -55,12 +57,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--image", help=f"image for run/session cases (default {SANDBOX_IMAGE}, else coi)")
     p.add_argument("--coi", help="the coi executable to measure (default: coi on PATH)")
     p.add_argument("--build-base", help="base of the build case (default: coi build custom's own, the coi image)")
+    p.add_argument("--branch-repo-files", type=int, default=repo.FILES, metavar="N",
+                   help=f"files in the branch case's generated repository (default {repo.FILES:,})")
+    p.add_argument("--branch-repo-mb", type=int, default=repo.HISTORY_MIB, metavar="M",
+                   help=f"MiB of history in that repository (default {repo.HISTORY_MIB})")
     args = p.parse_args(argv)
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
         p.error(f"unknown case(s): {', '.join(sorted(unknown))}")
     if args.repeat < 1 or args.warmup < 0:
         p.error("--repeat must be at least 1 and --warmup at least 0")
+    if args.branch_repo_files < 1 or args.branch_repo_mb < 0:
+        p.error("--branch-repo-files must be at least 1 and --branch-repo-mb at least 0")
     return args
 
 
@@ -164,8 +172,9 @@ def bench_images() -> list[str]:
 
 
 def cleanup(coi: str | None, tmp: Path | None, log) -> list[str]:
-    """Remove every coi-bench-* container and image and the temporary directory;
-    returns what is still there afterwards (nothing, normally)."""
+    """Remove every coi-bench-* container and image and the temporary directory (once no
+    branch case's spare refill writes there); returns what is still there afterwards
+    (nothing, normally)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not stop the clean-up
     try:
         if coi:
@@ -178,9 +187,11 @@ def cleanup(coi: str | None, tmp: Path | None, log) -> list[str]:
         in_parallel([lambda n=n: floor.delete_quietly(n) for n in names], workers=4)
         for alias in bench_images():
             floor.delete_image(alias)
+        held = wait_refills(tmp / "sessions") if tmp is not None else []
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         left = [f"container {n}" for n in bench_instances()] + [f"image {a}" for a in bench_images()]
+        left += [f"spare refill still running ({lock})" for lock in held]
         if tmp is not None and tmp.exists():
             left.append(f"directory {tmp}")
         if names:
@@ -299,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         dummy_home(tmp / "home")
         image, binary, built = choose_image(args, tmp, coi, log)
         setup = Setup(tmp=tmp, coi=coi, python=python, image=image, binary=binary, build_base=args.build_base,
-                      repeat=args.repeat, warmup=args.warmup)
+                      repeat=args.repeat, warmup=args.warmup, branch_files=args.branch_repo_files,
+                      branch_mib=args.branch_repo_mb)
         _, _, spec_from = floor.session_spec(image=image, workspace=tmp, slot=1, host_uid=os.getuid(),
                                              host_gid=os.getgid(), shift=False)
         setup.shift = _coi_uses_shift(setup)
@@ -317,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{name}] FAILED: {exc}")
                 case_rows = [Row(name, name, Series("coi", name), status="failed", note=str(exc))]
             for r in case_rows:
-                log(f"[{name}] {r.case}: coi {fmt_series(r.coi)}, floor {fmt_series(r.floor)}")
+                log(f"[{name}] {r.case}: coi {fmt_series(r.coi)}, floor {fmt_series(r.floor)}"
+                    + (f" ({r.note})" if r.note else ""))
             rows += case_rows
     except KeyboardInterrupt:
         failures.append("interrupted")

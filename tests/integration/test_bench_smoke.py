@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.bench]
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "coi-bench-"
 CASES = {"cli_start", "doctor", "list_0_text", "list_0_json", "list_20_text", "list_20_json", "run", "session",
-         "parallel", "network_open", "network_restricted", "network_allowlist", "build", "build_launch"}
+         "parallel", "network_open", "network_restricted", "network_allowlist", "build", "build_launch",
+         "branch_spare", "branch_no_spare"}
 WITH_FLOOR = CASES - {"doctor", "network_open"}
 
 
@@ -32,14 +33,16 @@ def _incus_json(*args: str):
 
 @pytest.fixture(scope="module")
 def bench_run(incus, sandbox_image, tmp_path_factory):
-    """One smoke run of the suite for both tests (the build case on the small test image, to stay quick)."""
+    """One smoke run of the suite for both tests (the build case on the small test image and the
+    branch case on a small generated repository, to stay quick)."""
     if os.geteuid() != 0:
         pytest.skip("the benchmark suite runs as root (sudo bench/run)")
     if shutil.which("coi") is None:
         pytest.skip("coi is not installed (scripts/install.sh)")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--repeat", "1", "--warmup", "0",
-                           "--json", str(out), "--build-base", sandbox_image],
+                           "--json", str(out), "--build-base", sandbox_image,
+                           "--branch-repo-files", "2000", "--branch-repo-mb", "20"],
                           capture_output=True, text=True, timeout=900)
     return proc, out
 
