@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import floor
 import repo
-from measure import BenchError, Proc, Series, compare, poll, run
+from measure import BenchError, Proc, Series, compare, run
 
 PREFIX = "coi-bench-"
 FLOOR_PREFIX = f"{PREFIX}floor-"
@@ -536,29 +536,12 @@ def _default_build_base(setup: Setup) -> str:
 
 BRANCH_ADDED = 1.0  # seconds a branch session's copy may add to the session start
 REFILL_TIMEOUT = 600.0  # a refill (a checkout of every file) that takes longer fails the case
-REFILL_START_TIMEOUT = 10.0  # from coi's exit to its refill holding the lock (it starts before coi exits)
 
 
 def _branch_root(setup: Setup, workspace: Path) -> Path:
     """``<sessions>/branches/<workspace hash>``: the workspace's copies, spare and lock (coi
     hashes its working directory, the real path)."""
     return setup.sessions / "branches" / hashlib.sha256(os.path.realpath(workspace).encode()).hexdigest()[:8]
-
-
-def _flock_held(path: Path) -> bool:
-    """Whether a process holds a flock on ``path``, read from /proc/locks without taking the
-    lock (a refill that finds it taken gives up). Only the inode is compared: on btrfs,
-    stat's device is the subvolume's, not the one /proc/locks names."""
-    try:
-        inode = str(os.stat(path).st_ino)
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> 0 EOF" ("->" for waiters)
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode:
-            return True
-    return False
 
 
 def _wait_unlocked(path: Path, timeout: float) -> None:
@@ -587,18 +570,13 @@ def _wait_unlocked(path: Path, timeout: float) -> None:
 def _wait_spare(root: Path) -> bool:
     """Wait for the workspace's spare refill to end; True when a spare copy is then ready.
 
-    No lock file: this coi keeps no spare here. The lock is waited for only once it is
-    held or the spare is there, never taken while free before that: a refill that
-    starts while the bench holds it would give up and leave no spare.
+    coi takes the spare's lock before it starts the refill and hands it over, so from
+    coi's exit until the spare is ready the lock is held. No lock file: this coi keeps no
+    spare here.
     """
     lock, spare = root / ".spare.lock", root / ".spare"
     if not lock.exists():
         return False
-    try:
-        poll(lambda: spare.is_dir() or _flock_held(lock), timeout=REFILL_START_TIMEOUT,
-             what=f"the spare refill to start ({lock})")
-    except BenchError:
-        return False  # no refill came (it failed before taking the lock)
     _wait_unlocked(lock, REFILL_TIMEOUT)
     return spare.is_dir()
 
