@@ -293,7 +293,7 @@ def fill(branch: Branch, *, carry: bool, spare: bool = False) -> None:
     changes, staged, unstaged and untracked, not ignored, arrive as uncommitted changes).
 
     With ``spare`` the workspace's spare copy is taken when there is one (a rename, and
-    only the files that differ are written), and a new spare is made in the background.
+    only the files that differ are written); ``refill_spare`` makes the next one.
     """
     repo = repository(branch.workspace)
     have = _take_spare(branch) if spare else None  # the commit its files are at
@@ -311,8 +311,6 @@ def fill(branch: Branch, *, carry: bool, spare: bool = False) -> None:
         git.run(["reset", "-q", "--no-refresh", branch.base], cwd=branch.copy, isolated=True)
     shutil.copyfile(dot / "index", branch.view / "index")  # the view's index starts with valid stat data
     _mark_index(branch, branch.base)
-    if spare:
-        refill_spare(branch.root.parent.parent, branch.workspace)
 
 
 # ---- the spare copy ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from coi.errors import CoiError
 
 def main(argv: list[str]) -> int:
     state_dir, workspace, lock_fd = Path(argv[0]), Path(argv[1]), int(argv[2])
+    os.nice(10)  # behind the sessions that run meanwhile
     try:
         make_spare(state_dir, workspace, locked=True)
     except (CoiError, OSError):

@@ -281,6 +281,16 @@ def start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: 
             if req.branch_new:
                 _forget_new_copy(req)
             raise
+    _refill_spare(place, req)
+
+
+def _refill_spare(place: Place, req: spec.SessionRequest) -> None:
+    """After a new copy's session is up (not while it starts: the checkout would slow it
+    down), the workspace's next spare copy is made in the background."""
+    if req.branch_new and req.keep_spare:
+        from coi.branches import copies
+
+        copies.refill_spare(place.sessions_dir, req.workspace)
 
 
 def _start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: state.SavedSession | None, *,
@@ -430,6 +440,7 @@ def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: 
                     remove(place, session.name)
                 if req.branch is not None and started:
                     bring_back(place, req.workspace, req.branch.name)
+                    _refill_spare(place, req)
                 elif req.branch_new:  # the command never ran: the new copy holds nothing
                     _forget_new_copy(req)
 
