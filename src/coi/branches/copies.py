@@ -401,16 +401,31 @@ def snapshot(branch: Branch, head: str) -> str:
     """A tree of the copy's files as they are now (uncommitted work included), built in the
     view's own index; the copy's index and config are not used."""
     _sync_index(branch, head)
+    _drop_gitlinks(branch)
     view_git(branch, ["add", "-A"], work_tree=branch.copy)
     return git.text(["write-tree"], git_dir=branch.view, isolated=True)
+
+
+def _drop_gitlinks(branch: Branch) -> None:
+    """Nested repositories out of the view's index before ``git add -A``: for one in the
+    index, git runs ``git status`` inside it, with that repository's config (whose filters
+    the agent wrote: they would run on the host). One not in the index is added afresh, from
+    its HEAD alone."""
+    listed = view_git(branch, ["ls-files", "--stage", "-z"], work_tree=branch.copy).stdout
+    links = [entry.split(b"\t", 1)[1] for entry in listed.split(b"\0") if entry.startswith(b"160000 ")]
+    if links:
+        view_git(branch, ["update-index", "--force-remove", "-z", "--stdin"], work_tree=branch.copy,
+                 input=b"\0".join(links) + b"\0")
 
 
 def uncommitted(branch: Branch, head: str) -> list[tuple[str, str]]:
     """(status, path) of every file that differs from ``head`` in the copy (untracked included)."""
     _sync_index(branch, head)
     (branch.view / "HEAD").write_text(head + "\n")  # the view's HEAD: the tip, detached
+    # dirty: a nested repository counts when its HEAD moved, not for its files; for those git
+    # would run ``git status`` inside it, with that repository's config (see _drop_gitlinks).
     out = view_git(branch, ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
-                            "--ignore-submodules=none"], work_tree=branch.copy).stdout
+                            "--ignore-submodules=dirty"], work_tree=branch.copy).stdout
     changes = []
     for entry in out.split(b"\0"):
         if len(entry) > 3:
