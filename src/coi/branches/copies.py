@@ -384,17 +384,53 @@ def view_git(branch: Branch, args: list[str], **kw: Any):
 
 
 def tip(branch: Branch) -> str:
-    """The copy's branch tip, checked to be a commit the view can read."""
+    """The copy's branch tip, checked to be a commit the view can read (from an object store
+    as coi made it)."""
     found = read_tip(branch)
     if found is None:
         raise CoiError(f"the copy of {branch.branch} has no branch {branch.branch} any more "
                        "(the agent deleted or renamed it)",
                        f"look in {branch.copy}, or discard it: coi discard {branch.name}")
+    problem = _foreign_objects(branch.copy)
+    if problem:
+        raise CoiError(f"the copy of {branch.branch} {problem}, which would make coi read objects of other "
+                       "repositories; coi does not read it", f"look in {branch.copy}, or discard it: "
+                       f"coi discard {branch.name}")
     proc = view_git(branch, ["cat-file", "-t", found], check=False)
     if proc.stdout.strip() != b"commit":
         raise CoiError(f"{branch.branch} in the session's copy points to {found[:12]}, which is not a commit coi "
                        "can read", f"look in {branch.copy}, or discard it: coi discard {branch.name}")
     return found
+
+
+def _foreign_objects(copy: Path) -> str | None:
+    """What in the copy's object store is not as coi made it, or None. git follows links in
+    an object store, reads what is there whatever it is and borrows from every alternate it
+    names, so the view would read (and ``bring_back`` copy into the host repository, whose
+    objects every session sees) objects of any repository the person can read. Checked on
+    each read, not once: the agent can change it while its container runs (then it can
+    also change it again right after this check)."""
+    import stat
+
+    objects = copy / ".git" / "objects"
+    try:
+        for path in (objects.parent, objects):
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return f"has {path.relative_to(copy)} as a link or file, not a directory"
+        dirs = [objects]
+        while dirs:
+            with os.scandir(dirs.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.append(Path(entry.path))
+                    elif not entry.is_file(follow_symlinks=False):
+                        return f"has a link or special file in its object store ({os.path.relpath(entry.path, copy)})"
+    except OSError as exc:
+        return f"has an object store coi cannot read ({exc.strerror or exc})"
+    alternates = _read_under(copy, [".git", "objects", "info", "alternates"], 4096) or b""
+    if set(alternates.split()) - {ALTERNATE.encode()}:
+        return "borrows objects from elsewhere (.git/objects/info/alternates)"
+    return None
 
 
 def snapshot(branch: Branch, head: str) -> str:
