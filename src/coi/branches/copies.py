@@ -498,12 +498,18 @@ def view_git(branch: Branch, args: list[str], **kw: Any):
 
 
 def tip(branch: Branch) -> str:
-    """The copy's branch tip, checked to be a commit the view can read."""
+    """The copy's branch tip, checked to be a commit the view can read (from an object store
+    as coi made it)."""
     found = read_tip(branch)
     if found is None:
         raise CoiError(f"the copy of {branch.branch} has no branch {branch.branch} any more "
                        "(the agent deleted or renamed it)",
                        f"look in {branch.copy}, or discard it: coi discard {branch.name}")
+    problem = _foreign_objects(branch.copy)
+    if problem:
+        raise CoiError(f"the copy of {branch.branch} {problem}, which would make coi read objects of other "
+                       "repositories; coi does not read it", f"look in {branch.copy}, or discard it: "
+                       f"coi discard {branch.name}")
     proc = view_git(branch, ["cat-file", "-t", found], check=False)
     if proc.stdout.strip() != b"commit":
         raise CoiError(f"{branch.branch} in the session's copy points to {found[:12]}, which is not a commit coi "
@@ -511,20 +517,65 @@ def tip(branch: Branch) -> str:
     return found
 
 
+def _foreign_objects(copy: Path) -> str | None:
+    """What in the copy's object store is not as coi made it, or None. git follows links in
+    an object store, reads what is there whatever it is and borrows from every alternate it
+    names, so the view would read (and ``bring_back`` copy into the host repository, whose
+    objects every session sees) objects of any repository the person can read. Checked on
+    each read, not once: the agent can change it while its container runs (then it can
+    also change it again right after this check)."""
+    import stat
+
+    objects = copy / ".git" / "objects"
+    try:
+        for path in (objects.parent, objects):
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return f"has {path.relative_to(copy)} as a link or file, not a directory"
+        dirs = [objects]
+        while dirs:
+            with os.scandir(dirs.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.append(Path(entry.path))
+                    elif not entry.is_file(follow_symlinks=False):
+                        return f"has a link or special file in its object store ({os.path.relpath(entry.path, copy)})"
+    except OSError as exc:
+        return f"has an object store coi cannot read ({exc.strerror or exc})"
+    alternates = _read_under(copy, [".git", "objects", "info", "alternates"], 4096) or b""
+    if set(alternates.split()) - {ALTERNATE.encode()}:
+        return "borrows objects from elsewhere (.git/objects/info/alternates)"
+    return None
+
+
 def snapshot(branch: Branch, head: str) -> str:
     """A tree of the copy's files as they are now (uncommitted work included), built in the
     view's own index; the copy's index and config are not used."""
     _sync_index(branch, head)
+    _drop_gitlinks(branch)
     view_git(branch, ["add", "-A"], work_tree=branch.copy)
     return git.text(["write-tree"], git_dir=branch.view, isolated=True)
+
+
+def _drop_gitlinks(branch: Branch) -> None:
+    """Nested repositories out of the view's index before ``git add -A``: for one in the
+    index, git runs ``git status`` inside it, with that repository's config (whose filters
+    the agent wrote: they would run on the host). One not in the index is added afresh, from
+    its HEAD alone."""
+    listed = view_git(branch, ["ls-files", "--stage", "-z"], work_tree=branch.copy).stdout
+    links = [entry.split(b"\t", 1)[1] for entry in listed.split(b"\0") if entry.startswith(b"160000 ")]
+    if links:
+        view_git(branch, ["update-index", "--force-remove", "-z", "--stdin"], work_tree=branch.copy,
+                 input=b"\0".join(links) + b"\0")
 
 
 def uncommitted(branch: Branch, head: str) -> list[tuple[str, str]]:
     """(status, path) of every file that differs from ``head`` in the copy (untracked included)."""
     _sync_index(branch, head)
     (branch.view / "HEAD").write_text(head + "\n")  # the view's HEAD: the tip, detached
+    # dirty: a nested repository counts when its HEAD moved, not for its files; for those git
+    # would run ``git status`` inside it, with that repository's config (see _drop_gitlinks).
     out = view_git(branch, ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
-                            "--ignore-submodules=none"], work_tree=branch.copy).stdout
+                            "--ignore-submodules=dirty"], work_tree=branch.copy).stdout
     changes = []
     for entry in out.split(b"\0"):
         if len(entry) > 3:

@@ -170,14 +170,24 @@ def merge(branch: Branch, *, mode: str = "merge") -> Merged:
     count = int(git.text(["rev-list", "--count", f"{before}..{head}"], cwd=repo.top, isolated=False))
     if count == 0:
         return Merged(branch, into, mode, "up to date", 0, before, left)
-    touched = git.text(["diff", "--name-only", f"{before}...{head}"], cwd=repo.top, isolated=False).splitlines()
-    control = sorted(p for p in touched if p.rsplit("/", 1)[-1] in CONTROL_FILES)
+    control = sorted(p for p in _touched(repo, before, head) if p.rsplit("/", 1)[-1].lower() in CONTROL_FILES)
     if control:
         raise ConflictError(f"{branch.branch} changes {', '.join(control)}, which make git run or fetch things on "
                             "checkout; coi does not merge that", f"review it (coi diff {branch.name}) and merge it "
                             f"yourself: git merge {branch.branch}")
     outcome = _MODES[mode](repo, branch, before, head, count)
     return Merged(branch, into, mode, outcome, count, repo.head(), left)
+
+
+def _touched(repo: Repository, before: str, head: str) -> set[str]:
+    """Every path the branch changes: since the merge base, and in any one of its commits (a
+    rebase checks each out: a file added and removed again is on disk meanwhile). Names as
+    git stores them (``-z``: quoted ones would hide ``dir/.gitattributes``), no renames (a
+    file moved away is changed too)."""
+    out = b"\0".join(repo.git(args).stdout for args in (
+        ["diff", "--name-only", "--no-renames", "-z", f"{before}...{head}"],
+        ["log", "--format=", "--name-only", "--no-renames", "-z", f"{before}..{head}"]))
+    return {p.decode("utf-8", "replace") for p in out.split(b"\0") if p.strip(b"\n")}
 
 
 def _merge(repo: Repository, branch: Branch, before: str, head: str, count: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from coi.cli.ui import UI
+from coi.cli.ui import UI, printable
 
 _MARK = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 
@@ -71,10 +71,10 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
 
 
 def shown(text: str) -> str:
-    """``text`` safe for a terminal: control characters (escape sequences, carriage returns,
-    C1 codes) written as ``\\xNN``. Whatever an agent wrote passes through here."""
-    return "".join(c if c == "\t" or (" " <= c != "\x7f" and not "\x80" <= c <= "\x9f") else f"\\x{ord(c):02x}"
-                   for c in text)
+    """``text`` safe for a terminal on one line: control characters (escape sequences,
+    carriage returns, newlines, C1 codes) written as ``\\xNN``. Whatever an agent wrote
+    passes through here."""
+    return printable(text).replace("\n", "\\x0a")
 
 
 def render_branches(ui: UI, statuses: list[Any]) -> None:
@@ -98,8 +98,13 @@ _PATCH_COLORS = (("+++", "1"), ("---", "1"), ("diff --git", "1"), ("@@", "36"), 
 
 
 def render_patch(ui: UI, patch: bytes, *, color: bool) -> None:
-    """A patch from an agent's copy: every line through ``shown``, coloured on a terminal."""
-    for raw in patch.decode("utf-8", "replace").splitlines():
-        line = shown(raw)
+    """A patch from an agent's copy: every line through ``shown``, coloured on a terminal.
+    Lines end at newlines only: a carriage return (or another line break) inside a line is
+    shown, not obeyed, so no line of the agent's looks like two (one a forged ``+`` line)."""
+    lines = patch.decode("utf-8", "replace").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    for raw in lines:
+        line = shown(raw.removesuffix("\r"))  # a CRLF file's lines end as everyone's
         code = next((c for p, c in _PATCH_COLORS if line.startswith(p)), None) if color else None
         ui.out(f"\033[{code}m{line}\033[0m" if code else line)

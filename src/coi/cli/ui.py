@@ -6,6 +6,13 @@ import os
 import sys
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal, its lines kept: control characters (escape sequences,
+    carriage returns, C1 codes) written as ``\\xNN``, newlines and tabs left as they are."""
+    return "".join(c if c in "\t\n" or (" " <= c != "\x7f" and not "\x80" <= c <= "\x9f") else f"\\x{ord(c):02x}"
+                   for c in text)
+
+
 class UI:
     """Writes user-facing text; honours --quiet, --verbose and NO_COLOR."""
 
@@ -38,10 +45,12 @@ class UI:
         sys.stderr.write("\r\033[K" + text)
         sys.stderr.flush()
 
+    # Warnings and errors go through ``printable``: they can quote what an agent wrote (git
+    # names the files of a branch session's copy in its messages, C1 codes as they are).
     def warn(self, text: str) -> None:
-        print(self._paint("Warning:", "33") + " " + text, file=sys.stderr, flush=True)
+        print(self._paint("Warning:", "33") + " " + printable(text), file=sys.stderr, flush=True)
 
     def error(self, message: str, hint: str | None = None) -> None:
-        print(self._paint("Error:", "31") + " " + message, file=sys.stderr, flush=True)
+        print(self._paint("Error:", "31") + " " + printable(message), file=sys.stderr, flush=True)
         if hint:
-            print(f"Hint: {hint}", file=sys.stderr, flush=True)
+            print(f"Hint: {printable(hint)}", file=sys.stderr, flush=True)
