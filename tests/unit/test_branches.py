@@ -239,7 +239,7 @@ def test_forget_removes_the_copy_view_record_and_host_branch(repo, state):
 
 @pytest.fixture
 def branch(repo, state) -> copies.Branch:
-    return copies.reserve(state, repo, "alpha")[0]
+    return new_copy(state, repo)
 
 
 def loose(branch: copies.Branch) -> Path:
