@@ -552,6 +552,18 @@ def test_an_alternates_fifo_blocks_nothing(host):
     assert listed["problem"]
 
 
+def test_a_fifo_where_git_reads_a_file_ends_in_an_error_not_a_hang(host, monkeypatch):
+    from coi.branches import review
+    from coi.errors import CoiError
+
+    monkeypatch.setattr(copies, "COPY_TIMEOUT", 3.0)
+    branch = new_copy(host)
+    os.mkfifo(branch.copy / ".gitignore")  # git opens it to read the ignore rules, and waits
+    assert "did not finish" in (review.status(branch).problem or "")
+    with pytest.raises(CoiError, match="did not finish"):
+        review.diff(branch)
+
+
 # ---- git's own messages about the agent's files ------------------------------------------------
 
 def test_conflicts_in_files_with_escapes_in_their_names_are_reported_escaped(host):

@@ -492,9 +492,24 @@ def _read_under(top: Path, parts: list[str], limit: int) -> bytes | None:
             os.close(fd)
 
 
+# How long one git command on a copy may take: the agent can make git block (a FIFO
+# where git reads a file) or work for ever; coi gives up and says so.
+COPY_TIMEOUT = 300.0
+
+
 def view_git(branch: Branch, args: list[str], **kw: Any):
-    """git in the copy's view, with coi's config only."""
-    return git.run(args, git_dir=branch.view, isolated=True, **kw)
+    """git in the copy's view, with coi's config only, and a time limit."""
+    kw.setdefault("timeout", COPY_TIMEOUT)
+    try:
+        return git.run(args, git_dir=branch.view, isolated=True, **kw)
+    except git.GitTimeout:
+        (branch.view / "index.lock").unlink(missing_ok=True)  # the killed git's, in coi's own view
+        raise
+
+
+def view_text(branch: Branch, args: list[str], **kw: Any) -> str:
+    """Standard output of ``view_git``, stripped."""
+    return view_git(branch, args, **kw).stdout.decode("utf-8", "replace").strip()
 
 
 def tip(branch: Branch) -> str:
@@ -553,7 +568,7 @@ def snapshot(branch: Branch, head: str) -> str:
     _sync_index(branch, head)
     _drop_gitlinks(branch)
     view_git(branch, ["add", "-A"], work_tree=branch.copy)
-    return git.text(["write-tree"], git_dir=branch.view, isolated=True)
+    return view_text(branch, ["write-tree"])
 
 
 def _drop_gitlinks(branch: Branch) -> None:

@@ -27,6 +27,10 @@ class GitError(CoiError):
     """A git command failed; the message carries git's own first line."""
 
 
+class GitTimeout(GitError):
+    """A git command ran past its time limit and was killed (its locks are left behind)."""
+
+
 def git_missing() -> NotFoundError:
     return NotFoundError("git is not installed on this host", "install it: sudo apt install git")
 
@@ -43,8 +47,10 @@ def environment(*, isolated: bool, extra: Mapping[str, str] | None = None) -> di
 
 def run(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = None,
         work_tree: Path | None = None, isolated: bool, env: Mapping[str, str] | None = None,
-        input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """``git ARGS`` (bytes out); a failure raises GitError with git's message unless not ``check``."""
+        input: bytes | None = None, check: bool = True,
+        timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+    """``git ARGS`` (bytes out); a failure raises GitError with git's message unless not
+    ``check``, and so does a run past ``timeout`` seconds (the process is killed)."""
     argv = ["git", *_ALWAYS]
     if git_dir is not None:
         argv.append(f"--git-dir={git_dir}")
@@ -53,14 +59,20 @@ def run(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = 
     argv.extend(args)
     try:
         proc = subprocess.run(argv, cwd=cwd or git_dir or "/", input=input, capture_output=True,
-                              env=environment(isolated=isolated, extra=env))
+                              env=environment(isolated=isolated, extra=env), timeout=timeout)
     except FileNotFoundError:
         raise git_missing() from None
+    except subprocess.TimeoutExpired:
+        raise GitTimeout(f"git {_verb(args)} did not finish in {timeout:g} s",
+                       "a session's copy with a FIFO or an enormous file in it? look at it, or discard it") from None
     if check and proc.returncode != 0:
-        what = next((a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-c")),
-                    "")
-        raise GitError(f"git {what} failed: {first_line(proc.stderr)}")
+        raise GitError(f"git {_verb(args)} failed: {first_line(proc.stderr)}")
     return proc
+
+
+def _verb(args: Sequence[str]) -> str:
+    """The git command of ``args`` (past ``-c KEY=VALUE`` options)."""
+    return next((a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-c")), "")
 
 
 def text(args: Sequence[str], **kw) -> str:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coi.branches import git
-from coi.branches.copies import Branch, Repository, forget, repository, snapshot, tip, uncommitted, view_git
+from coi.branches.copies import (Branch, Repository, forget, repository, snapshot, tip, uncommitted, view_git,
+                                 view_text)
 from coi.errors import CoiError, ConflictError
 
 # Files that make git run things or fetch from elsewhere on checkout: a branch that
@@ -49,7 +50,7 @@ class Status:
 def status(branch: Branch) -> Status:
     try:
         head = tip(branch)
-        ahead = int(git.text(["rev-list", "--count", f"{branch.base}..{head}"], git_dir=branch.view, isolated=True))
+        ahead = int(view_text(branch, ["rev-list", "--count", f"{branch.base}..{head}"]))
         return Status(branch, head, ahead, len(uncommitted(branch, head)))
     except CoiError as exc:
         return Status(branch, None, None, None, problem=exc.message)
@@ -261,8 +262,7 @@ def what_is_lost(branch: Branch) -> Discarded:
                             isolated=False).splitlines()
             others = [f"^{line.split()[0]}" for line in refs if line.split()[-1] != branch.ref]
             # The view reads the host's objects too, so the host's tips resolve there.
-            unmerged = int(git.text(["rev-list", "--count", state.head, *others], git_dir=branch.view,
-                                    isolated=True))
+            unmerged = int(view_text(branch, ["rev-list", "--count", state.head, *others]))
         except (CoiError, ValueError):
             unmerged = state.ahead or 0
     return Discarded(branch, unmerged, state.uncommitted or 0)
