@@ -192,17 +192,18 @@ def _touched(repo: Repository, before: str, head: str) -> set[str]:
 
 
 def _merge(repo: Repository, branch: Branch, before: str, head: str, count: int) -> str:
-    _attempt(repo, branch, ["merge", "-q", "--no-edit", branch.ref], undo=["merge", "--abort"], how="git merge")
+    _attempt(repo, branch, ["merge", "-q", "--no-edit", branch.ref], undo=["merge", "--abort"], how="git merge",
+             before=before)
     return "fast-forward" if repo.head() == head else "merge commit"
 
 
 def _squash(repo: Repository, branch: Branch, before: str, head: str, count: int) -> str:
     _attempt(repo, branch, ["merge", "-q", "--squash", branch.ref], undo=["reset", "-q", "--merge"],
-             how="git merge --squash")
+             how="git merge --squash", before=before)
     subjects = git.text(["log", "--format=* %s", f"{before}..{head}"], cwd=repo.top, isolated=False)
     message = f"{branch.branch}: {count} commit(s) squashed\n\n{subjects}\n"
     _attempt(repo, branch, ["commit", "-q", "--no-verify", "-F", "-"], undo=["reset", "-q", "--merge"],
-             how="git merge --squash", input=message.encode())
+             how="git merge --squash", before=before, input=message.encode())
     return "squashed"
 
 
@@ -212,22 +213,26 @@ def _rebase(repo: Repository, branch: Branch, before: str, head: str, count: int
         raise ConflictError(f"{branch.branch} has merge commits, which --rebase cannot replay",
                             f"use coi merge {branch.name} or coi merge --squash {branch.name}")
     _attempt(repo, branch, ["cherry-pick", "--allow-empty", f"{before}..{head}"], undo=["cherry-pick", "--abort"],
-             how="git cherry-pick")
+             how="git cherry-pick", before=before)
     return "rebased"
 
 
 _MODES = {"merge": _merge, "squash": _squash, "rebase": _rebase}
 
 
-def _attempt(repo: Repository, branch: Branch, args: list[str], *, undo: list[str], how: str,
+def _attempt(repo: Repository, branch: Branch, args: list[str], *, undo: list[str], how: str, before: str,
              input: bytes | None = None) -> None:
-    """``git ARGS`` in the host repository; when it fails, ``undo`` puts everything back
-    and the error says what conflicted and how to do it by hand."""
+    """``git ARGS`` in the host repository; when it fails, ``undo`` puts everything back (HEAD
+    at ``before`` again, checked) and the error says what conflicted and how to do it by hand."""
     proc = repo.git(args, check=False, input=input)
     if proc.returncode == 0:
         return
     conflicted = git.text(["diff", "--name-only", "--diff-filter=U"], cwd=repo.top, isolated=False, check=False)
     repo.git(undo, check=False)
+    now = repo.head()
+    if now != before:
+        raise CoiError(f"could not merge {branch.branch}, and undoing it left HEAD at {now[:12]}",
+                       f"it was at {before[:12]}: check 'git status', then 'git reset --keep {before[:12]}'")
     files = conflicted.split()
     what = f"conflicts in {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}" if files \
         else git.first_line(proc.stderr or proc.stdout)
