@@ -145,7 +145,7 @@ def _shell_command(sub, summary: str) -> None:
     p.add_argument("--background", action="store_true", help="start the session detached and return")
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help='with --background, json prints {"container", "session_id", "slot", "workspace", '
-                        '"network"} on stdout (default: text)')
+                        '"network", "branch"} on stdout (default: text)')
     p.add_argument("--debug", action="store_true", help="start bash instead of the agent")
     p.add_argument("--tmux", dest="tmux", action=argparse.BooleanOptionalAction, default=True,
                    help="run the agent inside tmux (default: on)")
