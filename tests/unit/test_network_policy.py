@@ -49,7 +49,8 @@ def test_plan_allowlist_entries_are_checked_normalised_and_deduplicated():
 
 
 @pytest.mark.parametrize("entry, message", [
-    ("*.example.com", "wildcards are not supported"),
+    ("*.example.com", "wildcards need the allowlist by name"),
+    ("*.192.0.2.1", "a wildcard needs a domain name"),
     ("exa mple.com", "not a domain name or an IPv4 address"),
     ("300.1.2.3", "not a domain name or an IPv4 address"),
     ("2001:db8::1", "not a domain name or an IPv4 address"),
@@ -59,6 +60,14 @@ def test_plan_allowlist_entries_are_checked_normalised_and_deduplicated():
 def test_plan_refuses_bad_allowlist_entries(entry, message):
     with pytest.raises(CoiError, match=message):
         plan(net_config(allowed_domains=(entry,)), "allowlist", env={})
+
+
+def test_the_allowlist_by_name_goes_through_the_proxy_and_takes_wildcards():
+    policy = plan(net_config(allowed_domains=("*.Example.com", "a.org", "192.0.2.7"), allowlist_by="name"),
+                  "allowlist", env={})
+    assert policy.proxy and policy.allowed == ("*.example.com", "a.org", "192.0.2.7/32")
+    assert not plan(net_config(allowed_domains=("a.org",), allowlist_by="name"), "restricted", env={}).proxy
+    assert not plan(net_config(allowed_domains=("a.org",)), "allowlist", env={}).proxy
 
 
 def test_plan_allowlist_needs_entries_and_unknown_modes_are_refused():

@@ -22,7 +22,7 @@ _MODE_STRENGTH = {"open": 0, "restricted": 1, "allowlist": 2}
 WORKSPACE_KEYS = frozenset({
     "defaults.image", "defaults.persistent", "defaults.max_slots", "defaults.profile",
     "tool.name", "tool.binary",
-    "network.mode", "network.allowed_domains", "network.refresh_interval_minutes",
+    "network.mode", "network.allowed_domains", "network.allowlist_by", "network.refresh_interval_minutes",
     "network.block_private_networks", "network.block_metadata_endpoint",
     "network.allow_local_network_access", "network.logging.enabled",
     "mounts.default", "git.isolation", "limits.cpu", "limits.memory", "limits.processes",
@@ -62,6 +62,8 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
     base = below.get(top, (None, ""))[0]
     if top == "network.mode" and _MODE_STRENGTH[value] < _MODE_STRENGTH[base]:
         return f"a workspace file cannot weaken network isolation ({base} -> {value})"
+    if top == "network.allowlist_by" and value == "address" and base == "name":
+        return "a workspace file cannot weaken network isolation (allowlist by name -> by address)"
     if top == "network.allowed_domains" and not set(value) <= set(base):
         return "a workspace file cannot add domains to the network allowlist"
     if top in ("network.block_private_networks", "network.block_metadata_endpoint") and not value:

@@ -97,7 +97,8 @@ def apply_request(att: Attachment, policy: NetworkPolicy, addresses: Iterable[st
     """The helper request that puts one container's rules on (the helper generates them)."""
     return {"action": "apply", "container": att.container, "ipv4": att.ipv4, "veth": att.veth,
             "gateway": att.gateway, "subnet": att.subnet, "mode": policy.mode,
-            "blocked": list(policy.blocked), "allowed": list(addresses), "log": bool(policy.log_blocked)}
+            "blocked": list(policy.blocked), "allowed": list(addresses), "log": bool(policy.log_blocked),
+            **({"proxy": True} if policy.proxy else {})}
 
 
 class NftBackend:

@@ -12,7 +12,8 @@ Requests (unknown actions or keys are refused)::
 
     {"action": "apply", "container": NAME, "ipv4": IP, "veth": IF, "gateway": IP,
      "subnet": NET, "mode": "restricted"|"allowlist", "blocked": [NET...],
-     "allowed": [IP|NET...], "log": BOOL}          # blocked, allowed, log optional
+     "allowed": [IP|NET...], "log": BOOL,          # blocked, allowed, log, proxy optional
+     "proxy": BOOL}   # allowlist: TCP 80/443 redirected to the calling user's proxy port
     {"action": "allow", "container": NAME, "addresses": [IP|NET...]}
     {"action": "remove", "container": NAME}
     {"action": "list"}      # prints {"containers": [NAME...], "gate": BOOL}
@@ -47,6 +48,7 @@ from coi.network.attach import Attachment, check_name
 from coi.network.nft import (TABLE, chain, check_iface, containers_in_ruleset, gate_in_ruleset, interfaces_in_chain,
                              nft_apply_script, nft_close_script, nft_gate_script, nft_open_script, nft_remove_script,
                              nft_set_script)
+from coi.network.egress import proxy_port
 from coi.network.policy import NetworkPolicy
 
 MAX_REQUEST = 256 * 1024  # bytes of JSON on stdin
@@ -59,7 +61,7 @@ _TRACE = re.compile(r"trace id [0-9a-f]+ (?:inet|bridge) coi \S")
 # action -> (required keys, optional keys)
 ACTIONS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
     "apply": (frozenset({"container", "ipv4", "veth", "gateway", "subnet", "mode"}),
-              frozenset({"blocked", "allowed", "log"})),
+              frozenset({"blocked", "allowed", "log", "proxy"})),
     "allow": (frozenset({"container", "addresses"}), frozenset()),
     "remove": (frozenset({"container"}), frozenset()),
     "list": (frozenset(), frozenset()),
@@ -184,15 +186,23 @@ def validate(request: Mapping[str, Any]) -> dict[str, Any]:
         mode = request["mode"]
         if mode not in ("restricted", "allowlist"):
             raise _refuse("mode: expected restricted or allowlist")
-        log = request.get("log", False)
-        if not isinstance(log, bool):
-            raise _refuse("log: expected true or false")
-        out.update(ipv4=str(ipv4), gateway=str(gateway), subnet=str(net), mode=mode, log=log,
+        log, proxy = request.get("log", False), request.get("proxy", False)
+        if not isinstance(log, bool) or not isinstance(proxy, bool):
+            raise _refuse("log, proxy: expected true or false")
+        if proxy and mode != "allowlist":
+            raise _refuse("proxy: only in allowlist mode")
+        out.update(ipv4=str(ipv4), gateway=str(gateway), subnet=str(net), mode=mode, log=log, proxy=proxy,
                    blocked=_networks(request, "blocked", MAX_BLOCKED),
                    allowed=_networks(request, "allowed", MAX_ADDRESSES))
     elif action == "allow":
         out["addresses"] = _networks(request, "addresses", MAX_ADDRESSES)
     return out
+
+
+def caller_uid() -> int:
+    """The user the request is for: sudo's caller, or this process's user (coi as root)."""
+    sudo = os.environ.get("SUDO_UID", "")
+    return int(sudo) if sudo.isdigit() and os.getuid() == 0 else os.getuid()
 
 
 def script_for(req: Mapping[str, Any], *, closed: Sequence[str] = ()) -> str:
@@ -205,8 +215,11 @@ def script_for(req: Mapping[str, Any], *, closed: Sequence[str] = ()) -> str:
     if action == "apply":
         att = Attachment(container=req["container"], nic="eth0", bridge="", veth=req["veth"],
                          ipv4=req["ipv4"], gateway=req["gateway"], subnet=req["subnet"])
-        policy = NetworkPolicy(mode=req["mode"], blocked=tuple(req["blocked"]), log_blocked=req["log"])
-        return nft_apply_script(att, policy, req["allowed"], closed=closed)
+        policy = NetworkPolicy(mode=req["mode"], blocked=tuple(req["blocked"]), log_blocked=req["log"],
+                               proxy=req.get("proxy", False))
+        # The port is the caller's own, never the request's: no redirect to another port of the host.
+        port = proxy_port(caller_uid()) if policy.proxy else None
+        return nft_apply_script(att, policy, req["allowed"], closed=closed, proxy_port=port)
     if action == "allow":
         return nft_set_script(req["container"], req["addresses"])
     if action == "remove":

@@ -27,16 +27,17 @@ from typing import Any, Iterable, Mapping
 
 from coi.errors import CoiError
 from coi.network.attach import HOST_NAME_PREFIX, Attachment, check_name
+from coi.network.egress import PROXIED_PORTS
 from coi.network.policy import NetworkPolicy, collapse
 
 TABLE = "coi"
 # Chains and the set of one container: "<container>.<part>". "fwd" is an nft
 # keyword, so no part is called that.
-PARTS = ("out", "host", "deny", "allow", "spoof", "ports")
+PARTS = ("out", "host", "deny", "allow", "spoof", "ports", "nat")
 GATE_SET = "open"
 GATE_CHAIN = "gate"
 GATE_PRIORITY = -300
-_INET_CHAINS = ("out", "host", "deny")
+_INET_CHAINS = ("out", "host", "deny", "nat")
 _BRIDGE_CHAINS = ("spoof", "ports")
 
 
@@ -118,7 +119,7 @@ def nft_remove_script(container: str, veths: Iterable[str] = ()) -> str:
 
 
 def nft_apply_script(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str] = (), *,
-                     closed: Iterable[str] = ()) -> str:
+                     closed: Iterable[str] = (), proxy_port: int | None = None) -> str:
     """The whole rule set of one container, replacing any earlier one atomically, and its
     interface opened in the gate in the same transaction (``closed``: the interfaces of
     its earlier rules, shut first). The parts: ``_inet_lines`` and ``_bridge_lines``.
@@ -129,12 +130,13 @@ def nft_apply_script(att: Attachment, policy: NetworkPolicy, addresses: Iterable
     # ValueError: never into a rule
     ipaddress.IPv4Address(att.ipv4), ipaddress.IPv4Address(att.gateway), ipaddress.IPv4Network(att.subnet)
     lines = [nft_gate_script().rstrip("\n"), nft_remove_script(c, closed).rstrip("\n")]
-    lines += _inet_lines(att, policy, addresses)
+    lines += _inet_lines(att, policy, addresses, proxy_port)
     lines += _bridge_lines(att)
     return "\n".join(lines) + "\n"
 
 
-def _inet_lines(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str]) -> list[str]:
+def _inet_lines(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str],
+                proxy_port: int | None = None) -> list[str]:
     """inet (routed traffic, conntrack and reject work):
 
     ``<c>.host``  input hook: the container may reach the host only for DNS
@@ -143,7 +145,11 @@ def _inet_lines(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str]
                   bridge subnet; allowlist accepts only ``@<c>.allow``; other
                   containers may not open connections to this one either;
     ``<c>.deny``  the refusal: TCP reset, else ICMP admin-prohibited, so
-                  blocked connections fail at once instead of timing out.
+                  blocked connections fail at once instead of timing out;
+    ``<c>.nat``   allowlist by name (``proxy_port``): every TCP connection to
+                  80 and 443 redirected to coi's proxy on the gateway, which
+                  lets it through by name (``coi.network.proxy``); ``.host``
+                  then accepts that port.
     """
     c, ip, t = att.container, str(ipaddress.IPv4Address(att.ipv4)), TABLE
     out, host, deny, allow = (chain(c, p) for p in ("out", "host", "deny", "allow"))
@@ -156,6 +162,8 @@ def _inet_lines(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str]
         f"add rule inet {t} {host} ip saddr {ip} ct state established,related accept",
         f"add rule inet {t} {host} ip saddr {ip} udp dport 67 accept",
         f"add rule inet {t} {host} ip saddr {ip} ip daddr {att.gateway} meta l4proto {{ tcp, udp }} th dport 53 accept",
+        *([f"add rule inet {t} {host} ip saddr {ip} ip daddr {att.gateway} tcp dport {int(proxy_port)} accept"]
+          if proxy_port else []),
         f"add rule inet {t} {host} ip saddr {ip} goto {deny}",
         f"add chain inet {t} {out} {{ type filter hook forward priority filter; policy accept; }}",
         f"add rule inet {t} {out} ip saddr {att.subnet} ip daddr {ip} goto {deny}",
@@ -165,6 +173,10 @@ def _inet_lines(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str]
         if policy.blocked:
             lines.append(f"add rule inet {t} {out} ip saddr {ip} ip daddr {_set_items(policy.blocked)} goto {deny}")
         return lines
+    if proxy_port:
+        nat, ports = chain(c, "nat"), ", ".join(str(p) for p in PROXIED_PORTS)
+        lines += [f"add chain inet {t} {nat} {{ type nat hook prerouting priority dstnat; policy accept; }}",
+                  f"add rule inet {t} {nat} ip saddr {ip} tcp dport {{ {ports} }} redirect to :{int(proxy_port)}"]
     lines.append(f"add set inet {t} {allow} {{ type ipv4_addr; flags interval; }}")
     elements = collapse(addresses)
     if elements:

@@ -40,6 +40,7 @@ class NetworkPolicy:
     log_blocked: bool = False
     log_path: str | None = None  # None: <sessions_dir>/logs/network.log
     resolver: str | None = None  # "ip:port"; None: the bridge's own DNS at the gateway
+    proxy: bool = False  # allowlist by name: TCP 80/443 through coi's proxy (coi.network.egress)
 
     def to_json(self) -> dict[str, Any]:
         """The record's copy: everything but the privileged command, which coi takes from
@@ -77,6 +78,11 @@ def plan(config_network: Network, mode_override: str | None = None, *,
                        "list names or IPv4 addresses in allowed_domains, or use --network=restricted")
     logging = getattr(config_network, "logging", None)
     log_path = getattr(logging, "path", None)
+    proxy = mode == "allowlist" and getattr(config_network, "allowlist_by", "address") == "name"
+    wildcards = [e for e in allowed if e.startswith("*.")]
+    if mode == "allowlist" and wildcards and not proxy:
+        raise CoiError(f"allowed_domains entry {wildcards[0]!r}: wildcards need the allowlist by name",
+                       'set [network] allowlist_by = "name", or list each subdomain')
     return NetworkPolicy(
         mode=mode, blocked=blocked_ranges(config_network, mode),
         allowed=allowed if mode == "allowlist" else (),
@@ -84,7 +90,7 @@ def plan(config_network: Network, mode_override: str | None = None, *,
         privileged_command=tuple(getattr(config_network, "privileged_command", ()) or ()),
         log_blocked=bool(getattr(logging, "enabled", False)) and mode != "open",
         log_path=str(log_path) if log_path else None,
-        resolver=resolver_address(env.get(RESOLVER_ENV, "")))
+        resolver=resolver_address(env.get(RESOLVER_ENV, "")), proxy=proxy)
 
 
 def blocked_ranges(config_network: Network, mode: str) -> tuple[str, ...]:
@@ -113,8 +119,10 @@ def check_entry(entry: str) -> str:
     """An allowlist entry as written: a domain name, an IPv4 address or an IPv4 range."""
     text = entry.strip()
     if text.startswith("*."):
-        raise CoiError(f"allowed_domains entry {entry!r}: wildcards are not supported",
-                       f"list each subdomain explicitly, for example {text[2:]!r} and 'www.{text[2:]}'")
+        rest = check_entry(text[2:])
+        if is_ipv4(rest):
+            raise CoiError(f"allowed_domains entry {entry!r}: a wildcard needs a domain name after '*.'")
+        return "*." + rest
     if is_ipv4(text):
         return str(ipaddress.ip_network(text, strict=False))
     if re.fullmatch(r"[\d./]+", text) or not _DOMAIN.fullmatch(text) or len(text) > 253:

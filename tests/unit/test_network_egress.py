@@ -1,0 +1,75 @@
+"""Allowlist by name (coi.network.egress and the redirect in coi.network.nft): which names
+pass, which upstreams never do, the proxy's port, and the rules that send TCP 80/443 to it."""
+
+from __future__ import annotations
+
+import pytest
+
+from coi.network import egress
+from coi.network.attach import Attachment
+from coi.network.helper import script_for, validate
+from coi.network.nft import nft_apply_script, nft_remove_script
+from coi.network.policy import NetworkPolicy
+
+pytestmark = pytest.mark.unit
+
+RULES = egress.NameRules.from_entries(["pypi.org", "*.example.com", "192.0.2.7/32", "*.deep.test"])
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("pypi.org", True), ("PyPI.org.", True), ("pypi.org:443", True), ("files.pypi.org", False),
+    ("a.example.com", True), ("a.b.example.com", True), ("example.com", False), ("badexample.com", False),
+    ("example.com.evil.test", False), ("x.deep.test", True), ("192.0.2.7", False), ("", False), (None, False),
+    ("[2001:db8::1]:443", False),
+])
+def test_names_pass_exactly_or_below_a_wildcard(host, allowed):
+    assert RULES.allows(host) is allowed
+
+
+@pytest.mark.parametrize("address, refused", [
+    ("93.184.216.34", False), ("127.0.0.1", True), ("169.254.169.254", True), ("0.0.0.0", True),
+    ("10.195.0.1", True), ("192.168.1.5", True), ("224.0.0.1", True), ("::1", True), ("nonsense", True),
+])
+def test_the_proxy_never_connects_to_the_host_or_local_ranges(address, refused):
+    problem = egress.upstream_problem(address, refused=("10.0.0.0/8", "192.168.0.0/16"))
+    assert (problem is not None) is refused
+
+
+def test_the_refusal_names_the_domain_and_the_key():
+    text = egress.refusal_text("Other.Test:80", 80)
+    assert "other.test:80" in text and "[network] allowed_domains" in text
+
+
+def test_each_user_has_a_port_of_their_own():
+    assert egress.proxy_port(1000) != egress.proxy_port(1001)
+    assert all(egress.PORT_BASE <= egress.proxy_port(uid) < egress.PORT_BASE + 1000 for uid in (0, 1000, 65534))
+
+
+ATT = Attachment(container="coi-test-a-1", nic="eth0", bridge="coibr0", veth="coi0123456789ab",
+                 ipv4="10.195.0.23", gateway="10.195.0.1", subnet="10.195.0.0/24")
+
+
+def test_by_name_tcp_80_and_443_go_to_the_proxy_and_only_its_port_is_opened_on_the_host():
+    script = nft_apply_script(ATT, NetworkPolicy(mode="allowlist", proxy=True), ["192.0.2.7"], proxy_port=13001)
+    assert ("add chain inet coi coi-test-a-1.nat { type nat hook prerouting priority dstnat; policy accept; }"
+            in script)
+    assert "ip saddr 10.195.0.23 tcp dport { 80, 443 } redirect to :13001" in script
+    assert "ip saddr 10.195.0.23 ip daddr 10.195.0.1 tcp dport 13001 accept" in script
+    assert "add element inet coi coi-test-a-1.allow { 192.0.2.7 }" in script  # addresses: as before
+    plain = nft_apply_script(ATT, NetworkPolicy(mode="allowlist"), ["192.0.2.7"])
+    assert "redirect" not in plain and "13001" not in plain
+    assert "delete chain inet coi coi-test-a-1.nat" in nft_remove_script("coi-test-a-1")
+
+
+def test_the_helper_redirects_only_to_the_callers_own_port(monkeypatch):
+    request = {"action": "apply", "container": ATT.container, "ipv4": ATT.ipv4, "veth": ATT.veth,
+               "gateway": ATT.gateway, "subnet": ATT.subnet, "mode": "allowlist", "allowed": [], "proxy": True}
+    monkeypatch.setattr("os.getuid", lambda: 0)
+    monkeypatch.setenv("SUDO_UID", "1234")
+    assert f"redirect to :{egress.proxy_port(1234)}" in script_for(validate(request))
+    with pytest.raises(Exception, match="unknown key"):
+        validate({**request, "proxy_port": 22})
+    with pytest.raises(Exception, match="only in allowlist mode"):
+        validate({**request, "mode": "restricted"})
+    with pytest.raises(Exception, match="expected true or false"):
+        validate({**request, "proxy": "yes"})
