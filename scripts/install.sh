@@ -5,16 +5,18 @@
 #   sudo scripts/install.sh --build    # the same, then build the coi image when it is missing
 #   sudo scripts/install.sh --test     # the same as the first, plus the test dependencies
 #
+# coi's egress proxy (mitmproxy, for [network] allowlist_by = "name") is installed too.
+#
 # Safe to run again: the virtual environment is reused, coi is reinstalled
 # from the checkout, and 'coi setup' changes only what is missing.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 prefix=${COI_PREFIX:-/opt/coi}
-extras=""
+extras="[proxy]"
 build=no
 case "${1:-}" in
-  --test) extras="[test]" ;;
+  --test) extras="[test,proxy]" ;;
   --build) build=yes ;;
 esac
 
@@ -31,7 +33,7 @@ if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv python3-pip >/dev/null
 fi
 # The tests also drive the shells coi completes for (bash is there; zsh and fish may not be).
-if [ -n "$extras" ] && ! { command -v zsh && command -v fish; } >/dev/null; then
+if [ "$extras" != "[proxy]" ] && ! { command -v zsh && command -v fish; } >/dev/null; then
   echo "Installing zsh and fish for the completion tests..."
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish >/dev/null

@@ -452,6 +452,45 @@ def wait_port(address: str, port: int, *, udp_probe: bytes | None = None, timeou
     wait_for(ready, timeout=timeout, what=f"a test server on {address}:{port}")
 
 
+# The lab's web server: HTTP on 80 and HTTPS on 443 (the certificate by SNI) on one address.
+_WEB_SERVER = r'''
+import http.server, socketserver, ssl, sys, threading
+from pathlib import Path
+address, certs = sys.argv[1], Path(sys.argv[2])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/big":
+            size = 200 * 1024 * 1024
+            self.send_response(200); self.send_header("Content-Length", str(size)); self.end_headers()
+            chunk = bytes(1 << 20)
+            for _ in range(size >> 20):
+                self.wfile.write(chunk)
+            return
+        body = ("hello " + (self.headers.get("Host") or "").split(":")[0] + "\n").encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+contexts = {}
+for pem in certs.glob("*.pem"):
+    if pem.name != "ca.pem":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pem, certs / (pem.stem + ".key"))
+        contexts[pem.stem] = ctx
+default = next(iter(contexts.values()))
+def pick(sock, name, _ctx):
+    if name in contexts:
+        sock.context = contexts[name]
+default.sni_callback = pick
+plain, tls = Server((address, 80), Handler), Server((address, 443), Handler)
+tls.socket = default.wrap_socket(tls.socket, server_side=True)
+threading.Thread(target=plain.serve_forever, daemon=True).start()
+tls.serve_forever()
+'''
+
+
 class NetLab:
     """Creates network-namespace test hosts and host-side servers; ``close`` removes them all."""
 
@@ -461,7 +500,7 @@ class NetLab:
         self.links: list[str] = []
         self.procs: list[subprocess.Popen] = []
 
-    def host(self, label: str, subnet: str, *, dns_answers: Path | None = None) -> NetHost:
+    def host(self, label: str, subnet: str, *, dns_answers: Path | None = None, serve: bool = True) -> NetHost:
         """A namespace on ``subnet`` (a /30: host end first, test host second) running an
         HTTP server, or the fake DNS server on port 53 when ``dns_answers`` is given."""
         import ipaddress
@@ -489,9 +528,50 @@ class NetLab:
             wait_port(inside, 53, udp_probe=bytes(12) + b"\x00\x00\x01\x00\x01")
             return NetHost(ns, inside, host_side, 53)
         port = 8000
+        if not serve:
+            return NetHost(ns, inside, host_side, 0)
         self._spawn(["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", str(port), "--bind", inside])
         wait_port(inside, port)
         return NetHost(ns, inside, host_side, port)
+
+    def web(self, label: str, subnet: str, names: list[str]) -> NetHost:
+        """A namespace serving HTTP on 80 and HTTPS on 443 for ``names`` (one address, the
+        certificate chosen by SNI, signed by the lab's own CA: ``ca_pem``). Each answers
+        ``hello <name>``; ``/big`` is 200 MB of zeros for throughput."""
+        if _subnet_in_use(subnet):
+            pytest.skip(f"{subnet} is in use on this host; the test host cannot be routed safely")
+        certs = self._certificates(names)
+        host = self.host(label, subnet, serve=False)
+        script = self.workdir / "web.py"
+        script.write_text(_WEB_SERVER)
+        self._spawn(["ip", "netns", "exec", host.netns, sys.executable, str(script), host.address, str(certs)])
+        wait_port(host.address, 80)
+        wait_port(host.address, 443)
+        return NetHost(host.netns, host.address, host.host_side, 80)
+
+    @property
+    def ca_pem(self) -> Path:
+        return self.workdir / "certs" / "ca.pem"
+
+    def _certificates(self, names: list[str]) -> Path:
+        """The lab CA and one certificate per name (openssl), in ``<workdir>/certs``."""
+        certs = self.workdir / "certs"
+        certs.mkdir(exist_ok=True)
+        ca_key, ca = certs / "ca.key", certs / "ca.pem"
+        if not ca.exists():
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                            "-subj", "/CN=coi test lab CA", "-keyout", str(ca_key), "-out", str(ca)],
+                           check=True, capture_output=True)
+        for name in names:
+            key, csr, pem = certs / f"{name}.key", certs / f"{name}.csr", certs / f"{name}.pem"
+            ext = certs / f"{name}.ext"
+            ext.write_text(f"subjectAltName=DNS:{name}\n")
+            subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                            "-keyout", str(key), "-out", str(csr)], check=True, capture_output=True)
+            subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                            "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(pem)],
+                           check=True, capture_output=True)
+        return certs
 
     def http_on_host(self, address: str) -> int:
         """An HTTP server in the host's own namespace, bound to ``address``; returns its port."""

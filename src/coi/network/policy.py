@@ -41,6 +41,7 @@ class NetworkPolicy:
     log_path: str | None = None  # None: <sessions_dir>/logs/network.log
     resolver: str | None = None  # "ip:port"; None: the bridge's own DNS at the gateway
     proxy: bool = False  # allowlist by name: TCP 80/443 through coi's proxy (coi.network.egress)
+    allow_local: bool = False  # the proxy may connect to private ranges (block_private_networks off)
 
     def to_json(self) -> dict[str, Any]:
         """The record's copy: everything but the privileged command, which coi takes from
@@ -90,7 +91,8 @@ def plan(config_network: Network, mode_override: str | None = None, *,
         privileged_command=tuple(getattr(config_network, "privileged_command", ()) or ()),
         log_blocked=bool(getattr(logging, "enabled", False)) and mode != "open",
         log_path=str(log_path) if log_path else None,
-        resolver=resolver_address(env.get(RESOLVER_ENV, "")), proxy=proxy)
+        resolver=resolver_address(env.get(RESOLVER_ENV, "")), proxy=proxy,
+        allow_local=not config_network.block_private_networks or config_network.allow_local_network_access)
 
 
 def blocked_ranges(config_network: Network, mode: str) -> tuple[str, ...]:

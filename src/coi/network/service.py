@@ -24,7 +24,7 @@ from coi.network.backends import (DEFAULT_BACKENDS, AclBackend, Backend, Backend
                                   NftBackend, OpenBackend, nft_binary, nft_refusal)
 from coi.network.dns import resolve_allowed, resolver_for
 from coi.network.nft import nft_probe
-from coi.network.policy import OPEN_HINT, NetworkPolicy
+from coi.network.policy import OPEN_HINT, NetworkPolicy, is_ipv4
 from coi.network.store import Store
 from coi.wait import wait_for
 
@@ -47,8 +47,13 @@ def apply(client: IncusClient, container: str, policy: NetworkPolicy, *, session
     att = find_attachment(client, container)
     _drop_stale_address(store, att, client=client, log=log, privileged_command=policy.privileged_command,
                         backends=backends)
-    addresses = _resolve(store, att, policy, log) if policy.mode == "allowlist" else []
-    backend = _enforce(client, store, att, policy, addresses, log, backends)
+    if policy.proxy:  # allowlist by name: the proxy up and told first (fail closed)
+        addresses = [e for e in policy.allowed if is_ipv4(e)]  # names go through the proxy only
+        _start_proxy(store, att, policy)
+        backend = _enforce_by_name(store, att, policy, addresses, backends)
+    else:
+        addresses = _resolve(store, att, policy, log) if policy.mode == "allowlist" else []
+        backend = _enforce(client, store, att, policy, addresses, log, backends)
     store.save_record(container, {
         "container": container, "backend": backend.name, "mode": policy.mode,
         "attachment": asdict(att), "policy": policy.to_json(), "addresses": addresses,
@@ -127,6 +132,33 @@ def _enforce(client: IncusClient, store: Store, att: Attachment, policy: Network
                    f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root, or {OPEN_HINT}")
 
 
+def _start_proxy(store: Store, att: Attachment, policy: NetworkPolicy) -> None:
+    """The container's policy for the proxy, and the user's proxy running on the gateway."""
+    from coi.network import proxy
+    from coi.network.egress import proxy_port
+    from coi.network.policy import PRIVATE_RANGES
+
+    refused = [att.subnet, *([] if policy.allow_local else PRIVATE_RANGES)]
+    proxy.write_policy(store.root, ipv4=att.ipv4, container=att.container, allowed=list(policy.allowed),
+                       refused=refused, resolver=policy.resolver)
+    proxy.ensure_running(store.root, f"{att.gateway}:{proxy_port(os.getuid())}")
+
+
+def _enforce_by_name(store: Store, att: Attachment, policy: NetworkPolicy, addresses: list[str],
+                     backends: Backends) -> Backend:
+    """Host nftables only: the redirect to the proxy is an nft rule (Incus ACLs have none)."""
+    try:
+        nft = backends.nft(policy.privileged_command)
+        nft.apply(att, policy, addresses)
+        return nft
+    except BackendUnavailable as exc:
+        from coi.network import proxy
+
+        proxy.remove_policy(store.root, att.ipv4)
+        raise CoiError(f"cannot enforce the allowlist by name on {att.container}: {exc}",
+                       f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root, or {OPEN_HINT}")
+
+
 def _open_gate(att: Attachment, policy: NetworkPolicy, log: Log, backends: Backends) -> None:
     """Let a container past the bridge gate whose traffic coi's nft rules do not filter
     (open mode, Incus ACLs); they open it themselves otherwise."""
@@ -179,6 +211,11 @@ def remove(container: str, *, sessions_dir: Path, client: IncusClient | None, pr
     else:
         if not backend.opens_gate:
             _close_gate(record, privileged_command, backends)
+    if (record.get("policy") or {}).get("proxy"):
+        from coi.network import proxy
+
+        proxy.remove_policy(store.root, (record.get("attachment") or {}).get("ipv4", ""))
+        proxy.stop_if_unused(store.root)
     store.drop_record(container)
 
 

@@ -104,11 +104,11 @@ class Watcher:
                     elif state.get("status") == "Running":
                         stopped_since, seen_running = None, True
                         self._follow_restart(record, policy, state)
-                        if policy.mode == "allowlist" and time.monotonic() >= next_refresh:
+                        if policy.mode == "allowlist" and not policy.proxy and time.monotonic() >= next_refresh:
                             self._refresh(policy)
                             next_refresh = time.monotonic() + policy.refresh_seconds
                 wait = POLL_SECONDS
-                if policy.mode == "allowlist":
+                if policy.mode == "allowlist" and not policy.proxy:  # by name: the proxy resolves
                     wait = max(0.05, min(wait, next_refresh - time.monotonic()))
                 self.stop.wait(wait)
             return 0

@@ -1,0 +1,165 @@
+"""The allowlist by name against the real daemon, real nftables and coi's real proxy
+(mitmproxy): containers' TCP 80 and 443 redirected to it, let through by SNI or Host.
+
+Targets are only the tests' own hosts: a web host in a network namespace serving several
+names on ONE address (HTTP on 80, HTTPS on 443 with the lab's own CA), and the lab's DNS
+server, which the proxy asks (COI_NETWORK_RESOLVER) for those names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from coi import network
+from coi.config import default_config
+from coi.network import proxy
+from coi.network.egress import proxy_port
+from coi.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+NAMES = ["allowed.test", "other.test", "x.wild.test", "wild.test"]
+CA = "/tmp/coi-lab-ca.pem"
+
+# Run inside the container: label -> [kind, address, name]; kinds: http (Host: name, port 80),
+# tls (SNI name, port 443, the lab CA), rawtls (SNI name, no verification), tcp (connect to port).
+PROBE = r'''
+import json, socket, ssl, sys, time, urllib.request
+def run(label, kind, address, name):
+    started = time.monotonic()
+    try:
+        if kind == "http":
+            req = urllib.request.Request(f"http://{address}/", headers={"Host": name})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as reply:
+                    detail = [reply.status, reply.read().decode()]
+            except urllib.error.HTTPError as exc:
+                detail = [exc.code, exc.read().decode()]
+        elif kind in ("tls", "rawtls"):
+            ctx = ssl.create_default_context(cafile=sys.argv[2]) if kind == "tls" else ssl._create_unverified_context()
+            with socket.create_connection((address, 443), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname=name) as tls:
+                    tls.sendall(f"GET / HTTP/1.0\r\nHost: {name}\r\n\r\n".encode())
+                    data = b""
+                    while chunk := tls.recv(4096):
+                        data += chunk
+            detail = [int(data.split()[1]), data.split(b"\r\n\r\n", 1)[-1].decode()]
+        else:
+            host, port = address.rsplit(":", 1)
+            socket.create_connection((host, int(port)), timeout=3).close()
+            detail = ["connected"]
+        ok = True
+    except Exception as exc:
+        ok, detail = False, [f"{type(exc).__name__}: {exc}"]
+    return label, {"ok": ok, "detail": detail, "seconds": round(time.monotonic() - started, 2)}
+print(json.dumps(dict(run(*item) for item in json.loads(sys.argv[1]))))
+'''
+
+
+@pytest.fixture
+def sessions_dir(tmp_path):
+    return tmp_path / "coi"
+
+
+@pytest.fixture(scope="module")
+def web(net_lab):
+    """The web host, its names in the lab's DNS."""
+    lab = net_lab["lab"]
+    host = lab.web("web", "192.168.252.0/30", NAMES)
+    net_lab["answers"].write_text(json.dumps({name: [host.address] for name in NAMES}))
+    return {"address": host.address, "ca": lab.ca_pem, "resolver": f"{net_lab['dns'].address}:53"}
+
+
+def by_name(web, **config) -> network.NetworkPolicy:
+    cfg = default_config(env=os.environ).network
+    cfg = replace(cfg, allowlist_by="name", block_private_networks=False, **config)
+    return network.plan(cfg, "allowlist", env={"COI_NETWORK_RESOLVER": web["resolver"]})
+
+
+@pytest.fixture
+def box(incus, sandbox_image, sessions_dir, web):
+    """A container on the coi bridge with the lab CA; removed with its rules (and the proxy)."""
+    import uuid
+
+    from coi import sessions
+    from conftest import TEST_PREFIX
+
+    name = f"{TEST_PREFIX}byname-{uuid.uuid4().hex[:8]}"
+    incus.create_instance(name, image=sandbox_image, profiles=["coi"])
+    try:
+        sessions.ensure_running(incus, name)
+        incus.push_file(name, CA, web["ca"].read_bytes(), uid=0, gid=0, mode=0o644)
+        yield name
+    finally:
+        network.remove(name, sessions_dir=sessions_dir, client=incus)
+        sessions.remove_container(incus, name)
+
+
+def probe(incus, name: str, **items: tuple[str, str, str]) -> dict[str, dict]:
+    result = incus.exec(name, ["python3", "-c", PROBE, json.dumps([[k, *v] for k, v in items.items()]), CA])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def proxy_pid(sessions_dir: Path) -> int | None:
+    return proxy._pid(sessions_dir / "network")
+
+
+def listen(incus, box: str, sessions_dir: Path) -> str:
+    att = network.Attachment(**network.Store(sessions_dir).record(box)["attachment"])
+    return f"{att.gateway}:{proxy_port(os.getuid())}"
+
+
+def test_names_on_one_address_are_told_apart_by_sni_and_host(incus, box, sessions_dir, web):
+    network.apply(incus, box, by_name(web, allowed_domains=("allowed.test", "*.wild.test")),
+                  sessions_dir=sessions_dir, log=print)
+    ip = web["address"]
+    results = probe(incus, box,
+                    http_ok=("http", ip, "allowed.test"), http_other=("http", ip, "other.test"),
+                    tls_ok=("tls", ip, "allowed.test"), tls_other=("tls", ip, "other.test"),
+                    wild=("tls", ip, "x.wild.test"), wild_apex=("http", ip, "wild.test"),
+                    wrong_sni=("rawtls", ip, "evil.example"), no_sni=("rawtls", ip, ""),
+                    other_port=("tcp", f"{ip}:8000", ""))
+    assert results["http_ok"]["detail"] == [200, "hello allowed.test\n"], results["http_ok"]
+    assert results["tls_ok"]["detail"] == [200, "hello allowed.test\n"], results["tls_ok"]  # the real cert
+    assert results["wild"]["detail"] == [200, "hello x.wild.test\n"], results["wild"]
+    status, body = results["http_other"]["detail"]
+    assert status == 403 and "other.test" in body and "allowed_domains" in body
+    assert results["wild_apex"]["detail"][0] == 403  # a wildcard covers the names below, not the domain
+    for label in ("tls_other", "wrong_sni", "no_sni", "other_port"):
+        assert not results[label]["ok"], (label, results[label])
+        assert results[label]["seconds"] < 2, (label, results[label])  # refused, not timed out
+    log = (sessions_dir / "network" / "connections" / f"{box}.jsonl").read_text().splitlines()
+    verdicts = {(e["name"], e["verdict"]) for e in map(json.loads, log)}
+    assert ("allowed.test", "allowed") in verdicts and ("other.test", "refused") in verdicts
+    assert ("evil.example", "refused") in verdicts
+
+
+def test_a_killed_proxy_fails_closed_and_the_next_start_brings_it_back(incus, box, sessions_dir, web):
+    policy = by_name(web, allowed_domains=("allowed.test",))
+    network.apply(incus, box, policy, sessions_dir=sessions_dir, log=print)
+    pid = proxy_pid(sessions_dir)
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not proxy._listening(listen(incus, box, sessions_dir)), timeout=10, what="the proxy to die")
+    results = probe(incus, box, http=("http", web["address"], "allowed.test"),
+                    tls=("tls", web["address"], "allowed.test"))
+    for label in ("http", "tls"):
+        assert not results[label]["ok"] and results[label]["seconds"] < 2, results[label]
+    network.apply(incus, box, policy, sessions_dir=sessions_dir, log=print)  # what the next coi command does
+    assert probe(incus, box, http=("http", web["address"], "allowed.test"))["http"]["detail"][0] == 200
+
+
+def test_nothing_is_left_after_the_session(incus, box, sessions_dir, web):
+    network.apply(incus, box, by_name(web, allowed_domains=("allowed.test",)), sessions_dir=sessions_dir, log=print)
+    address = listen(incus, box, sessions_dir)
+    network.remove(box, sessions_dir=sessions_dir, client=incus)
+    assert not list((sessions_dir / "network" / "proxy").glob("*.json"))
+    wait_for(lambda: not proxy._listening(address), timeout=10, what="the proxy to end")
+    assert proxy_pid(sessions_dir) is None or not Path(f"/proc/{proxy_pid(sessions_dir)}/cmdline").read_bytes()
