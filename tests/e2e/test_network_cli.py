@@ -71,6 +71,34 @@ def test_shell_allowlist_from_config_and_shutdown(net_user, workspace, net_lab, 
     assert name not in ruled_anywhere(incus)
 
 
+def test_shell_allowlist_by_name_goes_through_the_users_proxy(net_user, workspace, net_lab, incus):
+    config = net_user.home / ".config" / "coi" / "config.toml"
+    config.write_text(config.read_text().replace(
+        "[network]\n", '[network]\nallowlist_by = "name"\nallowed_domains = ["deb.debian.org"]\n'))
+    name = start(net_user, workspace, "--network", "allowlist")
+    results = probe(net_user, name, registry=("http", REGISTRY_URL), npm=("http", "http://registry.npmjs.org/"),
+                    private=("http", net_lab["private"].url))
+    assert results["registry"]["ok"], results
+    assert refused_fast(results["npm"]) and "403" in results["npm"]["detail"], results
+    assert refused_fast(results["private"]), results
+    # The proxy is the user's own process, and outlives the coi that started it.
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find(b"coi.network.proxy") >= 0]
+    assert pids and all(os.stat(f"/proc/{p}").st_uid == net_user.uid for p in pids)
+    log = net_user.home / ".coi" / "network" / "connections" / f"{name}.jsonl"
+    assert {json.loads(line)["verdict"] for line in log.read_text().splitlines()} == {"allowed", "refused"}
+    assert net_user.run(["kill", name]).returncode == 0
+    wait_for(lambda: not any(_cmdline(p).find(b"coi.network.proxy") >= 0 for p in pids), timeout=10,
+             what="the proxy to end with the last session")
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
 def test_shell_open_filters_nothing(net_user, workspace, net_lab, incus):
     name = start(net_user, workspace, "--network", "open")
     assert name not in ruled_anywhere(incus)
