@@ -61,7 +61,7 @@ def run_checks(client: IncusClient, config: Config) -> list[Check]:
     except CoiError as exc:
         checks.append(Check("daemon", "fail", exc.message, exc.hint))
     if server is not None:
-        for probe in (_storage, _bridge, _profile, _idmap, _image, _autostart):
+        for probe in (_storage, _bridge, _profile, _idmap, _image, _autostart, _proxy):
             try:
                 checks.append(probe(client, server, config))
             except CoiError as exc:
@@ -81,6 +81,34 @@ def run_checks(client: IncusClient, config: Config) -> list[Check]:
 
 
 # ---- the host ------------------------------------------------------------------------
+
+def _proxy(client: IncusClient, server: dict[str, Any], config: Config) -> Check:
+    """coi's egress proxy (the allowlist by name): installed, and running when a session uses it."""
+    import ipaddress
+
+    from coi.network import proxy
+    from coi.network.egress import proxy_port
+
+    by_name = config.network.allowlist_by == "name"
+    try:
+        gateway = str(ipaddress.ip_interface(client.network(COI_NETWORK)["config"]["ipv4.address"]).ip)
+    except (KeyError, ValueError):
+        return Check("egress proxy", "skip", f"bridge {COI_NETWORK} has no IPv4 address", blocking=False)
+    listen = f"{gateway}:{proxy_port(os.getuid())}"
+    installed, listening, pid = proxy.status(config.paths.sessions_dir / "network", listen)
+    if not installed:
+        return Check("egress proxy", "warn" if by_name else "skip",
+                     "mitmproxy is not installed (needed for [network] allowlist_by = \"name\")",
+                     "sudo ./scripts/install.sh" if by_name else None, blocking=False)
+    if listening:
+        return Check("egress proxy", "ok", f"running on {listen} (pid {pid})", blocking=False)
+    if pid is not None:
+        return Check("egress proxy", "warn", f"process {pid} does not listen on {listen}: sessions by name have no "
+                     "egress until the next coi command restarts it", blocking=False)
+    return Check("egress proxy", "ok", f"installed; starts on {listen} with the first session by name",
+                 blocking=False)
+
+
 
 def check_nftables() -> Check:
     """nft is there and, as root, the kernel takes the rules coi's isolation writes."""
