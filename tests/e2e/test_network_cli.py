@@ -84,8 +84,16 @@ def test_shell_allowlist_by_name_goes_through_the_users_proxy(net_user, workspac
     # The proxy is the user's own process, and outlives the coi that started it.
     pids = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find(b"coi.network.proxy") >= 0]
     assert pids and all(os.stat(f"/proc/{p}").st_uid == net_user.uid for p in pids)
-    log = net_user.home / ".coi" / "network" / "connections" / f"{name}.jsonl"
-    assert {json.loads(line)["verdict"] for line in log.read_text().splitlines()} == {"allowed", "refused"}
+    log = net_user.run(["logs", name, "--network", "--format", "json"])
+    assert log.returncode == 0, log.stderr
+    entries = [json.loads(line) for line in log.stdout.splitlines()]
+    assert {(e["name"], e["verdict"]) for e in entries} >= {("deb.debian.org", "allowed"),
+                                                           ("registry.npmjs.org", "refused")}
+    text = net_user.run(["logs", name])
+    assert "refused" in text.stdout and "registry.npmjs.org:80" in text.stdout
+    [listed] = [c for c in json.loads(net_user.run(["list", "--format", "json"]).stdout)["active_containers"]
+                if c["name"] == name]
+    assert listed["refused_connections"] >= 1
     assert net_user.run(["kill", name]).returncode == 0
     wait_for(lambda: not any(_cmdline(p).find(b"coi.network.proxy") >= 0 for p in pids), timeout=10,
              what="the proxy to end with the last session")

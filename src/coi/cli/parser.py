@@ -184,6 +184,15 @@ def _list_command(sub, summary: str) -> None:
     _format(p)
 
 
+def _logs_command(sub, summary: str) -> None:
+    p = _command(sub, "logs", "sessions:logs", summary, "coi logs coi-1a2b3c4d-1 --network --follow")
+    p.add_argument("name", metavar="NAME", help="container name")
+    p.add_argument("--network", dest="network_log", action="store_true",
+                   help="the network log: every connection and its verdict (the default, and the only log so far)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
+    _format(p)
+
+
 def _info_command(sub, summary: str) -> None:
     p = _command(sub, "info", "sessions:info", summary,
                  "coi info 0b6c...")
@@ -402,6 +411,7 @@ COMMANDS = {
     "attach": ("attach to a running session", _attach_command),
     "list": ("list coi containers (and saved sessions with --all)", _list_command),
     "info": ("show a saved session (default: latest of this workspace)", _info_command),
+    "logs": ("show a session's network log (allowlist by name)", _logs_command),
     "shutdown": ("stop sessions gracefully, save them, delete ephemeral ones", _shutdown_command),
     "kill": ("force-stop and delete containers now", _kill_command),
     "persist": ("turn ephemeral containers persistent", _persist_command),
@@ -432,7 +442,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="code-on-incus (coi): run AI coding agents inside isolated Incus system containers.",
         epilog=(
             "commands by group:\n"
-            "  sessions:  shell, run, attach, list, info, shutdown, kill, persist, clean\n"
+            "  sessions:  shell, run, attach, list, info, logs, shutdown, kill, persist, clean\n"
             "  branches:  diff, log, merge, discard\n"
             "  images:    build, image, images\n"
             "  low-level: container, file, tmux\n"

@@ -52,6 +52,8 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
         ui.out(f"    IPv4: {', '.join(c.ipv4) if c.ipv4 else '-'}")
         if c.branch:
             ui.out(f"    Branch: coi/{c.branch}")
+        if c.refused_connections:
+            ui.out(f"    Refused connections: {c.refused_connections} (coi logs {c.name} --network)")
         if c.limits:
             ui.out("    Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
     if include_saved:

@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coi.network.connlog import log_path
 from coi.network.egress import NameRules, refusal_text, upstream_problem
 
 POLICY_DIR = "proxy"  # under <state>/network
-LOG_DIR = "connections"  # under <state>/network
 PID_FILE = "proxy.pid"  # under <state>/network/proxy
 
 
@@ -112,7 +112,7 @@ class Egress:
 
     def __init__(self, network_dir: Path) -> None:
         self.policies = Policies(network_dir)
-        self.log_dir = network_dir / LOG_DIR
+        self.network_dir = network_dir
         self.verdicts: dict[str, dict[str, Any]] = {}  # client connection id -> what was decided
 
     # A connection's verdict: allowed (upstream address chosen) or refused (why).
@@ -190,9 +190,10 @@ class Egress:
         verdict["logged"] = True
         container = verdict.get("container") or "unknown"
         entry = {k: v for k, v in verdict.items() if k != "logged"}
+        path = log_path(self.network_dir, container)
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(self.log_dir / f"{container}.jsonl", "a") as fh:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(path, "a") as fh:
                 fh.write(json.dumps(entry) + "\n")
         except OSError:
             pass

@@ -270,13 +270,15 @@ class ContainerInfo:
     tool: str
     limits: dict[str, str] = field(default_factory=dict)
     branch: str | None = None  # a branch session's NAME (its branch is coi/NAME)
+    refused_connections: int = 0  # refused by coi's egress proxy (allowlist by name)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "created_at": self.created_at,
                 "image": self.image, "persistent": self.persistent, "workspace": self.workspace,
                 "slot": self.slot, "ipv4": self.ipv4[0] if self.ipv4 else None,
                 "session_id": self.session_id, "tool": self.tool,
-                "branch": f"coi/{self.branch}" if self.branch else None}
+                "branch": f"coi/{self.branch}" if self.branch else None,
+                "refused_connections": self.refused_connections}
 
 
 LAUNCHED = f"{KEY}launched"  # set on the containers of ``coi container launch``

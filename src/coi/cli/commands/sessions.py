@@ -142,9 +142,22 @@ def list_sessions(ctx: Context, *, all: bool = False, format: str = "text") -> i
     if ctx.workspace_given:  # -w: that workspace's containers and sessions only
         found = [c for c in found if c.workspace == str(ctx.workspace)]
         saved = [s for s in saved if s.metadata.get("workspace") == str(ctx.workspace)]
+    found = _with_refused_counts(ctx, found)
     branches = _branch_statuses(ctx, found)
     render_sessions(ctx.ui, found, saved, format=format, include_saved=all, branches=branches)
     return 0
+
+
+def _with_refused_counts(ctx: Context, found: list[Any]) -> list[Any]:
+    """Each container with the count of connections its proxy refused (allowlist by name)."""
+    network_dir = ctx.sessions_dir / "network"
+    if not (network_dir / "connections").is_dir():
+        return found
+    import dataclasses
+
+    from coi.network import connlog
+
+    return [dataclasses.replace(c, refused_connections=connlog.refused_count(network_dir, c.name)) for c in found]
 
 
 def _branch_statuses(ctx: Context, found: list[Any]) -> list[Any] | None:
@@ -166,6 +179,42 @@ def _branch_statuses(ctx: Context, found: list[Any]) -> list[Any] | None:
         c = using.get((str(status.branch.workspace), status.branch.name))
         out.append(dataclasses.replace(status, container=c.name, state=c.status) if c else status)
     return out
+
+
+def logs(ctx: Context, *, name: str, network_log: bool = False, follow: bool = False, format: str = "text") -> int:
+    """A session's network log (the proxy's connections), printed or followed."""
+    import json
+
+    from coi.cli.render import shown
+    from coi.errors import NotFoundError
+    from coi.network import connlog
+    from coi.network.attach import check_name
+
+    path = connlog.log_path(ctx.sessions_dir / "network", check_name(name))
+    if not path.exists():
+        raise NotFoundError(f"no network log for {name}",
+                            'coi logs connections in allowlist mode by name ([network] allowlist_by = "name")')
+
+    def say(entry: dict[str, Any]) -> None:
+        ctx.ui.out(json.dumps(entry) if format == "json" else shown(connlog.text(entry)))
+
+    if not follow:
+        for entry in connlog.entries(path):
+            say(entry)
+        return 0
+    import subprocess
+
+    # tail -F waits on the file's changes (inotify) and follows it when it is replaced.
+    with subprocess.Popen(["tail", "-n", "+1", "-F", str(path)], stdout=subprocess.PIPE, text=True,
+                          stderr=subprocess.DEVNULL) as tail:
+        try:
+            for line in tail.stdout or ():
+                entry = connlog.parse_line(line)
+                if entry is not None:
+                    say(entry)
+        except KeyboardInterrupt:
+            tail.terminate()
+    return 0
 
 
 def info(ctx: Context, *, session_id: str | None = None) -> int:
