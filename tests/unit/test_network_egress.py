@@ -73,3 +73,35 @@ def test_the_helper_redirects_only_to_the_callers_own_port(monkeypatch):
         validate({**request, "mode": "restricted"})
     with pytest.raises(Exception, match="expected true or false"):
         validate({**request, "proxy": "yes"})
+
+
+def test_coi_logs_prints_and_follows_the_connection_log(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from coi.network.connlog import log_path
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = log_path(state / "network", "coi-test-ab12cd34-1")
+    path.parent.mkdir(parents=True)
+    entry = {"time": "t1", "container": "coi-test-ab12cd34-1", "name": "evil\x1b[2J.test", "port": 443,
+             "kind": "tls", "verdict": "refused", "why": "not in allowed_domains"}
+    path.write_text(json.dumps(entry) + "\n")
+    env = {**os.environ, "COI_SESSIONS_DIR": str(state), "HOME": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    argv = [sys.executable, "-m", "coi", "logs", "coi-test-ab12cd34-1"]
+    once = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    assert once.returncode == 0, once.stderr
+    assert "refused" in once.stdout and "\x1b" not in once.stdout and "evil\\x1b[2J.test:443" in once.stdout
+    with subprocess.Popen([*argv, "--follow", "--format", "json"], env=env, stdout=subprocess.PIPE, text=True) as follow:
+        assert json.loads(follow.stdout.readline())["time"] == "t1"
+        with open(path, "a") as fh:
+            fh.write(json.dumps({**entry, "time": "t2", "verdict": "allowed"}) + "\n")
+        assert json.loads(follow.stdout.readline())["time"] == "t2"  # a new entry arrives as it is written
+        follow.terminate()
+    missing = subprocess.run([*argv[:-1], "coi-test-none-1"], env=env, capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "no network log" in missing.stderr
