@@ -17,6 +17,22 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Credential:
+    """``[[credentials]]``: a secret the egress proxy puts into requests to ``hosts`` (the
+    container holds a placeholder). One source: ``env`` (a host variable), ``file`` or
+    ``command`` (its standard output)."""
+
+    name: str
+    hosts: tuple[str, ...]  # names and *. wildcards
+    header: str  # e.g. "x-api-key", "Authorization"
+    env: str = ""
+    file: Path | None = None
+    command: tuple[str, ...] = ()
+    container_env: str = ""  # the variable that holds the placeholder in the container
+    value: str = "{secret}"  # the header's value around the secret, e.g. "Bearer {secret}"
+
+
+@dataclass(frozen=True)
 class Defaults:
     image: str
     persistent: bool
@@ -138,6 +154,7 @@ class Config:
     profiles: Mapping[str, Profile]
     sessions: Sessions = field(default_factory=Sessions)
     git: Git = field(default_factory=Git)
+    credentials: tuple[Credential, ...] = ()
 
 
 _CLASSES: Mapping[str, type] = {

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from coi.config.model import LoadedConfig, Mount
+from coi.config.model import Credential, LoadedConfig, Mount
 
 def _plain(value: Any) -> Any:
     """A config value as JSON/TOML data: paths as strings, tuples as lists."""
@@ -15,6 +15,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, Mount):
         return {"host": str(value.host), "container": value.container}
+    if isinstance(value, Credential):  # where the secret comes from; never the secret
+        return {k: _plain(v) for k, v in vars(value).items() if v not in ("", None, ())}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
@@ -42,7 +44,9 @@ def render_toml(loaded: LoadedConfig) -> str:
     for path, value in loaded.values.items():
         section, _, name = path.rpartition(".")
         sections.setdefault(section, []).append(f"{name} = {_toml(_plain(value))}  # from {loaded.origins[path]}")
-    blocks = [f"[{section}]\n" + "\n".join(lines) for section, lines in sections.items()]
+    top = sections.pop("", [])  # keys outside any table ([[credentials]])
+    blocks = ["\n".join(top)] if top else []
+    blocks += [f"[{section}]\n" + "\n".join(lines) for section, lines in sections.items()]
     return "# effective coi configuration\n\n" + "\n\n".join(blocks) + "\n"
 
 

@@ -74,6 +74,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("network.logging.enabled", "bool", False),
     Key("network.logging.path", "path?", ""),  # empty: <sessions_dir>/logs/network.log
     Key("mounts.default", "mounts", []),
+    # Secrets the egress proxy injects (allowlist by name); only your own config can set them.
+    Key("credentials", "credentials", []),
     Key("git.isolation", "str", "shared", env="COI_GIT_ISOLATION", choices=GIT_ISOLATION),
     # A checked-out spare copy per workspace, so that a branch session does not wait for a checkout.
     Key("git.keep_spare", "bool", True, env="COI_GIT_KEEP_SPARE"),

@@ -82,6 +82,32 @@ def _mount(raw: Any, src: _Source) -> Mount:
     return Mount(host=_path(raw["host"], src), container=_expect(container.startswith("/"), container))
 
 
+_CREDENTIAL_KEYS = {"name", "hosts", "header", "env", "file", "command", "container_env", "value"}
+
+
+def _credentials(raw: Any, src: _Source) -> tuple[Any, ...]:
+    return tuple(_credential(item, src) for item in _expect(isinstance(raw, (list, tuple)), raw))
+
+
+def _credential(raw: Any, src: _Source) -> Any:
+    from coi.config.model import Credential
+
+    _expect(isinstance(raw, dict) and {"name", "hosts", "header"} <= raw.keys() <= _CREDENTIAL_KEYS, raw)
+    sources = [k for k in ("env", "file", "command") if k in raw]
+    _expect(len(sources) == 1, raw)  # exactly one source
+    name, header = _str(raw["name"], src), _str(raw["header"], src)
+    _expect(re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name) is not None, raw)
+    _expect(re.fullmatch(r"[A-Za-z0-9-]{1,64}", header) is not None, raw)
+    env_names = [raw.get("env", ""), raw.get("container_env", "")]
+    _expect(all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) for v in env_names if v), raw)
+    value = _str(raw.get("value", "{secret}"), src)
+    _expect(value.count("{secret}") == 1 and "\n" not in value, raw)
+    return Credential(name=name, hosts=_strlist(raw["hosts"], src), header=header, env=raw.get("env", ""),
+                      file=_path(raw["file"], src) if "file" in raw else None,
+                      command=_strlist(raw["command"], src) if "command" in raw else (),
+                      container_env=raw.get("container_env", ""), value=value)
+
+
 # kind -> (what is allowed, converter raising ValueError)
 _KINDS: dict[str, tuple[str, Callable[[Any, _Source], Any]]] = {
     "str": ("a string", _str),
@@ -93,6 +119,8 @@ _KINDS: dict[str, tuple[str, Callable[[Any, _Source], Any]]] = {
     "strlist": ("a list of strings", _strlist),
     "strmap": ('a table of strings such as { NAME = "value" }', _strmap),
     "mounts": ('a list of tables such as { host = "~/notes", container = "/notes" }', _mounts),
+    "credentials": ('a list of tables such as { name = "anthropic", hosts = ["api.anthropic.com"], '
+                    'header = "x-api-key", env = "ANTHROPIC_API_KEY" } (one of env, file, command)', _credentials),
 }
 
 
