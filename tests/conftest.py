@@ -467,6 +467,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
             return
         body = ("hello " + (self.headers.get("Host") or "").split(":")[0] + "\n").encode()
+        if self.path == "/auth":
+            body = ("auth " + (self.headers.get("Authorization") or "(none)") + "\n").encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *args):

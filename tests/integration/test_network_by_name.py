@@ -41,11 +41,15 @@ def run(label, kind, address, name):
                     detail = [reply.status, reply.read().decode()]
             except urllib.error.HTTPError as exc:
                 detail = [exc.code, exc.read().decode()]
-        elif kind in ("tls", "rawtls"):
-            ctx = ssl.create_default_context(cafile=sys.argv[2]) if kind == "tls" else ssl._create_unverified_context()
+        elif kind in ("tls", "rawtls", "auth"):
+            ctx = (ssl.create_default_context(cafile=sys.argv[2]) if kind == "tls" else
+                   ssl.create_default_context() if kind == "auth" else ssl._create_unverified_context())
+            if kind == "auth":  # the system's CAs (coi's proxy CA among them) and the lab's
+                ctx.load_verify_locations(sys.argv[2])
+            path, extra = ("/auth", "Authorization: Bearer coi-placeholder-lab\r\n") if kind == "auth" else ("/", "")
             with socket.create_connection((address, 443), timeout=5) as raw:
                 with ctx.wrap_socket(raw, server_hostname=name) as tls:
-                    tls.sendall(f"GET / HTTP/1.0\r\nHost: {name}\r\n\r\n".encode())
+                    tls.sendall(f"GET {path} HTTP/1.0\r\nHost: {name}\r\n{extra}\r\n".encode())
                     data = b""
                     while chunk := tls.recv(4096):
                         data += chunk
@@ -163,3 +167,24 @@ def test_nothing_is_left_after_the_session(incus, box, sessions_dir, web):
     assert not list((sessions_dir / "network" / "proxy").glob("*.json"))
     wait_for(lambda: not proxy._listening(address), timeout=10, what="the proxy to end")
     assert proxy_pid(sessions_dir) is None or not Path(f"/proc/{proxy_pid(sessions_dir)}/cmdline").read_bytes()
+
+
+def test_a_credential_reaches_the_server_and_never_the_container(incus, box, sessions_dir, web, monkeypatch):
+    from coi.config import Credential
+
+    secret = "s3cr3t-" + os.urandom(6).hex()
+    monkeypatch.setenv("COI_TEST_LAB_TOKEN", secret)
+    monkeypatch.setenv("COI_PROXY_UPSTREAM_CA", str(web["ca"]))  # the proxy checks the lab's server too
+    cred = Credential(name="lab", hosts=("allowed.test",), header="Authorization", env="COI_TEST_LAB_TOKEN",
+                      value="Bearer {secret}", container_env="LAB_TOKEN")
+    network.apply(incus, box, by_name(web, allowed_domains=("allowed.test", "other.test")),
+                  sessions_dir=sessions_dir, log=print, credentials=[cred])
+    ip = web["address"]
+    results = probe(incus, box, injected=("auth", ip, "allowed.test"), elsewhere=("auth", ip, "other.test"))
+    assert results["injected"]["detail"] == [200, f"auth Bearer {secret}\n"], results["injected"]
+    # other.test is allowed but has no credential: spliced through, its placeholder untouched
+    assert results["elsewhere"]["detail"] == [200, "auth Bearer coi-placeholder-lab\n"], results["elsewhere"]
+    found = incus.exec(box, ["sh", "-c", f"grep -rsl {secret} /etc /home /root /tmp /usr/local /proc/*/environ; true"])
+    assert found.stdout.strip() == "", found.stdout  # nowhere in the container
+    log = (sessions_dir / "network" / "connections" / f"{box}.jsonl").read_text()
+    assert secret not in log and secret not in (sessions_dir / "network" / "proxy.log").read_text()

@@ -14,7 +14,7 @@ Must not: talk to Incus, write files, or import any other coi module than
 from typing import Any
 
 from coi.config.load import config_files, default_config, load_config, user_config_file
-from coi.config.model import (Build, Config, Defaults, Incus, Limits, LoadedConfig, Mount, Mounts, Network,
+from coi.config.model import (Build, Config, Credential, Defaults, Incus, Limits, LoadedConfig, Mount, Mounts, Network,
                               NetworkLogging, Paths, Profile, ProfileLimits, Sessions, Tool)
 from coi.config.schema import ENV_VARS, NETWORK_MODES, SCHEMA, SYSTEM_FILE, TOOLS, WORKSPACE_FILE, Key
 from coi.config.values import expand_path
@@ -22,7 +22,7 @@ from coi.config.workspace import WORKSPACE_KEYS, untrusted_layer
 
 __all__ = [
     "ENV_VARS", "NETWORK_MODES", "SCHEMA", "SYSTEM_FILE", "TOOLS", "WORKSPACE_FILE", "WORKSPACE_KEYS", "Build",
-    "Config", "Defaults", "Incus", "Key", "Limits", "LoadedConfig", "Mount", "Mounts", "Network", "NetworkLogging",
+    "Config", "Credential", "Defaults", "Incus", "Key", "Limits", "LoadedConfig", "Mount", "Mounts", "Network", "NetworkLogging",
     "Paths", "Profile", "ProfileLimits", "Sessions", "Tool", "config_files", "default_config", "expand_path",
     "load_config", "render_toml", "to_json", "untrusted_layer", "user_config_file",
 ]

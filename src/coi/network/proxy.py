@@ -39,6 +39,7 @@ from coi.network.egress import NameRules, refusal_text, upstream_problem
 
 POLICY_DIR = "proxy"  # under <state>/network
 PID_FILE = "proxy.pid"  # under <state>/network/proxy
+UPSTREAM_CA_ENV = "COI_PROXY_UPSTREAM_CA"  # a CA file the proxy trusts for upstream TLS too (tests)
 
 
 # ---- the per-container policies (written by coi.network.service) ---------------------------
@@ -48,14 +49,24 @@ def policy_path(network_dir: Path, ipv4: str) -> Path:
 
 
 def write_policy(network_dir: Path, *, ipv4: str, container: str, allowed: list[str], refused: list[str],
-                 resolver: str | None) -> None:
-    """What the proxy lets ``ipv4`` (one container) reach, written atomically."""
+                 resolver: str | None, credentials: list[dict[str, Any]] | None = None) -> None:
+    """What the proxy lets ``ipv4`` (one container) reach, and the credentials it injects
+    for it, written atomically and readable by the user alone (it holds secrets)."""
     path = policy_path(network_dir, ipv4)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"container": container, "allowed": allowed, "refused": refused,
-                               "resolver": resolver}))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"container": container, "allowed": allowed, "refused": refused, "resolver": resolver,
+                   "credentials": credentials or []}, fh)
     os.replace(tmp, path)
+
+
+CA_FILE = "mitmproxy-ca-cert.pem"  # the proxy's CA certificate, in <network>/proxy-ca (made at its first start)
+
+
+def ca_certificate(network_dir: Path) -> bytes:
+    return (network_dir / "proxy-ca" / CA_FILE).read_bytes()
 
 
 def remove_policy(network_dir: Path, ipv4: str) -> None:
@@ -114,6 +125,7 @@ class Egress:
         self.policies = Policies(network_dir)
         self.network_dir = network_dir
         self.verdicts: dict[str, dict[str, Any]] = {}  # client connection id -> what was decided
+        self.sni: dict[str, str] = {}  # client connection id -> the TLS name the proxy ended TLS for
 
     # A connection's verdict: allowed (upstream address chosen) or refused (why).
     async def _decide(self, client: Any, name: str | None, port: int, kind: str) -> dict[str, Any]:
@@ -147,16 +159,43 @@ class Egress:
         port = data.context.server.address[1] if data.context.server.address else 443
         verdict = await self._decide(client, data.client_hello.sni, port, "tls")
         self.verdicts[client.id] = verdict
-        data.ignore_connection = True  # never intercepted: spliced through, or closed
+        # Spliced through unread (or closed), unless a credential is to go in: then the
+        # proxy ends TLS with its own CA (which coi put into the container) and reads on.
+        data.ignore_connection = not (verdict["verdict"] == "allowed" and self._credentials(client, verdict["name"]))
+        if not data.ignore_connection:
+            self.sni[client.id] = verdict["name"]
         if verdict["verdict"] == "allowed":
             data.context.server.address = tuple(verdict["upstream"])
+
+    def _credentials(self, client: Any, name: str | None) -> list[dict[str, Any]]:
+        """The credentials of the client's container for ``name``."""
+        found = self.policies.get(client.peername[0])
+        if found is None or not name:
+            return []
+        return [c for c in found[0].get("credentials") or [] if NameRules.from_entries(c["hosts"]).allows(name)]
+
+    def request(self, flow: Any) -> None:
+        """A request to a credential's host: its placeholder replaced by the secret (the
+        header set when the request has none). Only on TLS the proxy ended itself."""
+        if flow.request.scheme != "https" or flow.response is not None:
+            return
+        name = self.sni.get(flow.client_conn.id)
+        host = (flow.request.host_header or "").rsplit(":", 1)[0]
+        if not name or host.lower().rstrip(".") != name.lower().rstrip("."):
+            return  # a Host other than the SNI gets nothing
+        for cred in self._credentials(flow.client_conn, name):
+            current = flow.request.headers.get(cred["header"])
+            if current is None:
+                flow.request.headers[cred["header"]] = cred["value"]
+            elif cred["placeholder"] in current:
+                flow.request.headers[cred["header"]] = cred["value"]
 
     async def requestheaders(self, flow: Any) -> None:
         from mitmproxy import http
 
         name = flow.request.host_header or ""
         verdict = await self._decide(flow.client_conn, name.rsplit(":", 1)[0] if name.count(":") == 1 else name,
-                               flow.request.port, "http")
+                                     flow.request.port, flow.request.scheme)
         self.verdicts[flow.client_conn.id] = verdict
         if verdict["verdict"] != "allowed":
             flow.response = http.Response.make(403, refusal_text(verdict["name"], verdict["port"]),
@@ -167,21 +206,30 @@ class Egress:
         host_header = flow.request.host_header
         flow.request.host, flow.request.port = address, port
         flow.request.host_header = host_header
+        flow.request.stream = True  # bodies pass through, never held in memory
+
+    def responseheaders(self, flow: Any) -> None:
+        if flow.response is not None:
+            flow.response.stream = True
 
     def server_connect(self, data: Any) -> None:
-        """The last word before any upstream connection: only to what a verdict chose."""
+        """The last word before any upstream connection: only to what a verdict chose (and
+        TLS to the server with the verdict's name)."""
         verdict = self.verdicts.get(data.client.id)
         wanted = tuple(verdict.get("upstream") or ()) if verdict else ()
-        if not verdict or verdict["verdict"] != "allowed" or tuple(data.server.address or ()) != wanted:
-            if verdict is None:
-                verdict = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "client": data.client.peername[0], "container": None, "name": None,
-                           "port": (data.server.address or (None, None))[1], "kind": "tcp",
-                           "verdict": "refused", "why": "neither TLS with a name nor HTTP with a Host"}
-                self.verdicts[data.client.id] = verdict
-            data.server.error = f"refused by coi: {verdict.get('why', 'not allowed')}"
+        if verdict and verdict["verdict"] == "allowed" and tuple(data.server.address or ()) == wanted:
+            data.server.sni = verdict["name"]
+            return
+        if verdict is None:
+            verdict = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "client": data.client.peername[0], "container": None, "name": None,
+                       "port": (data.server.address or (None, None))[1], "kind": "tcp",
+                       "verdict": "refused", "why": "neither TLS with a name nor HTTP with a Host"}
+            self.verdicts[data.client.id] = verdict
+        data.server.error = f"refused by coi: {verdict.get('why', 'not allowed')}"
 
     def client_disconnected(self, client: Any) -> None:
+        self.sni.pop(client.id, None)
         verdict = self.verdicts.pop(client.id, None)
         if verdict is not None and not verdict.get("logged"):
             self._log(verdict)
@@ -270,7 +318,23 @@ def stop_if_unused(network_dir: Path) -> bool:
         os.kill(pid, signal.SIGTERM)
     except OSError:
         return False
+    # Gone before this returns: the next session may need the port again at once.
+    from coi.errors import TimedOutError
+    from coi.wait import wait_for
+
+    try:
+        wait_for(lambda: _pid(network_dir) is None or _zombie(pid), timeout=10, what="coi's proxy to end")
+    except TimedOutError:
+        os.kill(pid, signal.SIGKILL)
     return True
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def status(network_dir: Path, listen: str) -> tuple[bool, bool, int | None]:
@@ -294,7 +358,10 @@ def serve(network_dir: Path, listen: str) -> int:
         master = DumpMaster(opts, with_termlog=False, with_dumper=False)
         # After the master: its addons define these options. lazy: no upstream connection
         # before a verdict chose one.
-        opts.update(mode=[f"transparent@{host}:{port}"], connection_strategy="lazy")
+        opts.update(mode=[f"transparent@{host}:{port}"], connection_strategy="lazy",
+                    confdir=str(network_dir / "proxy-ca"))
+        if os.environ.get(UPSTREAM_CA_ENV):  # the tests' servers have a CA of their own
+            opts.update(ssl_verify_upstream_trusted_ca=os.environ[UPSTREAM_CA_ENV])
         master.addons.add(Egress(network_dir))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -29,16 +29,19 @@ from coi.network.store import Store
 from coi.wait import wait_for
 
 if TYPE_CHECKING:
+    from coi.config import Credential
     from coi.config import Network
     from coi.incus import IncusClient
 
 
 def apply(client: IncusClient, container: str, policy: NetworkPolicy, *, sessions_dir: Path, log: Log,
-          backends: Backends = DEFAULT_BACKENDS) -> str:
+          backends: Backends = DEFAULT_BACKENDS, credentials: Sequence[Credential] = ()) -> str:
     """Enforce ``policy`` on a container before its agent starts; returns the backend used.
 
     Call it on every start (a restart gives the container a new host interface).
     Raises CoiError when the mode cannot be enforced: the session must not start.
+    ``credentials`` (from the user's own config, never from a record) go to the proxy of
+    the allowlist by name, and its CA into the container.
     """
     store = Store(sessions_dir)
     _stop_watcher(store, container)
@@ -49,7 +52,7 @@ def apply(client: IncusClient, container: str, policy: NetworkPolicy, *, session
                         backends=backends)
     if policy.proxy:  # allowlist by name: the proxy up and told first (fail closed)
         addresses = [e for e in policy.allowed if is_ipv4(e)]  # names go through the proxy only
-        _start_proxy(store, att, policy)
+        _start_proxy(client, store, att, policy, credentials)
         backend = _enforce_by_name(store, att, policy, addresses, backends)
     else:
         addresses = _resolve(store, att, policy, log) if policy.mode == "allowlist" else []
@@ -132,16 +135,35 @@ def _enforce(client: IncusClient, store: Store, att: Attachment, policy: Network
                    f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root, or {OPEN_HINT}")
 
 
-def _start_proxy(store: Store, att: Attachment, policy: NetworkPolicy) -> None:
-    """The container's policy for the proxy, and the user's proxy running on the gateway."""
+def _start_proxy(client: IncusClient, store: Store, att: Attachment, policy: NetworkPolicy,
+                 credentials: Sequence[Credential]) -> None:
+    """The container's policy for the proxy (with the credentials' secrets), the user's
+    proxy running on the gateway, and its CA in the container when it injects credentials."""
     from coi.network import proxy
+    from coi.network.credentials import for_proxy
     from coi.network.egress import proxy_port
     from coi.network.policy import PRIVATE_RANGES
 
     refused = [att.subnet, *([] if policy.allow_local else PRIVATE_RANGES)]
     proxy.write_policy(store.root, ipv4=att.ipv4, container=att.container, allowed=list(policy.allowed),
-                       refused=refused, resolver=policy.resolver)
+                       refused=refused, resolver=policy.resolver, credentials=for_proxy(credentials))
     proxy.ensure_running(store.root, f"{att.gateway}:{proxy_port(os.getuid())}")
+    if credentials:
+        _install_proxy_ca(client, att.container, proxy.ca_certificate(store.root))
+
+
+def _install_proxy_ca(client: IncusClient, container: str, ca: bytes) -> None:
+    """The proxy's CA trusted in the container: its own file, and in the system bundle
+    (what ``update-ca-certificates`` would write), so TLS the proxy ends verifies."""
+    from coi.network.credentials import CA_PATH, SYSTEM_BUNDLE
+
+    client.push_file(container, CA_PATH, ca, mode=0o644)
+    try:
+        bundle, _ = client.pull_file(container, SYSTEM_BUNDLE, max_bytes=16 << 20)
+    except CoiError:
+        bundle = b""
+    if ca.strip() not in bundle:
+        client.push_file(container, SYSTEM_BUNDLE, bundle.rstrip(b"\n") + b"\n" + ca, mode=0o644)
 
 
 def _enforce_by_name(store: Store, att: Attachment, policy: NetworkPolicy, addresses: list[str],

@@ -79,6 +79,10 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
     extra_env = {k: os.environ[k] for k in cfg.tool.env_passthrough if k in os.environ}
     extra_env.update(profile_env)
     extra_env.update(spec.parse_env(env))
+    if cfg.network.mode == "allowlist" and cfg.network.allowlist_by == "name":
+        from coi.network.credentials import container_env
+
+        extra_env.update(container_env(cfg.credentials))  # placeholders win: no secret goes in
     limits = spec.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
     mounts = list(cfg.mounts.default) + [spec.parse_mount(m, cwd=Path.cwd()) for m in mount]
     if storage == "":  # --storage alone
@@ -200,7 +204,8 @@ def start_isolated(place: Place, name: str, log: Log) -> None:
 def _isolate(place: Place, name: str, policy: Any, log: Log) -> None:
     from coi import network
 
-    backend = network.apply(place.client, name, policy, sessions_dir=place.sessions_dir, log=log)
+    backend = network.apply(place.client, name, policy, sessions_dir=place.sessions_dir, log=log,
+                            credentials=place.config.credentials if policy.proxy else ())
     log(f"Network: {policy.mode} ({backend})")
 
 
