@@ -174,10 +174,10 @@ class Egress:
             return []
         return [c for c in found[0].get("credentials") or [] if NameRules.from_entries(c["hosts"]).allows(name)]
 
-    def request(self, flow: Any) -> None:
+    def _inject(self, flow: Any) -> None:
         """A request to a credential's host: its placeholder replaced by the secret (the
         header set when the request has none). Only on TLS the proxy ended itself."""
-        if flow.request.scheme != "https" or flow.response is not None:
+        if flow.request.scheme != "https":
             return
         name = self.sni.get(flow.client_conn.id)
         host = (flow.request.host_header or "").rsplit(":", 1)[0]
@@ -206,6 +206,7 @@ class Egress:
         host_header = flow.request.host_header
         flow.request.host, flow.request.port = address, port
         flow.request.host_header = host_header
+        self._inject(flow)
         flow.request.stream = True  # bodies pass through, never held in memory
 
     def responseheaders(self, flow: Any) -> None:
