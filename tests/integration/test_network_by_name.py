@@ -54,6 +54,12 @@ def run(label, kind, address, name):
                     while chunk := tls.recv(4096):
                         data += chunk
             detail = [int(data.split()[1]), data.split(b"\r\n\r\n", 1)[-1].decode()]
+        elif kind == "connect":  # through HTTPS_PROXY (address: the proxy URL), the name never resolved here
+            ctx = ssl.create_default_context(cafile=sys.argv[2])
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({"https": address}),
+                                                 urllib.request.HTTPSHandler(context=ctx))
+            with opener.open(f"https://{name}/", timeout=5) as reply:
+                detail = [reply.status, reply.read().decode()]
         else:
             host, port = address.rsplit(":", 1)
             socket.create_connection((host, int(port)), timeout=3).close()
@@ -139,6 +145,10 @@ def test_names_on_one_address_are_told_apart_by_sni_and_host(incus, box, session
     for label in ("tls_other", "wrong_sni", "no_sni", "other_port"):
         assert not results[label]["ok"], (label, results[label])
         assert results[label]["seconds"] < 2, (label, results[label])  # refused, not timed out
+    proxy_url = network.proxy_environment(incus)["HTTPS_PROXY"]
+    explicit = probe(incus, box, ok=("connect", proxy_url, "allowed.test"), other=("connect", proxy_url, "other.test"))
+    assert explicit["ok"]["detail"] == [200, "hello allowed.test\n"], explicit["ok"]
+    assert not explicit["other"]["ok"] and "403" in explicit["other"]["detail"][0], explicit["other"]
     log = (sessions_dir / "network" / "connections" / f"{box}.jsonl").read_text().splitlines()
     verdicts = {(e["name"], e["verdict"]) for e in map(json.loads, log)}
     assert ("allowed.test", "allowed") in verdicts and ("other.test", "refused") in verdicts

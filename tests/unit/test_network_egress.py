@@ -40,6 +40,12 @@ def test_the_refusal_names_the_domain_and_the_key():
     assert "other.test:80" in text and "[network] allowed_domains" in text
 
 
+def test_programs_that_ask_for_a_proxy_get_the_same_filter():
+    env = egress.proxy_variables("10.195.0.1", 1001)
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == f"http://10.195.0.1:{egress.explicit_port(1001)}"
+    assert egress.explicit_port(1001) == egress.proxy_port(1001) + egress.EXPLICIT_OFFSET
+
+
 def test_each_user_has_a_port_of_their_own():
     assert egress.proxy_port(1000) != egress.proxy_port(1001)
     assert all(egress.PORT_BASE <= egress.proxy_port(uid) < egress.PORT_BASE + 1000 for uid in (0, 1000, 65534))
@@ -54,7 +60,7 @@ def test_by_name_tcp_80_and_443_go_to_the_proxy_and_only_its_port_is_opened_on_t
     assert ("add chain inet coi coi-test-a-1.nat { type nat hook prerouting priority dstnat; policy accept; }"
             in script)
     assert "ip saddr 10.195.0.23 tcp dport { 80, 443 } redirect to :13001" in script
-    assert "ip saddr 10.195.0.23 ip daddr 10.195.0.1 tcp dport 13001 accept" in script
+    assert "ip saddr 10.195.0.23 ip daddr 10.195.0.1 tcp dport { 13001, 14001 } accept" in script
     assert "add element inet coi coi-test-a-1.allow { 192.0.2.7 }" in script  # addresses: as before
     plain = nft_apply_script(ATT, NetworkPolicy(mode="allowlist"), ["192.0.2.7"])
     assert "redirect" not in plain and "13001" not in plain

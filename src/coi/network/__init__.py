@@ -42,7 +42,7 @@ from coi.network.nft import (GATE_PRIORITY, TABLE, chain, check_iface, container
                              nft_probe, nft_remove_script, nft_set_script, parse_trace)
 from coi.network.policy import METADATA_RANGES, PRIVATE_RANGES, NetworkPolicy, collapse, plan
 from coi.network.service import (WATCHER_ENV, BackendReport, applies_before_start, apply, backend_report,
-                                 clean_orphans, remove, watcher_argv)
+                                 clean_orphans, proxy_environment, remove, watcher_argv)
 from coi.network.store import Store, log_file
 
 __all__ = [
@@ -55,5 +55,5 @@ __all__ = [
     "dns_query_a", "find_attachment", "gate_in_ruleset", "host_ipv4_addresses",
     "interfaces_in_chain", "is_pinned", "log_file", "nft_apply_script", "nft_close_script", "nft_gate_script",
     "nft_open_script", "nft_probe", "nft_refusal", "nft_remove_script", "nft_set_script", "parse_dns_answer",
-    "parse_trace", "pin_nic", "plan", "remove", "resolve_allowed", "resolver_for", "watcher_argv",
+    "parse_trace", "pin_nic", "plan", "proxy_environment", "remove", "resolve_allowed", "resolver_for", "watcher_argv",
 ]

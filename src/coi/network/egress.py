@@ -22,7 +22,23 @@ PORT_BASE = 13000
 
 
 def proxy_port(uid: int) -> int:
+    """The port the redirect goes to (transparent)."""
     return PORT_BASE + uid % 1000
+
+
+EXPLICIT_OFFSET = 1000  # the explicit port is the transparent one + this
+
+
+def explicit_port(uid: int) -> int:
+    """The port for programs that honour HTTP(S)_PROXY (CONNECT and absolute URLs)."""
+    return proxy_port(uid) + EXPLICIT_OFFSET
+
+
+def proxy_variables(gateway: str, uid: int) -> dict[str, str]:
+    """The agent's proxy variables: the same filter, for programs that ask for a proxy."""
+    url = f"http://{gateway}:{explicit_port(uid)}"
+    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+            "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
 
 
 def normal_host(host: str) -> str:

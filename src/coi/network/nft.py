@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 from coi.errors import CoiError
 from coi.network.attach import HOST_NAME_PREFIX, Attachment, check_name
-from coi.network.egress import PROXIED_PORTS
+from coi.network.egress import EXPLICIT_OFFSET, PROXIED_PORTS
 from coi.network.policy import NetworkPolicy, collapse
 
 TABLE = "coi"
@@ -162,8 +162,8 @@ def _inet_lines(att: Attachment, policy: NetworkPolicy, addresses: Iterable[str]
         f"add rule inet {t} {host} ip saddr {ip} ct state established,related accept",
         f"add rule inet {t} {host} ip saddr {ip} udp dport 67 accept",
         f"add rule inet {t} {host} ip saddr {ip} ip daddr {att.gateway} meta l4proto {{ tcp, udp }} th dport 53 accept",
-        *([f"add rule inet {t} {host} ip saddr {ip} ip daddr {att.gateway} tcp dport {int(proxy_port)} accept"]
-          if proxy_port else []),
+        *([f"add rule inet {t} {host} ip saddr {ip} ip daddr {att.gateway} tcp dport "
+           f"{{ {int(proxy_port)}, {int(proxy_port) + EXPLICIT_OFFSET} }} accept"] if proxy_port else []),
         f"add rule inet {t} {host} ip saddr {ip} goto {deny}",
         f"add chain inet {t} {out} {{ type filter hook forward priority filter; policy accept; }}",
         f"add rule inet {t} {out} ip saddr {att.subnet} ip daddr {ip} goto {deny}",

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from coi.network.connlog import log_path
-from coi.network.egress import NameRules, refusal_text, upstream_problem
+from coi.network.egress import EXPLICIT_OFFSET, NameRules, refusal_text, upstream_problem
 
 POLICY_DIR = "proxy"  # under <state>/network
 PID_FILE = "proxy.pid"  # under <state>/network/proxy
@@ -213,6 +213,17 @@ class Egress:
         if flow.response is not None:
             flow.response.stream = True
 
+    async def http_connect(self, flow: Any) -> None:
+        """A CONNECT (programs that honour HTTPS_PROXY): its target checked like an SNI;
+        the TLS inside is checked again by its own SNI."""
+        from mitmproxy import http
+
+        verdict = await self._decide(flow.client_conn, flow.request.host, flow.request.port, "connect")
+        if verdict["verdict"] != "allowed":
+            flow.response = http.Response.make(403, refusal_text(verdict["name"], verdict["port"]),
+                                               {"Content-Type": "text/plain; charset=utf-8"})
+            self._log(verdict)
+
     def server_connect(self, data: Any) -> None:
         """The last word before any upstream connection: only to what a verdict chose (and
         TLS to the server with the verdict's name)."""
@@ -359,7 +370,8 @@ def serve(network_dir: Path, listen: str) -> int:
         master = DumpMaster(opts, with_termlog=False, with_dumper=False)
         # After the master: its addons define these options. lazy: no upstream connection
         # before a verdict chose one.
-        opts.update(mode=[f"transparent@{host}:{port}"], connection_strategy="lazy",
+        opts.update(mode=[f"transparent@{host}:{port}", f"regular@{host}:{int(port) + EXPLICIT_OFFSET}"],
+                    connection_strategy="lazy",
                     confdir=str(network_dir / "proxy-ca"))
         if os.environ.get(UPSTREAM_CA_ENV):  # the tests' servers have a CA of their own
             opts.update(ssl_verify_upstream_trusted_ca=os.environ[UPSTREAM_CA_ENV])

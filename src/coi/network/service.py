@@ -152,6 +152,17 @@ def _start_proxy(client: IncusClient, store: Store, att: Attachment, policy: Net
         _install_proxy_ca(client, att.container, proxy.ca_certificate(store.root))
 
 
+def proxy_environment(client: IncusClient) -> dict[str, str]:
+    """HTTP(S)_PROXY for the agent of a session by name: the user's proxy on the coi bridge."""
+    import ipaddress
+
+    from coi.host import COI_NETWORK
+    from coi.network.egress import proxy_variables
+
+    gateway = str(ipaddress.ip_interface(client.network(COI_NETWORK)["config"]["ipv4.address"]).ip)
+    return proxy_variables(gateway, os.getuid())
+
+
 def _install_proxy_ca(client: IncusClient, container: str, ca: bytes) -> None:
     """The proxy's CA trusted in the container: its own file, and in the system bundle
     (what ``update-ca-certificates`` would write), so TLS the proxy ends verifies."""

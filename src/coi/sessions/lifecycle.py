@@ -80,8 +80,10 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
     extra_env.update(profile_env)
     extra_env.update(spec.parse_env(env))
     if cfg.network.mode == "allowlist" and cfg.network.allowlist_by == "name":
+        from coi.network import proxy_environment
         from coi.network.credentials import container_env
 
+        extra_env.update(proxy_environment(place.client))
         extra_env.update(container_env(cfg.credentials))  # placeholders win: no secret goes in
     limits = spec.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
     mounts = list(cfg.mounts.default) + [spec.parse_mount(m, cwd=Path.cwd()) for m in mount]
