@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import floor
+import lab
 import repo
 from measure import BenchError, Proc, Series, compare, run
 
@@ -129,17 +130,20 @@ class Setup:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def env(self) -> dict[str, str]:
-        """coi's environment: the bench's prefix, image and agent, a home of its own."""
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """coi's environment: the bench's prefix, image and agent, a home of its own
+        (``extra`` on top: a case's own variables)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
         env.update({"HOME": str(self.home), "COI_CONTAINER_PREFIX": PREFIX, "COI_SESSIONS_DIR": str(self.sessions),
                     "COI_IMAGE": self.image})
         if self.binary:
             env["COI_TOOL_BINARY"] = self.binary
+        env.update(extra or {})
         return env
 
-    def coi_run(self, args: list[str], *, cwd: Path | None = None, timeout: float = 300):
-        return run([self.coi, *args], env=self.env(), cwd=str(cwd) if cwd else None, timeout=timeout)
+    def coi_run(self, args: list[str], *, cwd: Path | None = None, timeout: float = 300,
+                env: dict[str, str] | None = None):
+        return run([self.coi, *args], env=self.env(env), cwd=str(cwd) if cwd else None, timeout=timeout)
 
     def floor_name(self, role: str) -> str:
         self.counter += 1
@@ -158,11 +162,11 @@ class Setup:
     def agent_argv(self) -> list[str]:
         return [self.agent, "--session-id", str(uuid.uuid4())]
 
-    def probe(self, args: list[str], *, cwd: Path) -> dict[str, Any]:
+    def probe(self, args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
         """One run of ``coi ARGS`` through phases.py: phases, REST log, whole-process time."""
         out = self.tmp / f"probe-{uuid.uuid4().hex[:8]}.json"
         spawned = time.time()
-        proc = run([self.python, str(HERE / "phases.py"), str(out), "--", *args], env=self.env(), cwd=str(cwd))
+        proc = run([self.python, str(HERE / "phases.py"), str(out), "--", *args], env=self.env(env), cwd=str(cwd))
         ended = time.time()
         proc.check()
         data = json.loads(out.read_text())
@@ -189,10 +193,53 @@ def container_of(output: str) -> str:
     return match.group(1)
 
 
-def kill(setup: Setup, name: str) -> None:
+def kill(setup: Setup, name: str, env: dict[str, str] | None = None) -> None:
     """End a session the way a user would (coi also removes anything it set up for it)."""
-    setup.coi_run(["kill", name])
+    setup.coi_run(["kill", name], env=env)
     floor.delete_quietly(name)
+
+
+def bench_processes(under: Path | str) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every other process (not this one's ancestors either) with an argument naming ``under`` or a
+    path below it (a directory of the bench's: coi's proxy and watchers name its sessions
+    directory, the test host its certificates); ``under`` may also be a name prefix
+    (``/tmp/coi-bench-``: every run's directory)."""
+    prefix = str(under)
+    ours, pid = set(), os.getpid()
+    while pid > 1 and pid not in ours:  # this process and its ancestors (sudo, a shell): never listed
+        ours.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in ours:
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if any(a == prefix or a.startswith(prefix if prefix.endswith(("/", "-")) else prefix + "/") for a in argv):
+            found.append((int(entry), argv))
+    return found
+
+
+def proxy_processes(under: Path | str) -> list[int]:
+    """coi's proxy processes (``python -m coi.network.proxy STATE LISTEN``) of the bench's directory."""
+    return [pid for pid, argv in bench_processes(under) if "coi.network.proxy" in argv]
+
+
+def wait_proxy_gone(setup: Setup, timeout: float = 10.0) -> float | None:
+    """Seconds until no proxy of the bench's sessions runs (0.0: none ran); None at the deadline."""
+    t0 = time.perf_counter()
+    if not proxy_processes(setup.tmp):
+        return 0.0
+    while proxy_processes(setup.tmp):
+        if time.perf_counter() - t0 >= timeout:
+            return None
+        time.sleep(0.01)
+    return time.perf_counter() - t0
 
 
 def in_parallel(funcs: list[Callable[[], Any]], workers: int) -> list[Any]:
@@ -305,16 +352,18 @@ class Refused(BenchError):
     """coi said no (exit code not 0), as opposed to failing on the way."""
 
 
-def _coi_session(setup: Setup, workspace: Path, extra: list[str]) -> tuple[float, str]:
+def _coi_session(setup: Setup, workspace: Path, extra: list[str],
+                 env: dict[str, str] | None = None) -> tuple[float, str]:
     """``coi shell --background`` until the agent runs in tmux; the container is left running."""
-    seconds, name, _ = _coi_session_output(setup, workspace, extra)
+    seconds, name, _ = _coi_session_output(setup, workspace, extra, env)
     return seconds, name
 
 
-def _coi_session_output(setup: Setup, workspace: Path, extra: list[str]) -> tuple[float, str, Proc]:
+def _coi_session_output(setup: Setup, workspace: Path, extra: list[str],
+                        env: dict[str, str] | None = None) -> tuple[float, str, Proc]:
     """``_coi_session``, and coi's output too (what the session was given, e.g. its branch)."""
     t0 = time.perf_counter()
-    proc = setup.coi_run(["shell", "--background", *extra], cwd=workspace)
+    proc = setup.coi_run(["shell", "--background", *extra], cwd=workspace, env=env)
     if proc.code != 0:
         errors = [line for line in (proc.stderr + proc.stdout).splitlines() if line.startswith(("Error", "Hint"))]
         raise Refused(" ".join(errors) or f"coi shell exited {proc.code}: {proc.stderr.strip()[-300:]}")
@@ -322,7 +371,7 @@ def _coi_session_output(setup: Setup, workspace: Path, extra: list[str]) -> tupl
     try:
         floor.wait_agent(name, setup.agent)
     except BaseException:
-        kill(setup, name)
+        kill(setup, name, env)
         raise
     return time.perf_counter() - t0, name, proc
 
@@ -411,61 +460,328 @@ def parallel_case(setup: Setup) -> list[Row]:
 # ---- network modes ----------------------------------------------------------------------
 
 
+# The session starts compared (label -> --network value, coi's environment on top of the
+# bench's). allowlist_by is set either way, so a system config cannot change what a row means.
+NETWORK_MODES = {
+    "open": ("open", {}),
+    "restricted": ("restricted", {}),
+    "allowlist": ("allowlist", {"COI_NETWORK_ALLOWLIST_BY": "address"}),
+    "allowlist by name": ("allowlist", {"COI_NETWORK_ALLOWLIST_BY": "name"}),
+}
+BY_NAME = "allowlist by name"
+BY_NAME_WARM = "allowlist by name, proxy running"
+PROXY_PHASE = "network: coi's proxy (start, or find it running)"  # phases.py's name for proxy.ensure_running
+BY_NAME_ADDED = 0.1  # seconds an allowlist-by-name start may add to an open one
+
+
+def _mode_key(label: str) -> str:
+    return "network_" + label.replace(", ", "_").replace(" ", "_")
+
+
+def _mode(label: str) -> tuple[str, dict[str, str]]:
+    """(--network value, environment) of a label (the warm by-name row's are by-name's)."""
+    return NETWORK_MODES.get(label, NETWORK_MODES[BY_NAME])
+
+
+def _mode_command(label: str) -> str:
+    command = f"coi shell --background --network {_mode(label)[0]}"
+    if label == "allowlist":
+        command += " (allowlist_by = address)"
+    elif label == BY_NAME:
+        command += " (allowlist_by = name: coi's proxy starts, no other session holds it)"
+    elif label == BY_NAME_WARM:
+        command += " (allowlist_by = name, coi's proxy already running for another session)"
+    return command
+
+
 def network_case(setup: Setup) -> list[Row]:
+    """Session starts in every network mode against open. The allowlist by name twice:
+    the user's only session (coi starts its proxy and, at ``coi kill``, ends it again) and
+    a session while another one of the user keeps the proxy running."""
     workspace = setup.workspace("network")  # the allowlist's domains are in the user config (run.py)
-    series = {mode: Series("coi", f"coi shell --background --network {mode}")
-              for mode in ("open", "restricted", "allowlist")}
+    series = {label: Series("coi", _mode_command(label)) for label in NETWORK_MODES}
     refused: dict[str, str] = {}
-    # Three modes, each a session start: about half the repetitions, at most one warm-up.
+    # Four modes, each a session start: about half the repetitions, at most one warm-up.
     repeat, warmup = max(1, setup.repeat // 2 + 1), min(setup.warmup, 1)
-    for i in range(warmup + repeat):
-        modes = list(series)
-        if i % 2:
-            modes.reverse()
-        for mode in modes:
-            if mode in refused:
-                continue
-            try:
-                seconds, name = _coi_session(setup, workspace, ["--network", mode])
-            except Refused as exc:
-                refused[mode] = str(exc)
-                continue
-            kill(setup, name)
-            if i >= warmup:
-                series[mode].samples.append(seconds)
-    breakdown: dict[str, Any] = {}
-    for mode in series:
-        if mode in refused:
-            continue
-        probes = []
-        for _ in range(1 if mode == "open" else max(1, min(setup.repeat, 3))):
-            probe = setup.probe(["shell", "--background", "--network", mode], cwd=workspace)
-            kill(setup, container_of(probe["stdout"] + probe["stderr"]))
-            probes.append(probe)
-        breakdown[mode] = breakdown_summary(probes)
+
+    def start(label: str) -> tuple[float, str]:
+        mode, env = _mode(label)
+        if label == BY_NAME and wait_proxy_gone(setup) is None:  # its start, not the last one's end
+            raise BenchError("coi's proxy did not end within 10 s of the last allowlist-by-name session")
+        return _coi_session(setup, workspace, ["--network", mode], env)
+
+    def rounds(labels: list[str], into: dict[str, Series]) -> None:
+        for i in range(warmup + repeat):
+            for label in labels if i % 2 == 0 else labels[::-1]:
+                if label in refused:
+                    continue
+                try:
+                    seconds, name = start(label)
+                except Refused as exc:
+                    refused[label] = str(exc)
+                    continue
+                kill(setup, name, _mode(label)[1])
+                if i >= warmup:
+                    into[label].samples.append(seconds)
+
+    def probes(label: str, runs: int) -> dict[str, Any] | None:
+        if label in refused:
+            return None
+        mode, env = _mode(label)
+        out = []
+        for _ in range(runs):
+            if label == BY_NAME and wait_proxy_gone(setup) is None:
+                raise BenchError("coi's proxy did not end within 10 s of the last allowlist-by-name session")
+            probe = setup.probe(["shell", "--background", "--network", mode], cwd=workspace, env=env)
+            kill(setup, container_of(probe["stdout"] + probe["stderr"]), env)
+            out.append(probe)
+        return breakdown_summary(out)
+
+    rounds(list(series), series)
+    breakdown = {label: probes(label, 1 if label == "open" else max(1, min(setup.repeat, 3))) for label in series}
+
+    # The allowlist by name with the proxy already running: a keeper session of the same
+    # user holds it (started first, not timed); open is timed again alongside, as its floor.
+    warm = {"open": Series("floor", "coi shell --background --network open (while the keeper session runs)"),
+            BY_NAME_WARM: Series("coi", _mode_command(BY_NAME_WARM))}
+    keeper = None
+    if BY_NAME not in refused:
+        try:
+            _, keeper = start(BY_NAME)
+            rounds(["open", BY_NAME_WARM], warm)
+            breakdown[BY_NAME_WARM] = probes(BY_NAME_WARM, max(1, min(setup.repeat, 3)))
+        except Refused as exc:
+            refused[BY_NAME_WARM] = str(exc)
+        finally:
+            if keeper is not None:
+                kill(setup, keeper, _mode(BY_NAME)[1])
+    else:
+        refused[BY_NAME_WARM] = refused[BY_NAME]
+
     rows = []
     targets = {"restricted": 0.1, "allowlist": 0.3}
-    for mode, s in series.items():
-        row = Row(f"network_{mode}", f"network {mode}", s, series["open"] if mode != "open" else None,
-                  Target(text=f"set-up < {targets[mode] * 1000:.0f} ms" if mode in targets else "—"),
-                  extra={"breakdown": breakdown.get(mode)})
-        if mode in refused:
-            row.status, row.note = "not available", refused[mode]
-        elif mode in targets and series["open"].median is not None and s.median is not None:
-            phases = (breakdown.get(mode) or {}).get("phases", {})
+    for label, s in [*series.items(), (BY_NAME_WARM, warm[BY_NAME_WARM])]:
+        base = warm["open"] if label == BY_NAME_WARM else series["open"]
+        if label in (BY_NAME, BY_NAME_WARM):
+            target = Target(text=f"within {BY_NAME_ADDED * 1000:.0f} ms of open")
+        else:
+            target = Target(text=f"set-up < {targets[label] * 1000:.0f} ms" if label in targets else "—")
+        row = Row(_mode_key(label), f"network {label}", s, base if label != "open" else None, target,
+                  extra={"breakdown": breakdown.get(label)})
+        if label in refused:
+            row.status, row.note = "not available", refused[label]
+        elif label != "open" and base.median is not None and s.median is not None:
+            phases = (breakdown.get(label) or {}).get("phases", {})
             setup_work = [phases[p]["median"] for p in NETWORK_SETUP if p in phases]
             wait = phases.get(NETWORK_WAIT, {}).get("median")
-            row.extra.update({"delta_vs_open": s.median - series["open"].median,
-                              "rule_setup": sum(setup_work) if setup_work else None, "address_wait": wait})
-            if not setup_work:
+            proxy = phases.get(PROXY_PHASE, {}).get("median")
+            delta = s.median - base.median
+            row.extra.update({"delta_vs_open": delta, "rule_setup": sum(setup_work) if setup_work else None,
+                              "address_wait": wait, "proxy_phase": proxy})
+            if label in (BY_NAME, BY_NAME_WARM):
+                row.checks["added"] = delta <= BY_NAME_ADDED
+                row.target.text += f": {delta * 1000:+.0f} ms"
+                parts = [f"{delta * 1000:+.0f} ms against open (medians)"]
+                if setup_work:
+                    parts.append(f"rule set-up {sum(setup_work) * 1000:.0f} ms")
+                if proxy is None:
+                    parts.append("no proxy phase seen (an older coi, or allowlist_by not honoured)")
+                else:
+                    parts.append(f"coi's proxy {proxy * 1000:.0f} ms ("
+                                 + ("started for this session" if label == BY_NAME else "found running") + ")")
+                row.note = "; ".join(parts)
+            elif not setup_work:
                 row.note = "no network set-up seen in coi (no network module in use): the mode changes nothing"
             else:
-                row.checks["rule set-up"] = sum(setup_work) < targets[mode]
+                row.checks["rule set-up"] = sum(setup_work) < targets[label]
                 row.note = (f"rule set-up (rules + DNS) {sum(setup_work) * 1000:.0f} ms"
                             + (f"; before it, waiting for the container's DHCP address {wait * 1000:.0f} ms"
                                if wait else ""))
         rows.append(row)
+    if BY_NAME not in refused and wait_proxy_gone(setup) is None:
+        rows.append(_proxy_left_row("network_proxy_ended"))
     return rows
+
+
+# ---- the egress proxy (allowlist by name) --------------------------------------------------
+
+PROXY_NAMES = ("one.coi-bench.test", "two.coi-bench.test")  # served on one address; both allowed
+PROXY_UNLISTED = "unlisted.coi-bench.test"  # answered by the test host too, but not allowed
+PROXY_CONNECTS = 20  # connections of each kind per probe run (one run per mode and round)
+PROXY_CONNECT_WARMUP = 2  # uncounted first connections of each probe run
+PROXY_DOWNLOADS = 3  # downloads of each kind per probe run (CPU-bound: noisy on a small machine)
+PROXY_SETUP_ADDED = 0.005  # seconds the proxy may add to a connection set-up
+PROXY_THROUGHPUT_LOSS = 0.10  # share of a download's throughput the proxy may cost
+PROBE_IN_CONTAINER = "/tmp/coi-bench-netprobe.py"
+CA_IN_CONTAINER = "/tmp/coi-bench-lab-ca.pem"
+BIG_BYTES = 200 * 1024 * 1024  # labserver.BIG_BYTES: /big
+
+
+def _proxy_home(setup: Setup) -> Path:
+    """A second home of the bench's: the same placeholder credentials, a config that lists
+    the test host's names, allows by name, and lets the proxy reach a private address (the
+    test host's /30; coi refuses private upstreams otherwise)."""
+    home = setup.tmp / "home-proxy"
+    shutil.copytree(setup.home, home, dirs_exist_ok=True)
+    config = home / ".config" / "coi" / "config.toml"
+    config.write_text("[network]\nallowed_domains = [" + ", ".join(f'"{n}"' for n in PROXY_NAMES) + "]\n"
+                      'allowlist_by = "name"\nblock_private_networks = false\n')
+    return home
+
+
+def _proxy_port_in_use(timeout: float = 10.0) -> str | None:
+    """``gateway:port`` when something listens on this user's proxy port on coi's bridge
+    (another coi of the same user, e.g. a test run as root) and still does after
+    ``timeout`` seconds (one that is ending gets them): the bench's session would meet
+    that proxy, which knows nothing of it."""
+    import socket
+
+    try:
+        from coi.host.daemon import COI_NETWORK
+        from coi.network.egress import proxy_port
+    except ImportError:
+        return None
+    proc = run([floor.INCUS, "query", f"/1.0/networks/{COI_NETWORK}"])
+    if proc.code != 0:
+        return None
+    gateway = (json.loads(proc.stdout).get("config") or {}).get("ipv4.address", "").split("/")[0]
+    if not gateway:
+        return None
+    listen = (gateway, proxy_port(os.getuid()))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(listen, timeout=0.5):
+                pass
+        except OSError:
+            return None
+        if time.monotonic() >= deadline:
+            return f"{gateway}:{listen[1]}"
+        time.sleep(0.1)
+
+
+def _netprobe(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """bench/netprobe.py in the container (as root: the network is the same for every user)."""
+    proc = run([floor.INCUS, "exec", name, "--", "python3", PROBE_IN_CONTAINER, json.dumps(spec)], timeout=900)
+    if proc.code != 0:
+        last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+        raise BenchError(f"the timing script in {name} failed: {' / '.join(last)}")
+    return json.loads(proc.stdout)
+
+
+def proxy_case(setup: Setup) -> list[Row]:
+    """What coi's proxy adds to connections: one session in open mode (the floor) and one in
+    allowlist-by-name mode, both running, time connections and downloads to a test host
+    of the bench's (bench/lab.py) with bench/netprobe.py, alternately."""
+    if shutil.which("openssl") is None:
+        raise BenchError("the proxy case needs openssl (the test host's certificates)")
+    if wait_proxy_gone(setup) is None:  # an earlier case's (network) proxy, still ending
+        raise BenchError("coi's proxy of an earlier case still runs 10 s after its last session")
+    taken = _proxy_port_in_use()
+    if taken:
+        raise BenchError(f"something already listens on coi's proxy port {taken} (another coi of uid "
+                         f"{os.getuid()}, e.g. a test run): run the bench alone")
+    workspace = setup.workspace("proxy")
+    host = lab.Lab(setup.tmp / "lab", list(PROXY_NAMES), python=setup.python)
+    modes = {"open": ["--network", "open"], "name": ["--network", "allowlist"]}
+    sessions: dict[str, str] = {}
+    env: dict[str, str] = {}
+    samples: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    refusals: dict[str, list[list[Any]]] = {m: [] for m in modes}
+    note, problems, proxy_end = "", [], None
+    try:
+        host.start()
+        env = {"HOME": str(_proxy_home(setup)), "COI_NETWORK_ALLOWLIST_BY": "name",
+               "COI_NETWORK_RESOLVER": host.resolver}
+        for mode, args in modes.items():
+            try:
+                sessions[mode] = _coi_session(setup, workspace, args, env)[1]
+            except Refused as exc:
+                note = f"coi refused the {mode} session: {exc}"
+                break
+            run([floor.INCUS, "file", "push", str(HERE / "netprobe.py"), f"{sessions[mode]}{PROBE_IN_CONTAINER}"]
+                ).check()
+            run([floor.INCUS, "file", "push", str(host.ca_pem), f"{sessions[mode]}{CA_IN_CONTAINER}"]).check()
+        if not note:
+            spec = {"address": host.address, "tls_name": PROXY_NAMES[0], "http_name": PROXY_NAMES[1],
+                    "refused_name": PROXY_UNLISTED, "ca": CA_IN_CONTAINER, "connects": PROXY_CONNECTS,
+                    "warmup": PROXY_CONNECT_WARMUP, "downloads": PROXY_DOWNLOADS, "big_bytes": BIG_BYTES}
+            order = list(modes)
+            for i in range(setup.warmup + setup.repeat):
+                for mode in order if i % 2 == 0 else order[::-1]:
+                    result = _netprobe(sessions[mode], spec)
+                    refusals[mode].append(result["refused_check"])
+                    if i >= setup.warmup:
+                        for key, values in result.items():
+                            if key != "refused_check":
+                                samples[mode].setdefault(key, []).extend(values)
+    finally:
+        for mode in modes:  # by name last: the proxy ends with the user's last such session
+            if mode in sessions:
+                kill(setup, sessions[mode], env or None)
+        if "name" in sessions:
+            proxy_end = wait_proxy_gone(setup)
+        problems = host.close()
+    if problems:
+        raise BenchError("the proxy case left " + ", ".join(problems))
+    return _proxy_rows(samples, refusals, note, proxy_end, "name" in sessions,
+                       {"subnet": host.subnet, "address": host.address, "names": list(PROXY_NAMES),
+                        "resolver": host.resolver, "connects_per_round": PROXY_CONNECTS,
+                        "downloads_per_round": PROXY_DOWNLOADS, "rounds": setup.repeat, "big_bytes": BIG_BYTES})
+
+
+def _proxy_rows(samples: dict[str, dict[str, list[float]]], refusals: dict[str, list[list[Any]]], note: str,
+                proxy_end: float | None, proxy_started: bool, extra: dict[str, Any]) -> list[Row]:
+    """The case's rows: connection set-up (added ms) and downloads (throughput lost), each
+    for TLS and HTTP; a failed row when the proxy outlived its last session."""
+    # The measurement is of the proxy only when the name session's connections went through
+    # it: a name it does not list is refused there (403) and answered without it (200).
+    checks = {"through the proxy":
+              bool(refusals["name"]) and all(r[0] == 403 for r in refusals["name"])
+              and bool(refusals["open"]) and all(r[0] == 200 for r in refusals["open"])}
+    extra = {**extra, "unlisted_name_answers": refusals,
+             "proxy_end_seconds": round(proxy_end, 4) if proxy_end is not None else None}
+    rows = []
+    specs = [("proxy_tls_setup", "connection set-up through the proxy (TLS)", "tls_setup",
+              f"TCP connect + TLS handshake to :443 (SNI {PROXY_NAMES[0]}, lab CA verified)"),
+             ("proxy_http_setup", "connection set-up through the proxy (HTTP)", "http_request",
+              f"TCP connect to :80 + GET / (Host {PROXY_NAMES[1]}) to its whole answer"),
+             ("proxy_https_download", f"{BIG_BYTES >> 20} MiB download through the proxy (TLS)", "https_download",
+              "connect + handshake + GET /big over HTTPS to its last byte"),
+             ("proxy_http_download", f"{BIG_BYTES >> 20} MiB download through the proxy (HTTP)", "http_download",
+              "connect + GET /big over HTTP to its last byte")]
+    for key, label, kind, what in specs:
+        coi = Series("coi", f"{what}, allowlist by name", samples["name"].get(kind, []))
+        base = Series("floor", "the same from an open-mode session", samples["open"].get(kind, []))
+        row = Row(key, label, coi, base, Target(text="—"), extra=dict(extra))
+        if note:
+            row.status, row.note = "not available", note
+        elif coi.median is not None and base.median is not None:
+            row.checks.update(checks)
+            if kind.endswith("download"):
+                loss = 1 - base.median / coi.median
+                mbps = {m: BIG_BYTES / s.median / 1e6 for m, s in (("proxy", coi), ("open", base))}
+                row.target.text = f"throughput loss ≤ {PROXY_THROUGHPUT_LOSS:.0%}: {loss:.1%}"
+                row.checks["throughput loss"] = loss <= PROXY_THROUGHPUT_LOSS
+                row.extra.update({"throughput_loss": round(loss, 4),
+                                  "throughput_mb_s": {k: round(v, 1) for k, v in mbps.items()}})
+                row.note = f"{mbps['proxy']:.0f} MB/s through the proxy, {mbps['open']:.0f} MB/s without"
+            else:
+                added = coi.median - base.median
+                row.target.text = f"adds ≤ {PROXY_SETUP_ADDED * 1000:g} ms: {added * 1000:+.1f} ms"
+                row.checks["added"] = added <= PROXY_SETUP_ADDED
+                row.extra["added_seconds"] = round(added, 5)
+                row.note = f"median of {len(coi.samples)} connections each"
+        rows.append(row)
+    if proxy_started and proxy_end is None:
+        rows.append(_proxy_left_row("proxy_ended"))
+    return rows
+
+
+def _proxy_left_row(key: str) -> Row:
+    return Row(key, "coi's proxy ends with its last session", Series("coi", "coi kill"), status="failed",
+               note="coi's proxy still ran 10 s after the last allowlist-by-name session was killed "
+                    "(the suite's clean-up ends it)")
 
 
 # ---- build -----------------------------------------------------------------------------
@@ -762,6 +1078,7 @@ CASES: dict[str, Callable[[Setup], list[Row]]] = {
     "session": session_case,
     "parallel": parallel_case,
     "network": network_case,
+    "proxy": proxy_case,
     "build": build_case,
     "branch": branch_case,
 }

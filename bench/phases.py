@@ -46,6 +46,9 @@ TARGETS = {
     "coi.network.attach": [("pin_nic", "pin the address", True),
                            ("find_attachment", "network: find the address (waits for DHCP unless pinned)", True)],
     "coi.network.dns": [("resolve_allowed", "network: resolve allowed domains", True)],
+    # The allowlist by name: coi's proxy started for the session (mitmproxy's import is most
+    # of it), or found running for another one.
+    "coi.network.proxy": [("ensure_running", "network: coi's proxy (start, or find it running)", True)],
 }
 # Every other function of the network package counts as network set-up.
 NETWORK_MODULES = ("coi.network",)

@@ -7,7 +7,8 @@ The first line names the machine. Every case times whole processes, coi and
 its floor alternately, and reports min/median/max (warm-up runs are not
 counted); the table is Markdown, the JSON file (default
 bench/results/latest.json) has every sample. Everything the suite creates is
-named ``coi-bench-*`` and removed at the end, also after a failure or Ctrl+C.
+named ``coi-bench-*`` (containers, images, the proxy case's network namespace and
+temporary directory) and removed at the end, also after a failure or Ctrl+C.
 See docs/benchmarks.md for the latest results and how to read them.
 """
 
@@ -30,8 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import floor  # noqa: E402 - the bench's own modules, next to this file
+import lab  # noqa: E402
 import repo  # noqa: E402
-from cases import ALLOWED_DOMAINS, CASES, PREFIX, Row, Setup, in_parallel, wait_refills  # noqa: E402
+from cases import (ALLOWED_DOMAINS, CASES, PREFIX, Row, Setup, bench_processes, in_parallel,  # noqa: E402
+                   wait_refills)
 from measure import BenchError, Series, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +43,8 @@ SANDBOX_IMAGE = "coi-sandbox-test"  # the tests' image: tmux and the stand-in ag
 SANDBOX_AGENT = "fake-claude"
 BENCH_SANDBOX = f"{PREFIX}sandbox"  # built from the tests' recipe when neither image exists
 PHASE_ORDER = ["interpreter start", "imports", "config", "shift check", "slot allocation", "create", "start",
-               "wait ready", "network: wait for the address (DHCP)", "network: resolve allowed domains", "network rules", "credential copy", "restore state", "tmux check", "tmux start",
+               "wait ready", "network: wait for the address (DHCP)", "network: resolve allowed domains", "network rules",
+               "network: coi's proxy (start, or find it running)", "credential copy", "restore state", "tmux check", "tmux start",
                "agent start (to running in tmux)", "subprocesses", "list instances", "render", "stop", "save",
                "delete", "base image check", "launch builder", "wait network", "exec in builder", "publish",
                "delete builder", "unpack image", "doctor checks", "other", "interpreter exit"]
@@ -171,10 +175,51 @@ def bench_images() -> list[str]:
             if a["name"].startswith(PREFIX)]
 
 
+# What may still run of a run's own (the command line names its temporary directory):
+# coi's proxy and network watchers, which coi ends with its sessions, and the proxy case's
+# test host, which the case ends.
+BENCH_PROCESSES = ("coi.network.proxy", "coi.network.watcher", str(lab.SERVER))
+PROCESS_GRACE = 10.0  # seconds they get to end by themselves (coi's proxy ends after SIGTERM)
+
+
+def stray_processes(under: Path | str) -> list[tuple[int, list[str]]]:
+    return [(pid, argv) for pid, argv in bench_processes(under) if any(p in argv for p in BENCH_PROCESSES)]
+
+
+def end_processes(under: Path | str, log) -> list[str]:
+    """End the processes of ``stray_processes`` (after a grace period: coi may have just told
+    them to stop); returns those that still run."""
+    import time
+
+    deadline = time.monotonic() + PROCESS_GRACE
+    while stray_processes(under) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    strays = stray_processes(under)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, _ in strays:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 2
+        while stray_processes(under) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if strays:
+        log(f"Ended {len(strays)} leftover process(es): "
+            + "; ".join(f"{pid} ({' '.join(argv)[:160]})" for pid, argv in strays))
+    return [f"process {pid} ({' '.join(argv)[:160]})" for pid, argv in stray_processes(under)]
+
+
+def leftovers_of_earlier_runs() -> bool:
+    earlier = str(Path(tempfile.gettempdir()) / PREFIX)
+    return bool(bench_instances() or bench_images() or lab.bench_namespaces() or stray_processes(earlier))
+
+
 def cleanup(coi: str | None, tmp: Path | None, log) -> list[str]:
-    """Remove every coi-bench-* container and image and the temporary directory (once no
-    branch case's spare refill writes there); returns what is still there afterwards
-    (nothing, normally)."""
+    """Remove every coi-bench-* container, image and network namespace, end what still runs
+    of the bench's, and remove the temporary directory (once no branch case's spare refill
+    writes there); returns what is still there afterwards (nothing, normally). Without
+    ``tmp`` (before a run), processes of every earlier run's directory are ended."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not stop the clean-up
     try:
         if coi:
@@ -187,10 +232,17 @@ def cleanup(coi: str | None, tmp: Path | None, log) -> list[str]:
         in_parallel([lambda n=n: floor.delete_quietly(n) for n in names], workers=4)
         for alias in bench_images():
             floor.delete_image(alias)
+        namespaces = lab.bench_namespaces()
+        for ns in namespaces:
+            lab.delete_namespace(ns)
+        if namespaces:
+            log(f"Removed {len(namespaces)} leftover network namespace(s): {', '.join(namespaces)}")
         held = wait_refills(tmp / "sessions") if tmp is not None else []
+        running = end_processes(tmp if tmp is not None else Path(tempfile.gettempdir()) / PREFIX, log)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         left = [f"container {n}" for n in bench_instances()] + [f"image {a}" for a in bench_images()]
+        left += [f"network namespace {ns}" for ns in lab.bench_namespaces()] + running
         left += [f"spare refill still running ({lock})" for lock in held]
         if tmp is not None and tmp.exists():
             left.append(f"directory {tmp}")
@@ -207,6 +259,8 @@ def cleanup(coi: str | None, tmp: Path | None, log) -> list[str]:
 def fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "—"
+    if seconds < 0.01:  # connection set-ups: tenths of a millisecond matter
+        return f"{seconds * 1000:.1f} ms"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
@@ -258,7 +312,7 @@ def breakdowns(rows: list[Row]) -> list[tuple[str, dict[str, Any] | None]]:
         if r.key == "session":
             out.append(("coi shutdown (graceful stop, save, delete)", r.extra.get("shutdown_breakdown")))
         if r.key.startswith("network_") and r.key != "network_open":
-            out.append((f"coi shell --background --network {r.key[8:]}", r.extra.get("breakdown")))
+            out.append((r.coi.command, r.extra.get("breakdown")))
         if r.key == "build":
             out.append(("coi build custom (warm-up run)", r.extra.get("breakdown")))
     return out
@@ -301,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                               "coi_version": run([coi, "--version"]).stdout.strip(), "git_head": _git_head(),
                               "cases": {}}
     try:
-        stale = cleanup(coi, None, log) if bench_instances() or bench_images() else []
+        stale = cleanup(coi, None, log) if leftovers_of_earlier_runs() else []
         if stale:
             raise BenchError(f"cannot remove leftovers of an earlier run: {', '.join(stale)}")
         tmp = Path(tempfile.mkdtemp(prefix=PREFIX))
@@ -324,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[{name}] running...")
             try:
                 case_rows = CASES[name](setup)
+                failures += [f"{name}: {r.case}: {r.note}" for r in case_rows if r.status == "failed"]
             except BenchError as exc:
                 failures.append(f"{name}: {exc}")
                 log(f"[{name}] FAILED: {exc}")

@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.bench]
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "coi-bench-"
 CASES = {"cli_start", "doctor", "list_0_text", "list_0_json", "list_20_text", "list_20_json", "run", "session",
-         "parallel", "network_open", "network_restricted", "network_allowlist", "build", "build_launch",
-         "branch_spare", "branch_no_spare"}
+         "parallel", "network_open", "network_restricted", "network_allowlist", "network_allowlist_by_name",
+         "network_allowlist_by_name_proxy_running", "proxy_tls_setup", "proxy_http_setup", "proxy_https_download",
+         "proxy_http_download", "build", "build_launch", "branch_spare", "branch_no_spare"}
 WITH_FLOOR = CASES - {"doctor", "network_open"}
 
 
