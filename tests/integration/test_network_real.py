@@ -54,7 +54,9 @@ def assert_refused_fast(results: dict[str, dict], *labels: str) -> None:
 
 
 def policy(mode: str, **config) -> network.NetworkPolicy:
+    """The policy of ``mode``; allowlists by address unless asked (the proxy has tests of its own)."""
     cfg = default_config(env=os.environ).network
+    config.setdefault("allowlist_by", "address")
     return network.plan(replace(cfg, **config), mode, env={})
 
 

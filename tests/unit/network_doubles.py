@@ -20,6 +20,8 @@ NIC = {"type": "nic", "network": "coibr0", "name": "eth0"}
 
 
 def net_config(**changes):
+    """``[network]`` with ``changes``; allowlists by address unless asked (the proxy has tests of its own)."""
+    changes.setdefault("allowlist_by", "address")
     return replace(default_config(env={"HOME": "/home/u"}).network, **changes)
 
 

@@ -49,7 +49,6 @@ def test_plan_allowlist_entries_are_checked_normalised_and_deduplicated():
 
 
 @pytest.mark.parametrize("entry, message", [
-    ("*.example.com", "wildcards need the allowlist by name"),
     ("*.192.0.2.1", "a wildcard needs a domain name"),
     ("exa mple.com", "not a domain name or an IPv4 address"),
     ("300.1.2.3", "not a domain name or an IPv4 address"),
@@ -67,7 +66,9 @@ def test_the_allowlist_by_name_goes_through_the_proxy_and_takes_wildcards():
                   "allowlist", env={})
     assert policy.proxy and policy.allowed == ("*.example.com", "a.org", "192.0.2.7/32")
     assert not plan(net_config(allowed_domains=("a.org",), allowlist_by="name"), "restricted", env={}).proxy
-    assert not plan(net_config(allowed_domains=("a.org",)), "allowlist", env={}).proxy
+    assert not plan(net_config(allowed_domains=("a.org",), allowlist_by="address"), "allowlist", env={}).proxy
+    with pytest.raises(CoiError, match="wildcards need the allowlist by name"):
+        plan(net_config(allowed_domains=("*.a.org",), allowlist_by="address"), "allowlist", env={})
 
 
 def test_plan_allowlist_needs_entries_and_unknown_modes_are_refused():

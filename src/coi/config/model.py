@@ -79,7 +79,7 @@ class Network:
     allow_local_network_access: bool
     logging: NetworkLogging
     privileged_command: tuple[str, ...] = ()
-    allowlist_by: str = "address"  # "name": through coi's proxy (coi.network.egress)
+    allowlist_by: str = "name"  # "name": through coi's proxy (coi.network.egress); "address": nft sets
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("network.allowed_domains", "strlist", []),
     # How allowlist mode lets traffic out: by name through coi's proxy (TCP 80/443; names and
     # *.wildcards), or by the addresses the names resolve to (every port; no wildcards).
-    Key("network.allowlist_by", "str", "address", env="COI_NETWORK_ALLOWLIST_BY", choices=("name", "address")),
+    Key("network.allowlist_by", "str", "name", env="COI_NETWORK_ALLOWLIST_BY", choices=("name", "address")),
     Key("network.refresh_interval_minutes", "int", 30, bounds=(1, None)),
     Key("network.block_private_networks", "bool", True),
     Key("network.block_metadata_endpoint", "bool", True),

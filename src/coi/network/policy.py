@@ -79,7 +79,7 @@ def plan(config_network: Network, mode_override: str | None = None, *,
                        "list names or IPv4 addresses in allowed_domains, or use --network=restricted")
     logging = getattr(config_network, "logging", None)
     log_path = getattr(logging, "path", None)
-    proxy = mode == "allowlist" and getattr(config_network, "allowlist_by", "address") == "name"
+    proxy = mode == "allowlist" and getattr(config_network, "allowlist_by", "name") == "name"
     wildcards = [e for e in allowed if e.startswith("*.")]
     if mode == "allowlist" and wildcards and not proxy:
         raise CoiError(f"allowed_domains entry {wildcards[0]!r}: wildcards need the allowlist by name",

@@ -159,7 +159,10 @@ def proxy_environment(client: IncusClient) -> dict[str, str]:
     from coi.host import COI_NETWORK
     from coi.network.egress import proxy_variables
 
-    gateway = str(ipaddress.ip_interface(client.network(COI_NETWORK)["config"]["ipv4.address"]).ip)
+    try:
+        gateway = str(ipaddress.ip_interface(client.network(COI_NETWORK)["config"]["ipv4.address"]).ip)
+    except (CoiError, KeyError, ValueError):
+        return {}  # no coi bridge: the redirect still filters; the variables are a convenience
     return proxy_variables(gateway, os.getuid())
 
 
