@@ -603,7 +603,8 @@ class NetLab:
 
 
 def remove_test_network_rules() -> None:
-    """Remove coi-test- containers' chains from coi's nft tables and stop their watchers."""
+    """Remove coi-test- containers' chains from coi's nft tables and stop their watchers and
+    the egress proxies the tests started."""
     import json as _json
 
     from coi import network
@@ -614,7 +615,11 @@ def remove_test_network_rules() -> None:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"coi.network.watcher" in argv and any(a.startswith(TEST_PREFIX.encode()) for a in argv):
+            test_proxy = b"coi.network.proxy" in argv and any(
+                a.startswith((b"/tmp/pytest-of-", str(Path.home() / ".coi").encode(), f"/home/{TEST_USER}/".encode()))
+                for a in argv)
+            if test_proxy or (b"coi.network.watcher" in argv and any(a.startswith(TEST_PREFIX.encode())
+                                                                       for a in argv)):
                 try:
                     os.kill(int(pid), 9)
                 except OSError:

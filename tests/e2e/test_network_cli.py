@@ -82,8 +82,10 @@ def test_shell_allowlist_by_name_goes_through_the_users_proxy(net_user, workspac
     assert refused_fast(results["npm"]) and "403" in results["npm"]["detail"], results
     assert refused_fast(results["private"]), results
     # The proxy is the user's own process, and outlives the coi that started it.
-    pids = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find(b"coi.network.proxy") >= 0]
-    assert pids and all(os.stat(f"/proc/{p}").st_uid == net_user.uid for p in pids)
+    mine = str(net_user.home / ".coi").encode()
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and b"coi.network.proxy" in _cmdline(p)
+            and mine in _cmdline(p)]
+    assert len(pids) == 1 and os.stat(f"/proc/{pids[0]}").st_uid == net_user.uid
     log = net_user.run(["logs", name, "--network", "--format", "json"])
     assert log.returncode == 0, log.stderr
     entries = [json.loads(line) for line in log.stdout.splitlines()]
