@@ -174,6 +174,8 @@ def assert_printable(output: bytes | str, what: str) -> None:
 
 # ---- the host: the person's repository, coi's state, the CLI -------------------------------
 
+from gitrepos import first_commit, write  # noqa: E402
+
 _SRC = str(Path(coi.__file__).resolve().parent.parent)
 _BOOT = f"import sys; sys.path.insert(0, {_SRC!r}); from coi.cli.main import main; raise SystemExit(main())"
 
@@ -183,12 +185,6 @@ def git(cwd: Path, *args: str, check: bool = True) -> str:
                           env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"})
     assert proc.returncode == 0 or not check, proc.stderr
     return proc.stdout
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 @dataclass
@@ -238,13 +234,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, daemon) -> Host:
     write(home / ".gitconfig", "[user]\n\tname = Host Person\n\temail = host@example.invalid\n")
     monkeypatch.setenv("HOME", str(home))  # coi's host-side git in this process reads it
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    repo = tmp_path / "ws"
-    repo.mkdir()
-    git(repo, "init", "-q", "--initial-branch=main")
-    write(repo / "README", "hello\n")
-    write(repo / "src" / "app.py", "print('v1')\n")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "first")
+    repo = first_commit(tmp_path / "ws", git)
     daemon.on("GET", "/1.0/instances", sync([]))  # no container has any copy
     pwned = tmp_path / "pwned"
     pwned.mkdir()

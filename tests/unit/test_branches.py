@@ -15,6 +15,8 @@ import pytest
 from coi.branches import copies, review
 from coi.errors import CoiError, ConflictError, NotFoundError, UsageError
 
+from gitrepos import first_commit, write
+
 pytestmark = pytest.mark.unit
 
 
@@ -26,12 +28,6 @@ def git(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
                           env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture
@@ -47,14 +43,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def repo(tmp_path: Path, home: Path) -> Path:
     """The person's repository: one commit on main."""
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    git(ws, "init", "-q", "--initial-branch=main")
-    write(ws / "README", "hello\n")
-    write(ws / "src" / "app.py", "print('v1')\n")
-    git(ws, "add", "-A")
-    git(ws, "commit", "-qm", "first")
-    return ws
+    return first_commit(tmp_path / "ws", git)
 
 
 @pytest.fixture

@@ -226,37 +226,36 @@ def _clean_command(sub, summary: str) -> None:
     p.add_argument("--all", action="store_true", help="containers and saved sessions")
 
 
-def _diff_command(sub, summary: str) -> None:
-    p = _command(sub, "diff", "branches:diff", summary, "coi diff brave-otter --stat")
+def _branch_command(sub, name: str, summary: str, example: str, *, optional: bool = False) -> argparse.ArgumentParser:
+    """A branch-session command: -w, the session's NAME (may be left out: the workspace's
+    only one), --format text|json."""
+    p = _command(sub, name, f"branches:{name}", summary, example)
     _workspace(p)
-    p.add_argument("branch_name", nargs="?", metavar="NAME", help="branch session (default: the workspace's only one)")
+    p.add_argument("branch_name", metavar="NAME", nargs="?" if optional else None,
+                   help="branch session" + (" (default: the workspace's only one)" if optional else ""))
+    _format(p)
+    return p
+
+
+def _diff_command(sub, summary: str) -> None:
+    p = _branch_command(sub, "diff", summary, "coi diff brave-otter --stat", optional=True)
     p.add_argument("--committed", action="store_true", help="only committed work (what coi merge takes)")
     p.add_argument("--stat", action="store_true", help="a summary of the files instead of the patch")
-    _format(p)
 
 
 def _log_command(sub, summary: str) -> None:
-    p = _command(sub, "log", "branches:log", summary, "coi log brave-otter")
-    _workspace(p)
-    p.add_argument("branch_name", nargs="?", metavar="NAME", help="branch session (default: the workspace's only one)")
-    _format(p)
+    _branch_command(sub, "log", summary, "coi log brave-otter", optional=True)
 
 
 def _merge_command(sub, summary: str) -> None:
-    p = _command(sub, "merge", "branches:merge", summary, "coi merge brave-otter --squash")
-    _workspace(p)
-    p.add_argument("branch_name", metavar="NAME", help="branch session")
+    p = _branch_command(sub, "merge", summary, "coi merge brave-otter --squash")
     p.add_argument("--squash", action="store_true", help="one commit with all of the session's changes")
     p.add_argument("--rebase", action="store_true", help="the session's commits replayed on your branch")
-    _format(p)
 
 
 def _discard_command(sub, summary: str) -> None:
-    p = _command(sub, "discard", "branches:discard", summary, "coi discard brave-otter")
-    _workspace(p)
-    p.add_argument("branch_name", metavar="NAME", help="branch session")
+    p = _branch_command(sub, "discard", summary, "coi discard brave-otter")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")
-    _format(p)
 
 
 def _build_command(sub, summary: str) -> None:

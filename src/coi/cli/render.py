@@ -57,10 +57,7 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
         if c.limits:
             ui.out("    Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
     if include_saved:
-        ui.out("")
-        ui.out("Saved Sessions:")
-        if not saved:
-            ui.out("  (none)")
+        _heading(ui, "Saved Sessions:", empty=not saved)
         for s in saved:
             md = s.metadata
             ui.out(f"  {md.get('session_id')} ({md.get('tool')})")
@@ -79,12 +76,17 @@ def shown(text: str) -> str:
     return printable(text).replace("\n", "\\x0a")
 
 
+def _heading(ui: UI, title: str, *, empty: bool) -> None:
+    """A further section of ``coi list``: a blank line, its title, "(none)" when empty."""
+    ui.out("")
+    ui.out(title)
+    if empty:
+        ui.out("  (none)")
+
+
 def render_branches(ui: UI, statuses: list[Any]) -> None:
     """``coi list``'s branch sessions: branch, workspace, work and state, one block each."""
-    ui.out("")
-    ui.out("Branch Sessions:")
-    if not statuses:
-        ui.out("  (none)")
+    _heading(ui, "Branch Sessions:", empty=not statuses)
     for s in statuses:
         b = s.branch
         work = shown(s.problem) if s.problem else \
