@@ -33,10 +33,11 @@ if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv python3-pip >/dev/null
 fi
 # The tests also drive the shells coi completes for (bash is there; zsh and fish may not be).
-if [ "$extras" != "[proxy]" ] && ! { command -v zsh && command -v fish; } >/dev/null; then
-  echo "Installing zsh and fish for the completion tests..."
+# and the network tests' lab makes its certificates with openssl.
+if [ "$extras" != "[proxy]" ] && ! { command -v zsh && command -v fish && command -v openssl; } >/dev/null; then
+  echo "Installing zsh, fish and openssl for the tests..."
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish openssl >/dev/null
 fi
 if [ ! -x "$prefix/bin/python" ]; then
   echo "Creating $prefix..."

@@ -21,7 +21,8 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 # command -> package, for what coi needs beside Incus
 HOST_TOOLS = {"tmux": "tmux", "btrfs": "btrfs-progs", "mmdebstrap": "mmdebstrap", "nft": "nftables",
-              "ip": "iproute2", "newuidmap": "uidmap", "dnsmasq": "dnsmasq-base"}
+              "ip": "iproute2", "newuidmap": "uidmap", "dnsmasq": "dnsmasq-base",
+              "git": "git"}  # git: branch sessions (coi.branches) copy and review on the host
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 # Unprivileged containers need root to own a large id range; this is the
 # range Debian's incus package itself adds.
