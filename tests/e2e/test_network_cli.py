@@ -86,6 +86,7 @@ def test_shell_allowlist_by_name_goes_through_the_users_proxy(net_user, workspac
     pids = [p for p in os.listdir("/proc") if p.isdigit() and b"coi.network.proxy" in _cmdline(p)
             and mine in _cmdline(p)]
     assert len(pids) == 1 and os.stat(f"/proc/{pids[0]}").st_uid == net_user.uid
+    assert not (net_user.home / ".mitmproxy").exists()  # its files stay in coi's state directory
     log = net_user.run(["logs", name, "--network", "--format", "json"])
     assert log.returncode == 0, log.stderr
     entries = [json.loads(line) for line in log.stdout.splitlines()]

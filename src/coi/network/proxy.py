@@ -366,13 +366,13 @@ def serve(network_dir: Path, listen: str) -> int:
     host, _, port = listen.rpartition(":")
 
     async def main() -> None:
-        opts = options.Options()
+        # confdir at once: the master makes its CA there (else in ~/.mitmproxy) as it starts.
+        opts = options.Options(confdir=str(network_dir / "proxy-ca"))
         master = DumpMaster(opts, with_termlog=False, with_dumper=False)
         # After the master: its addons define these options. lazy: no upstream connection
         # before a verdict chose one.
         opts.update(mode=[f"transparent@{host}:{port}", f"regular@{host}:{int(port) + EXPLICIT_OFFSET}"],
-                    connection_strategy="lazy",
-                    confdir=str(network_dir / "proxy-ca"))
+                    connection_strategy="lazy")
         if os.environ.get(UPSTREAM_CA_ENV):  # the tests' servers have a CA of their own
             opts.update(ssl_verify_upstream_trusted_ca=os.environ[UPSTREAM_CA_ENV])
         master.addons.add(Egress(network_dir))
