@@ -32,12 +32,13 @@ if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv python3-pip >/dev/null
 fi
-# The tests also drive the shells coi completes for (bash is there; zsh and fish may not be).
-# and the network tests' lab makes its certificates with openssl.
-if [ "$extras" != "[proxy]" ] && ! { command -v zsh && command -v fish && command -v openssl; } >/dev/null; then
-  echo "Installing zsh, fish and openssl for the tests..."
+# The tests also drive the shells coi completes for (bash is there; zsh and fish may not be),
+# the network tests' lab makes its certificates with openssl, and the privileged helper's
+# tests need sudo from the start (coi setup --user, which installs it too, runs later).
+if [ "$extras" != "[proxy]" ] && ! { command -v zsh && command -v fish && command -v openssl && command -v sudo; } >/dev/null; then
+  echo "Installing zsh, fish, openssl and sudo for the tests..."
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish openssl >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish openssl sudo >/dev/null
 fi
 if [ ! -x "$prefix/bin/python" ]; then
   echo "Creating $prefix..."

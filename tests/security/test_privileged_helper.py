@@ -26,9 +26,9 @@ import pytest
 import coi
 from coi import host, network
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(c) for c in ("sudo", "visudo", "nft", "ip", "useradd")),
-    reason="needs root, sudo, visudo, nft, ip and useradd")
+# As root (scripts/test.sh), sudo, nft and the rest are installed by the project's own set-up:
+# a missing one fails these tests rather than skipping them.
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (scripts/test.sh runs as root)")
 
 SUDOERS = Path("/etc/sudoers.d")
 

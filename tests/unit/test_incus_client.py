@@ -349,7 +349,8 @@ def test_exec_without_capture_reads_only_the_exit_code(daemon, client, no_sleep)
                  id="no-terminal"),
     pytest.param({}, ["incus", "exec", "--project", "p1", "c1", "--", "claude", "--resume"], id="defaults"),
 ])
-def test_exec_argv_is_an_argv_list(kw, expected):
+def test_exec_argv_is_an_argv_list(kw, expected, monkeypatch, tmp_path):
+    monkeypatch.setenv("INCUS_CONF", str(tmp_path))  # the CLI's own config: no env prefix (tested below)
     argv = Incus("/nonexistent", project="p1").exec_argv("c1", ["claude", "--resume"], **kw)
     assert argv == expected
 
