@@ -154,7 +154,7 @@ def test_squash_and_rebase(session_user, repo, mode, outcome, commits_on_main):
 def test_errors_for_non_git_workspaces_and_unknown_branches(session_user, workspace):
     proc = session_user.run(["run", "--branch", "--", "true"], cwd=workspace)
     assert proc.returncode == 2
-    assert "--branch needs a git repository" in proc.stderr and "Traceback" not in proc.stderr
+    assert "branch sessions need a git repository" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2  # the error and its hint
     proc = session_user.run(["diff", "nope"], cwd=workspace)
     assert proc.returncode == 1 and "no branch session nope" in proc.stderr

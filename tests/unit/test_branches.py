@@ -99,12 +99,12 @@ def test_bad_names_are_refused_with_the_rule(name):
 # ---- the host repository --------------------------------------------------------------
 
 def test_a_directory_that_is_no_repository_is_refused(tmp_path, home):
-    with pytest.raises(UsageError, match="needs a git repository"):
+    with pytest.raises(UsageError, match="need a git repository"):
         copies.repository(tmp_path)
 
 
 def test_a_subdirectory_of_a_repository_is_refused(repo):
-    with pytest.raises(UsageError, match="needs the top of a repository") as caught:
+    with pytest.raises(UsageError, match="need the top of a repository") as caught:
         copies.repository(repo / "src")
     assert str(repo) in caught.value.hint
 

@@ -87,11 +87,11 @@ def repository(workspace: Path) -> Repository:
     proc = git.run(["rev-parse", "--show-toplevel", "--git-common-dir", "--show-object-format"],
                    cwd=workspace, isolated=False, check=False)
     if proc.returncode != 0:
-        raise UsageError(f"--branch needs a git repository, and {workspace} is not one",
+        raise UsageError(f"branch sessions need a git repository, and {workspace} is not one",
                          "run 'git init' and commit there, or start the session without --branch")
     top, common, fmt = proc.stdout.decode().splitlines()[:3]
     if os.path.realpath(top) != os.path.realpath(workspace):
-        raise UsageError(f"--branch needs the top of a repository: {workspace} is inside {top}",
+        raise UsageError(f"branch sessions need the top of a repository: {workspace} is inside {top}",
                          f"run coi in {top}, or start the session without --branch")
     git_dir = Path(os.path.realpath(Path(workspace, common)))
     if (git_dir / "objects" / "info" / "alternates").exists():
