@@ -459,12 +459,13 @@ from pathlib import Path
 address, certs = sys.argv[1], Path(sys.argv[2])
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        if self.path == "/big":
-            size = 200 * 1024 * 1024
+        if self.path == "/big" or self.path.startswith("/zeros/"):
+            size = 200 * 1024 * 1024 if self.path == "/big" else int(self.path[len("/zeros/"):])
             self.send_response(200); self.send_header("Content-Length", str(size)); self.end_headers()
             chunk = bytes(1 << 20)
             for _ in range(size >> 20):
                 self.wfile.write(chunk)
+            self.wfile.write(chunk[:size % len(chunk)])
             return
         body = ("hello " + (self.headers.get("Host") or "").split(":")[0] + "\n").encode()
         if self.path == "/auth":

@@ -185,3 +185,73 @@ def test_claude_works_on_a_branch_of_its_own_and_the_work_is_merged(real_user, w
     assert json.loads(merged.stdout)["outcome"] == "fast-forward"
     assert (workspace / "app.txt").read_text() == "v2\n"
     assert real_user.run(["discard", "accept", "--force"], cwd=workspace).returncode == 0
+
+
+SECRET_ENV = "COI_ACCEPTANCE_SECRET"
+
+
+@pytest.fixture
+def by_name_user(coi_user, coi_image, nft_sudo):
+    """The test user on the real image with the README's allowlist by name: two registries
+    listed (every registry here sits behind one address) and a credential for one."""
+    from conftest import configured
+
+    yield from configured(coi_user, f'[defaults]\nimage = "{coi_image}"\n\n'
+                                    '[network]\nmode = "allowlist"\nallowed_domains = ["pypi.org", "deb.debian.org"]\n'
+                                    f'privileged_command = {json.dumps(nft_sudo)}\n\n'
+                                    '[[credentials]]\nname = "acceptance"\nhosts = ["pypi.org"]\n'
+                                    f'header = "X-Coi-Acceptance"\nenv = "{SECRET_ENV}"\n')
+
+
+def test_the_allowlist_by_name_tells_registries_apart_on_the_real_image(by_name_user, workspace):
+    import os
+
+    secret = "acceptance-" + os.urandom(8).hex()
+    name = by_name_user.background(workspace, env={SECRET_ENV: secret})["container"]
+    # pypi.org is a credential's host: its TLS is ended by coi's proxy, with the CA coi put
+    # into the image's trust store; deb.debian.org is spliced through; npm is not listed.
+    probe = in_container(by_name_user, name,
+                         "curl -sS -o /dev/null -w '%{http_code} ' https://pypi.org/simple/pip/; "
+                         "curl -sS -o /dev/null -w '%{http_code} ' https://deb.debian.org/debian/dists/trixie/Release; "
+                         "curl -sS -o /dev/null -w '%{http_code} ' http://deb.debian.org/debian/dists/trixie/Release; "
+                         "curl -s -o /dev/null --max-time 10 https://registry.npmjs.org/; echo $?")
+    codes = probe.stdout.split()
+    assert codes[:3] == ["200", "200", "200"] and codes[3] in ("35", "56"), probe.stdout + probe.stderr
+    inside = by_name_user.run(["container", "exec", name, "--", "sh", "-c",
+                               f"grep -rsl {secret} /etc /home /root /tmp /workspace /proc/[0-9]*/environ; "
+                               "grep -ls coi-placeholder-acceptance /proc/[0-9]*/environ | head -n1"])
+    assert inside.stdout.split() and "/environ" in inside.stdout.split()[-1], inside.stdout + inside.stderr
+    assert len(inside.stdout.split()) == 1, inside.stdout  # the agent has the placeholder; the secret is nowhere
+
+    def logged() -> list[dict]:
+        proc = by_name_user.run(["logs", name, "--network", "--format", "json"])
+        return [json.loads(line) for line in proc.stdout.splitlines()] if proc.returncode == 0 else []
+    expected = {("pypi.org", "allowed"), ("deb.debian.org", "allowed"), ("registry.npmjs.org", "refused")}
+    # (the agent itself may try hosts of its own: refused and logged too; a line is written as its
+    # connection ends, the bytes then)
+    wait_for(lambda: expected <= {(e["name"], e["verdict"]) for e in logged()}
+             and sum("bytes_received" in e for e in logged() if e["name"] != "registry.npmjs.org") >= 3,
+             timeout=10, what="the probe's connections in the log")
+    entries = logged()
+    ours = [(e["name"], e["kind"]) for e in entries if e["name"] in ("pypi.org", "deb.debian.org")]
+    # the credential's host: its TLS, then each request in it (Host checked again); the others one line each
+    assert sorted(ours) == [("deb.debian.org", "http"), ("deb.debian.org", "tls"), ("pypi.org", "https"),
+                            ("pypi.org", "tls")], entries
+    counted = [e for e in entries if e["name"] in ("pypi.org", "deb.debian.org") and "bytes_received" in e]
+    assert len(counted) == 3 and all(e["bytes_received"] > 1000 for e in counted), entries  # one per connection
+    assert secret not in json.dumps(entries)
+    [listed] = [c for c in json.loads(by_name_user.run(["list", "--format", "json"]).stdout)["active_containers"]
+                if c["name"] == name]
+    assert listed["refused_connections"] == sum(e["verdict"] == "refused" for e in entries) >= 1
+    assert by_name_user.run(["kill", name, "--force"]).returncode == 0
+    mine = str(by_name_user.home / ".coi").encode()
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count(b"coi.network.proxy")
+                and mine in _cmdline(p)], "the proxy outlived the user's last session"
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""

@@ -97,6 +97,13 @@ def test_shell_allowlist_by_name_goes_through_the_users_proxy(net_user, workspac
     [listed] = [c for c in json.loads(net_user.run(["list", "--format", "json"]).stdout)["active_containers"]
                 if c["name"] == name]
     assert listed["refused_connections"] >= 1
+    os.kill(int(pids[0]), signal.SIGKILL)  # the proxy dies under the session: the next coi command revives it
+    wait_for(lambda: not _cmdline(pids[0]), timeout=10, what="the proxy to die")
+    revived = net_user.run(["list"])
+    assert revived.returncode == 0 and "started it again" in revived.stderr, revived.stderr
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and b"coi.network.proxy" in _cmdline(p)
+            and mine in _cmdline(p)]
+    assert len(pids) == 1
     assert net_user.run(["kill", name]).returncode == 0
     wait_for(lambda: not any(_cmdline(p).find(b"coi.network.proxy") >= 0 for p in pids), timeout=10,
              what="the proxy to end with the last session")

@@ -33,12 +33,15 @@ PROBE = r'''
 import json, socket, ssl, sys, time, urllib.request
 def run(label, kind, address, name):
     started = time.monotonic()
+    name, _, path = name.partition("/")  # "name/path": GET /path
+    path = "/" + path
     try:
         if kind == "http":
-            req = urllib.request.Request(f"http://{address}/", headers={"Host": name})
+            req = urllib.request.Request(f"http://{address}{path}", headers={"Host": name})
             try:
                 with urllib.request.urlopen(req, timeout=5) as reply:
-                    detail = [reply.status, reply.read().decode()]
+                    body = reply.read()
+                    detail = [reply.status, body.decode() if len(body) < 4096 else len(body)]
             except urllib.error.HTTPError as exc:
                 detail = [exc.code, exc.read().decode()]
         elif kind in ("tls", "rawtls", "auth"):
@@ -46,14 +49,15 @@ def run(label, kind, address, name):
                    ssl.create_default_context() if kind == "auth" else ssl._create_unverified_context())
             if kind == "auth":  # the system's CAs (coi's proxy CA among them) and the lab's
                 ctx.load_verify_locations(sys.argv[2])
-            path, extra = ("/auth", "Authorization: Bearer coi-placeholder-lab\r\n") if kind == "auth" else ("/", "")
+            path, extra = ("/auth", "Authorization: Bearer coi-placeholder-lab\r\n") if kind == "auth" else (path, "")
             with socket.create_connection((address, 443), timeout=5) as raw:
                 with ctx.wrap_socket(raw, server_hostname=name) as tls:
                     tls.sendall(f"GET {path} HTTP/1.0\r\nHost: {name}\r\n{extra}\r\n".encode())
                     data = b""
                     while chunk := tls.recv(4096):
                         data += chunk
-            detail = [int(data.split()[1]), data.split(b"\r\n\r\n", 1)[-1].decode()]
+            body = data.split(b"\r\n\r\n", 1)[-1]
+            detail = [int(data.split()[1]), body.decode() if len(body) < 4096 else len(body)]
         elif kind == "connect":  # through HTTPS_PROXY (address: the proxy URL), the name never resolved here
             ctx = ssl.create_default_context(cafile=sys.argv[2])
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({"https": address}),
@@ -145,6 +149,8 @@ def test_names_on_one_address_are_told_apart_by_sni_and_host(incus, box, session
     for label in ("tls_other", "wrong_sni", "no_sni", "other_port"):
         assert not results[label]["ok"], (label, results[label])
         assert results[label]["seconds"] < 2, (label, results[label])  # refused, not timed out
+    for label in ("tls_other", "wrong_sni"):  # a refused TLS connection is reset, not closed
+        assert results[label]["detail"][0].startswith("ConnectionResetError"), (label, results[label])
     proxy_url = network.proxy_environment(incus)["HTTPS_PROXY"]
     explicit = probe(incus, box, ok=("connect", proxy_url, "allowed.test"), other=("connect", proxy_url, "other.test"))
     assert explicit["ok"]["detail"] == [200, "hello allowed.test\n"], explicit["ok"]
@@ -153,6 +159,27 @@ def test_names_on_one_address_are_told_apart_by_sni_and_host(incus, box, session
     verdicts = {(e["name"], e["verdict"]) for e in map(json.loads, log)}
     assert ("allowed.test", "allowed") in verdicts and ("other.test", "refused") in verdicts
     assert ("evil.example", "refused") in verdicts
+
+
+def log_entries(sessions_dir: Path, box: str) -> list[dict]:
+    path = sessions_dir / "network" / "connections" / f"{box}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_log_counts_the_bytes_each_way(incus, box, sessions_dir, web):
+    network.apply(incus, box, by_name(web, allowed_domains=("allowed.test",)), sessions_dir=sessions_dir, log=print)
+    size = 1_000_000
+    results = probe(incus, box, http=("http", web["address"], f"allowed.test/zeros/{size}"),
+                    tls=("tls", web["address"], f"allowed.test/zeros/{size}"))
+    assert results["http"]["detail"] == [200, size] and results["tls"]["detail"] == [200, size], results
+    wait_for(lambda: len(log_entries(sessions_dir, box)) >= 2, timeout=10, what="both connections in the log")
+    for kind in ("http", "tls"):
+        entry = next(e for e in log_entries(sessions_dir, box) if e["kind"] == kind)
+        assert entry["verdict"] == "allowed", entry
+        assert size < entry["bytes_received"] < size + 20_000, entry  # the body, its headers (and TLS)
+        assert 30 < entry["bytes_sent"] < 5_000, entry  # the request
+    network.apply(incus, box, by_name(web, allowed_domains=("allowed.test",)), sessions_dir=sessions_dir, log=print)
+    assert log_entries(sessions_dir, box) == []  # the next start of the container is a new session, a new log
 
 
 def test_a_killed_proxy_fails_closed_and_the_next_start_brings_it_back(incus, box, sessions_dir, web):
@@ -166,8 +193,32 @@ def test_a_killed_proxy_fails_closed_and_the_next_start_brings_it_back(incus, bo
                     tls=("tls", web["address"], "allowed.test"))
     for label in ("http", "tls"):
         assert not results[label]["ok"] and results[label]["seconds"] < 2, results[label]
-    network.apply(incus, box, policy, sessions_dir=sessions_dir, log=print)  # what the next coi command does
+    assert not network.revive_proxy(sessions_dir, ["some-other-container"])  # not needed by it
+    assert network.revive_proxy(sessions_dir, [box])  # what the next coi list or attach does
+    wait_for(lambda: proxy._listening(listen(incus, box, sessions_dir)), timeout=20, what="the proxy again")
+    assert not network.revive_proxy(sessions_dir, [box])  # running: nothing to do
     assert probe(incus, box, http=("http", web["address"], "allowed.test"))["http"]["detail"][0] == 200
+    os.kill(proxy_pid(sessions_dir), signal.SIGKILL)
+    network.apply(incus, box, policy, sessions_dir=sessions_dir, log=print)  # and what a session start does
+    assert probe(incus, box, http=("http", web["address"], "allowed.test"))["http"]["detail"][0] == 200
+
+
+def test_a_session_whose_rules_fail_leaves_no_policy_and_no_proxy(incus, box, sessions_dir, web):
+    from coi.errors import CoiError
+    from coi.network.backends import BackendUnavailable, Backends
+
+    class NoNft:
+        def __init__(self, privileged_command):
+            pass
+
+        def apply(self, att, policy, addresses):
+            raise BackendUnavailable("nft refused (as the test wants)")
+
+    with pytest.raises(CoiError, match="nft refused"):
+        network.apply(incus, box, by_name(web, allowed_domains=("allowed.test",)), sessions_dir=sessions_dir,
+                      log=print, backends=Backends(nft=NoNft))
+    assert not list((sessions_dir / "network" / "proxy").glob("*.json"))
+    assert proxy_pid(sessions_dir) is None  # it was started for this session alone, and ended with it
 
 
 def test_nothing_is_left_after_the_session(incus, box, sessions_dir, web):

@@ -187,6 +187,30 @@ def test_a_missing_image_names_the_build(home, workspace, network):
     assert "coi build" in exc.value.hint
 
 
+def test_a_session_by_name_starts_the_proxy_before_its_container_and_ends_it_when_that_fails(
+        home, workspace, network, monkeypatch):
+    from coi import network as net
+    from coi.errors import OperationFailedError
+
+    fake = FakeIncus()
+    monkeypatch.setattr(net, "launch_proxy",
+                        lambda client, sessions_dir: network.append(("launch_proxy", len(fake.called("create_instance")))))
+    monkeypatch.setattr(net, "proxy_unneeded", lambda sessions_dir: network.append(("proxy_unneeded", "")))
+    cfg = default_config(env={"HOME": str(home)})
+    place = place_for(home, workspace, fake, network=replace(cfg.network, mode="allowlist", allowlist_by="name",
+                                                             allowed_domains=("pypi.org",)))
+    lifecycle.open_session(place, request(place))
+    assert network == [("launch_proxy", 0)]  # before the container was asked for
+    network.clear()
+
+    def refused(name, **kw):
+        raise OperationFailedError("no room")
+    fake.on("create_instance", refused)
+    with pytest.raises(CoiError):
+        lifecycle.open_session(place, request(place))
+    assert network == [("launch_proxy", 1), ("proxy_unneeded", "")]  # (the first session's create)
+
+
 def test_kill_acts_only_on_coi_containers(home, workspace, network):
     fake = FakeIncus()
     place = place_for(home, workspace, fake)

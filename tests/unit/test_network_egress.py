@@ -3,6 +3,8 @@ pass, which upstreams never do, the proxy's port, and the rules that send TCP 80
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from coi.network import egress
@@ -111,3 +113,60 @@ def test_coi_logs_prints_and_follows_the_connection_log(tmp_path):
         follow.terminate()
     missing = subprocess.run([*argv[:-1], "coi-test-none-1"], env=env, capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "no network log" in missing.stderr
+
+
+def test_a_log_line_shows_the_bytes_each_way():
+    from coi.network.connlog import text
+
+    line = text({"time": "t", "name": "pypi.org", "port": 443, "kind": "tls", "verdict": "allowed",
+                 "bytes_sent": 517, "bytes_received": 1048576})
+    assert line.endswith("pypi.org:443 sent 517 B, received 1048576 B")
+    assert "sent" not in text({"time": "t", "name": "x", "port": 80, "kind": "http", "verdict": "refused",
+                               "bytes_sent": "517"})  # only numbers are shown as counts
+
+
+def test_the_kernel_counts_what_a_connection_carried():
+    import socket
+
+    from coi.network.proxy import tcp_bytes
+    from coi.wait import wait_for
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            client.sendall(b"x" * 1000)
+            assert len(peer.recv(4096)) == 1000
+            peer.sendall(b"y" * 70_000)
+            got = 0
+            while got < 70_000:
+                got += len(client.recv(65536))
+            # (sent and acknowledged, received), from the proxy's side (peer)
+            assert wait_for(lambda: tcp_bytes(peer) == (70_000, 1000), timeout=5, what="the acknowledgement")
+    with socket.socket() as idle:
+        assert tcp_bytes(idle) in (None, (0, 0))  # not connected: nothing
+
+
+def test_a_pid_file_naming_another_program_is_not_the_proxy(tmp_path):
+    from coi.network import proxy
+
+    folder = tmp_path / proxy.POLICY_DIR
+    folder.mkdir()
+    (folder / proxy.PID_FILE).write_text(f"{os.getpid()}\n")  # alive, but pytest: never signalled as the proxy
+    assert proxy._pid(tmp_path) is None
+    (folder / proxy.PID_FILE).write_text("not a pid\n")
+    assert proxy._pid(tmp_path) is None
+
+
+def test_a_dead_proxy_is_started_again_only_for_a_running_container_that_needs_it(tmp_path, monkeypatch):
+    from coi.network import proxy
+
+    launched: list[str] = []
+    monkeypatch.setattr(proxy, "launch", lambda network_dir, listen: launched.append(listen) or 4242)
+    monkeypatch.setattr(proxy, "proxy_available", lambda: True)
+    proxy.write_policy(tmp_path, ipv4="10.0.0.5", container="coi-test-a-1", allowed=["pypi.org"], refused=[],
+                       resolver=None)
+    assert not proxy.revive(tmp_path, {"coi-test-a-1"})  # never launched: no address to listen on
+    (tmp_path / proxy.POLICY_DIR / proxy.LISTEN_FILE).write_text("10.0.0.1:13000\n")
+    assert not proxy.revive(tmp_path, {"coi-test-b-1"}) and not proxy.revive(tmp_path, set())
+    assert proxy.revive(tmp_path, {"coi-test-a-1", "coi-test-b-1"}) and launched == ["10.0.0.1:13000"]

@@ -1,5 +1,5 @@
 """The per-session connection log of coi's egress proxy: one JSON line per connection
-(time, container, name, port, kind, verdict, why), in
+(time, container, name, port, kind, verdict, why, and the bytes sent and received), in
 ``<state>/network/connections/<container>.jsonl``. Read by ``coi logs --network`` and
 counted by ``coi list``; kept small to import (``coi list`` loads it)."""
 
@@ -14,6 +14,11 @@ LOG_DIR = "connections"  # under <state>/network
 
 def log_path(network_dir: Path, container: str) -> Path:
     return network_dir / LOG_DIR / f"{container}.jsonl"
+
+
+def begin(network_dir: Path, container: str) -> None:
+    """A new session of ``container``: its log starts empty (the last session's goes)."""
+    log_path(network_dir, container).unlink(missing_ok=True)
 
 
 def entries(path: Path) -> Iterator[dict[str, Any]]:
@@ -48,4 +53,7 @@ def text(entry: dict[str, Any]) -> str:
     """One entry as a line for a person (the caller escapes what came from the container)."""
     where = f"{entry.get('name') or '(no name)'}:{entry.get('port')}"
     why = f" ({entry['why']})" if entry.get("why") else ""
-    return f"{entry.get('time', '?')} {entry.get('verdict', '?'):8} {entry.get('kind', '?'):4} {where}{why}"
+    carried = ""
+    if isinstance(entry.get("bytes_sent"), int) and isinstance(entry.get("bytes_received"), int):
+        carried = f" sent {entry['bytes_sent']} B, received {entry['bytes_received']} B"
+    return f"{entry.get('time', '?')} {entry.get('verdict', '?'):8} {entry.get('kind', '?'):4} {where}{why}{carried}"

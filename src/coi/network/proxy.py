@@ -1,4 +1,4 @@
-"""coi's egress proxy for the allowlist by name: ``python -I -m coi.network.proxy STATE_DIR LISTEN``.
+"""coi's egress proxy for the allowlist by name: ``python -I -m coi.network.proxy NETWORK_DIR LISTEN [READY_FD]``.
 
 One process per host user (``egress.proxy_port``), started by coi when a session needs it
 (``ensure_running``), detached so that it outlives ``coi`` (sessions detach), and ended
@@ -13,8 +13,8 @@ never the address the container asked for (else any address would pass with an a
 SNI), and never the host, loopback, link-local or the bridge (``egress.upstream_problem``).
 Allowed TLS is spliced through unread (the container checks the real server's
 certificate). A refused HTTP request gets a 403 naming the domain and the config key; a
-refused TLS connection is closed. Every connection is one JSON line in
-``<state>/network/connections/<container>.jsonl``.
+refused TLS connection is reset. Every connection is one JSON line in
+``<state>/network/connections/<container>.jsonl``, with the bytes it carried each way.
 
 The per-container policy files (``<state>/network/proxy/<ipv4>.json``) are written by
 ``coi.network.service`` when it applies the rules, and removed with them; a connection
@@ -25,10 +25,12 @@ mitmproxy is imported here only (``coi list`` and ``coi --version`` never load i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,9 @@ from coi.network.egress import EXPLICIT_OFFSET, NameRules, refusal_text, upstrea
 
 POLICY_DIR = "proxy"  # under <state>/network
 PID_FILE = "proxy.pid"  # under <state>/network/proxy
-UPSTREAM_CA_ENV = "COI_PROXY_UPSTREAM_CA"  # a CA file the proxy trusts for upstream TLS too (tests)
+LISTEN_FILE = "proxy.listen"  # under <state>/network/proxy: where the last proxy listened
+UPSTREAM_CA_ENV = "COI_PROXY_UPSTREAM_CA"  # the CA file the proxy trusts for upstream TLS instead (tests)
+SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"  # the host's trusted CAs (Debian's bundle)
 
 
 # ---- the per-container policies (written by coi.network.service) ---------------------------
@@ -116,6 +120,39 @@ def _is_this_host(address: str) -> bool:
         return False
 
 
+# ---- what mitmproxy has no API for: a connection's socket --------------------------------------
+# Two of its internals, here only: ``Proxyserver.connections`` (client id -> its handler) and
+# the handler's ``transports`` (connection -> its reader and writer).
+
+def _client_writer(client: Any) -> Any:
+    from mitmproxy import ctx
+
+    handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
+    io = handler.transports.get(handler.client) if handler is not None else None
+    return io.writer if io is not None else None
+
+
+def _reset(client: Any) -> None:
+    """End the client's connection with a TCP RST (mitmproxy itself closes with a FIN)."""
+    writer = _client_writer(client)
+    if writer is not None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+
+_TCPI_BYTES = 120  # offset of tcpi_bytes_acked, then tcpi_bytes_received, in Linux's struct tcp_info
+
+
+def tcp_bytes(sock: Any) -> tuple[int, int] | None:
+    """(bytes sent and acknowledged, bytes received) on a TCP socket, from the kernel's own
+    count: nothing is counted per chunk, so spliced TLS stays spliced."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        return struct.unpack_from("<QQ", info, _TCPI_BYTES)  # type: ignore[return-value]
+    except (OSError, struct.error):
+        return None
+
+
 # ---- the mitmproxy addon ---------------------------------------------------------------------
 
 class Egress:
@@ -126,6 +163,24 @@ class Egress:
         self.network_dir = network_dir
         self.verdicts: dict[str, dict[str, Any]] = {}  # client connection id -> what was decided
         self.sni: dict[str, str] = {}  # client connection id -> the TLS name the proxy ended TLS for
+        self.carried: dict[str, tuple[int, int]] = {}  # client connection id -> (to it, from it), at its close
+
+    def client_connected(self, client: Any) -> None:
+        """Count what the connection carries: the kernel's totals, read as asyncio closes
+        its socket (its protocol's ``connection_lost`` comes just before, whoever closes)."""
+        writer = _client_writer(client)
+        if writer is None:
+            return
+        sock, protocol = writer.get_extra_info("socket"), writer.transport.get_protocol()
+        lost = protocol.connection_lost
+
+        def counted(exc: Exception | None) -> None:
+            carried = tcp_bytes(sock)
+            if carried is not None:
+                self.carried[client.id] = carried
+            lost(exc)
+
+        protocol.connection_lost = counted
 
     # A connection's verdict: allowed (upstream address chosen) or refused (why).
     async def _decide(self, client: Any, name: str | None, port: int, kind: str) -> dict[str, Any]:
@@ -166,6 +221,8 @@ class Egress:
             self.sni[client.id] = verdict["name"]
         if verdict["verdict"] == "allowed":
             data.context.server.address = tuple(verdict["upstream"])
+        else:
+            _reset(client)  # before any answer: the program sees the refusal at once
 
     def _credentials(self, client: Any, name: str | None) -> list[dict[str, Any]]:
         """The credentials of the client's container for ``name``."""
@@ -196,6 +253,9 @@ class Egress:
         name = flow.request.host_header or ""
         verdict = await self._decide(flow.client_conn, name.rsplit(":", 1)[0] if name.count(":") == 1 else name,
                                      flow.request.port, flow.request.scheme)
+        previous = self.verdicts.get(flow.client_conn.id)
+        if previous is not None and not previous.get("logged"):
+            self._log(previous)  # each request of a kept-alive connection is a line; the bytes go on its last
         self.verdicts[flow.client_conn.id] = verdict
         if verdict["verdict"] != "allowed":
             flow.response = http.Response.make(403, refusal_text(verdict["name"], verdict["port"]),
@@ -243,7 +303,10 @@ class Egress:
     def client_disconnected(self, client: Any) -> None:
         self.sni.pop(client.id, None)
         verdict = self.verdicts.pop(client.id, None)
+        carried = self.carried.pop(client.id, None)
         if verdict is not None and not verdict.get("logged"):
+            if carried is not None:  # the client is the container: what went to it was received
+                verdict["bytes_received"], verdict["bytes_sent"] = carried
             self._log(verdict)
 
     def _log(self, verdict: dict[str, Any]) -> None:
@@ -265,12 +328,22 @@ START_TIMEOUT = 20.0  # seconds for a new proxy to listen (mitmproxy's import is
 
 
 def _pid(network_dir: Path) -> int | None:
+    """The user's proxy process, when its pid file names a live one (a pid the system gave
+    to another program since is not it)."""
     try:
         pid = int((network_dir / POLICY_DIR / PID_FILE).read_text().strip())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    argv = _cmdline(pid).split(b"\0")
+    return pid if b"coi.network.proxy" in argv and str(network_dir).encode() in argv else None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
 
 
 def _listening(listen: str) -> bool:
@@ -282,35 +355,122 @@ def _listening(listen: str) -> bool:
         return False
 
 
-def ensure_running(network_dir: Path, listen: str) -> int:
-    """The user's proxy, listening on ``listen``: the running one, or a new detached one
-    (waited for). Raises CoiError when it cannot start (the session must not start)."""
-    from coi.errors import CoiError
-    from coi.wait import wait_for
+class _Child:
+    """A proxy this process started: its Popen (to reap it) and the read end of the pipe
+    on which it says it listens."""
 
-    pid = _pid(network_dir)
-    if pid is not None and _listening(listen):
-        return pid
+    def __init__(self, proc: Any, ready: int) -> None:
+        self.proc, self.ready = proc, ready
+
+    def wait_ready(self, timeout: float) -> bool | None:
+        """True once it listens, False when it ended first, None at the timeout."""
+        import select
+
+        if self.ready < 0:
+            return self.proc.poll() is None
+        readable, _, _ = select.select([self.ready], [], [], timeout)
+        if not readable:
+            return None
+        said = os.read(self.ready, 16)
+        os.close(self.ready)
+        self.ready = -1
+        if said != READY:
+            self.proc.wait()
+        return said == READY
+
+
+_started: dict[int, _Child] = {}  # pid -> the proxies this process started
+READY = b"listening\n"  # what the proxy writes on its ready pipe once it listens
+
+
+def launch(network_dir: Path, listen: str) -> int:
+    """The user's proxy process: the live one, or a new detached one, not waited for. A
+    session starts it early, so that its start-up overlaps the container's
+    (``ensure_running`` waits). Raises CoiError when mitmproxy is not installed."""
+    import fcntl
+    import subprocess
+
+    from coi.errors import CoiError
+
     if not proxy_available():
         raise CoiError("the allowlist by name needs coi's proxy (mitmproxy), which is not installed",
                        "install it: sudo ./scripts/install.sh, or set [network] allowlist_by = \"address\"")
-    (network_dir / POLICY_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
-    log = open(network_dir / "proxy.log", "ab")
-    import subprocess
+    folder = network_dir / POLICY_DIR
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(folder / "launch.lock", "a") as lock:  # one launch at a time among the user's coi processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pid = _pid(network_dir)
+        if pid is not None:
+            return pid
+        ready, said = os.pipe()
+        try:
+            with open(network_dir / "proxy.log", "ab") as log:
+                proc = subprocess.Popen([sys.executable, "-I", "-m", "coi.network.proxy", str(network_dir), listen,
+                                         str(said)], cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        pass_fds=(said,), start_new_session=True)
+        except BaseException:
+            os.close(ready)
+            raise
+        finally:
+            os.close(said)
+        _started[proc.pid] = _Child(proc, ready)
+        (folder / PID_FILE).write_text(f"{proc.pid}\n")  # written here: a second launch sees it at once
+        (folder / LISTEN_FILE).write_text(f"{listen}\n")  # for ``revive``
+        return proc.pid
 
-    with log:
-        proc = subprocess.Popen([sys.executable, "-I", "-m", "coi.network.proxy", str(network_dir), listen],
-                                cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+def ensure_running(network_dir: Path, listen: str) -> int:
+    """The user's proxy, listening on ``listen``: the running one, one starting (waited
+    for), or a new one. A proxy that ends before it listens (another coi stopped it as
+    unused, a moment before this session's policy was written) is started once more.
+    Raises CoiError when it cannot start (the session must not start)."""
+    from coi.errors import CoiError
+    from coi.wait import wait_for
+
+    for _ in range(2):
+        pid = launch(network_dir, listen)
+        child = _started.get(pid)
+        if child is not None:  # started here: it says when it listens
+            listening = child.wait_ready(START_TIMEOUT)
+        else:  # started by another coi, which waits for it too: its port answers
+            listening = wait_for(lambda: _listening(listen) or _pid(network_dir) != pid, timeout=START_TIMEOUT,
+                                 what=f"coi's proxy to listen on {listen}") and _pid(network_dir) == pid
+        if listening:
+            return pid
+        if listening is None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            raise CoiError(f"coi's proxy did not listen on {listen} within {START_TIMEOUT:g}s",
+                           f"see {network_dir / 'proxy.log'}")
+        if _listening(listen):
+            raise CoiError(f"another program listens on {listen}, the address of your coi proxy",
+                           "end it (ss -ltnp shows which), then start the session again")
+    raise CoiError("coi's proxy did not start", f"see {network_dir / 'proxy.log'}")
+
+
+def revive(network_dir: Path, containers: set[str]) -> bool:
+    """Start the proxy again, not waited for, when one of ``containers`` (running ones) has
+    a policy but no proxy runs: it died, and their egress has failed closed since. Whether
+    it was started. Cheap when nothing is wrong (``coi list`` calls it): no Incus call."""
+    folder = network_dir / POLICY_DIR
+    if _pid(network_dir) is not None or not containers:
+        return False
+    needed = False
+    for path in folder.glob("*.json"):
+        try:
+            needed = json.loads(path.read_text()).get("container") in containers
+        except (OSError, ValueError, AttributeError):
+            continue
+        if needed:
+            break
     try:
-        wait_for(lambda: proc.poll() is not None or _listening(listen), timeout=START_TIMEOUT,
-                 what=f"coi's proxy to listen on {listen}")
-    except CoiError:
-        proc.kill()
-        raise
-    if proc.poll() is not None:
-        raise CoiError(f"coi's proxy did not start (exit code {proc.returncode})",
-                       f"see {network_dir / 'proxy.log'}")
-    return proc.pid
+        listen = (folder / LISTEN_FILE).read_text().strip()
+    except OSError:
+        return False
+    if not needed or not listen or not proxy_available():
+        return False
+    launch(network_dir, listen)
+    return True
 
 
 def proxy_available() -> bool:
@@ -334,19 +494,16 @@ def stop_if_unused(network_dir: Path) -> bool:
     from coi.errors import TimedOutError
     from coi.wait import wait_for
 
-    try:
-        wait_for(lambda: _pid(network_dir) is None or _zombie(pid), timeout=10, what="coi's proxy to end")
+    try:  # the process, not its pid file (removed as it begins to end); a zombie has no command line
+        wait_for(lambda: b"coi.network.proxy" not in _cmdline(pid), timeout=10, what="coi's proxy to end")
     except TimedOutError:
         os.kill(pid, signal.SIGKILL)
+    child = _started.pop(pid, None)
+    if child is not None:  # reaped, its pipe closed
+        child.proc.wait()
+        if child.ready >= 0:
+            os.close(child.ready)
     return True
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def status(network_dir: Path, listen: str) -> tuple[bool, bool, int | None]:
@@ -356,8 +513,23 @@ def status(network_dir: Path, listen: str) -> tuple[bool, bool, int | None]:
 
 # ---- the process ----------------------------------------------------------------------------
 
-def serve(network_dir: Path, listen: str) -> int:
-    """Run the proxy on ``listen`` ("ip:port") until SIGTERM."""
+class _Ready:
+    """Says on the launcher's pipe that the proxy listens (mitmproxy's ``running`` comes
+    after its servers are up; a failed bind ends it before)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def running(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, READY)
+                os.close(self.fd)
+            self.fd = None
+
+
+def serve(network_dir: Path, listen: str, ready_fd: int | None = None) -> int:
+    """Run the proxy on ``listen`` ("ip:port") until SIGTERM; say so on ``ready_fd``."""
     import asyncio
 
     from mitmproxy import options
@@ -373,9 +545,12 @@ def serve(network_dir: Path, listen: str) -> int:
         # before a verdict chose one.
         opts.update(mode=[f"transparent@{host}:{port}", f"regular@{host}:{int(port) + EXPLICIT_OFFSET}"],
                     connection_strategy="lazy")
-        if os.environ.get(UPSTREAM_CA_ENV):  # the tests' servers have a CA of their own
-            opts.update(ssl_verify_upstream_trusted_ca=os.environ[UPSTREAM_CA_ENV])
-        master.addons.add(Egress(network_dir))
+        # Upstream TLS (ended for a credential) is checked against what the host trusts (its
+        # own CAs too, as curl on the host would), not mitmproxy's bundled list.
+        trusted = os.environ.get(UPSTREAM_CA_ENV) or (SYSTEM_CAS if os.path.exists(SYSTEM_CAS) else None)
+        if trusted:
+            opts.update(ssl_verify_upstream_trusted_ca=trusted)
+        master.addons.add(Egress(network_dir), _Ready(ready_fd))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, master.shutdown)
@@ -387,11 +562,9 @@ def serve(network_dir: Path, listen: str) -> int:
 
 def main(argv: list[str]) -> int:
     network_dir, listen = Path(argv[0]), argv[1]
-    pid_file = network_dir / POLICY_DIR / PID_FILE
-    pid_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    pid_file.write_text(f"{os.getpid()}\n")
+    pid_file = network_dir / POLICY_DIR / PID_FILE  # written by ``launch``; removed here when it is ours
     try:
-        return serve(network_dir, listen)
+        return serve(network_dir, listen, int(argv[2]) if len(argv) > 2 else None)
     finally:
         try:
             if pid_file.read_text().strip() == str(os.getpid()):

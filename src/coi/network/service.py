@@ -52,8 +52,15 @@ def apply(client: IncusClient, container: str, policy: NetworkPolicy, *, session
                         backends=backends)
     if policy.proxy:  # allowlist by name: the proxy up and told first (fail closed)
         addresses = [e for e in policy.allowed if is_ipv4(e)]  # names go through the proxy only
-        _start_proxy(client, store, att, policy, credentials)
-        backend = _enforce_by_name(store, att, policy, addresses, backends)
+        try:
+            _start_proxy(client, store, att, policy, credentials)
+            backend = _enforce_by_name(att, policy, addresses, backends)
+        except BaseException:  # no policy left behind, and no proxy that only it needed
+            from coi.network import proxy
+
+            proxy.remove_policy(store.root, att.ipv4)
+            proxy.stop_if_unused(store.root)
+            raise
     else:
         addresses = _resolve(store, att, policy, log) if policy.mode == "allowlist" else []
         backend = _enforce(client, store, att, policy, addresses, log, backends)
@@ -139,12 +146,13 @@ def _start_proxy(client: IncusClient, store: Store, att: Attachment, policy: Net
                  credentials: Sequence[Credential]) -> None:
     """The container's policy for the proxy (with the credentials' secrets), the user's
     proxy running on the gateway, and its CA in the container when it injects credentials."""
-    from coi.network import proxy
+    from coi.network import connlog, proxy
     from coi.network.credentials import for_proxy
     from coi.network.egress import proxy_port
     from coi.network.policy import PRIVATE_RANGES
 
     refused = [att.subnet, *([] if policy.allow_local else PRIVATE_RANGES)]
+    connlog.begin(store.root, att.container)
     proxy.write_policy(store.root, ipv4=att.ipv4, container=att.container, allowed=list(policy.allowed),
                        refused=refused, resolver=policy.resolver, credentials=for_proxy(credentials))
     proxy.ensure_running(store.root, f"{att.gateway}:{proxy_port(os.getuid())}")
@@ -152,18 +160,53 @@ def _start_proxy(client: IncusClient, store: Store, att: Attachment, policy: Net
         _install_proxy_ca(client, att.container, proxy.ca_certificate(store.root))
 
 
-def proxy_environment(client: IncusClient) -> dict[str, str]:
-    """HTTP(S)_PROXY for the agent of a session by name: the user's proxy on the coi bridge."""
+def _bridge_gateway(client: IncusClient) -> str | None:
+    """The coi bridge's own address (where the user's proxy listens), None without it."""
     import ipaddress
 
     from coi.host import COI_NETWORK
-    from coi.network.egress import proxy_variables
 
     try:
-        gateway = str(ipaddress.ip_interface(client.network(COI_NETWORK)["config"]["ipv4.address"]).ip)
+        return str(ipaddress.ip_interface(client.network(COI_NETWORK)["config"]["ipv4.address"]).ip)
     except (CoiError, KeyError, ValueError):
-        return {}  # no coi bridge: the redirect still filters; the variables are a convenience
-    return proxy_variables(gateway, os.getuid())
+        return None
+
+
+def proxy_environment(client: IncusClient) -> dict[str, str]:
+    """HTTP(S)_PROXY for the agent of a session by name: the user's proxy on the coi bridge."""
+    from coi.network.egress import proxy_variables
+
+    gateway = _bridge_gateway(client)
+    # no coi bridge: the redirect still filters; the variables are a convenience
+    return proxy_variables(gateway, os.getuid()) if gateway else {}
+
+
+def launch_proxy(client: IncusClient, sessions_dir: Path) -> None:
+    """Start the user's proxy for a session by name about to be made, without waiting:
+    its start-up overlaps the container's, and ``apply`` waits for it. Raises CoiError
+    when it is not installed (before anything exists)."""
+    from coi.network import proxy
+    from coi.network.egress import proxy_port
+
+    gateway = _bridge_gateway(client)
+    if gateway:
+        proxy.launch(Store(sessions_dir).root, f"{gateway}:{proxy_port(os.getuid())}")
+
+
+def revive_proxy(sessions_dir: Path, running: Iterable[str]) -> bool:
+    """Start the user's proxy again when a running container by name needs it and it died
+    (its egress has failed closed since); whether it was started."""
+    from coi.network import proxy
+
+    network_dir = Path(sessions_dir) / "network"
+    return network_dir.is_dir() and proxy.revive(network_dir, set(running))
+
+
+def proxy_unneeded(sessions_dir: Path) -> None:
+    """End the user's proxy when no container needs it (a session start that failed)."""
+    from coi.network import proxy
+
+    proxy.stop_if_unused(Store(sessions_dir).root)
 
 
 def _install_proxy_ca(client: IncusClient, container: str, ca: bytes) -> None:
@@ -180,7 +223,7 @@ def _install_proxy_ca(client: IncusClient, container: str, ca: bytes) -> None:
         client.push_file(container, SYSTEM_BUNDLE, bundle.rstrip(b"\n") + b"\n" + ca, mode=0o644)
 
 
-def _enforce_by_name(store: Store, att: Attachment, policy: NetworkPolicy, addresses: list[str],
+def _enforce_by_name(att: Attachment, policy: NetworkPolicy, addresses: list[str],
                      backends: Backends) -> Backend:
     """Host nftables only: the redirect to the proxy is an nft rule (Incus ACLs have none)."""
     try:
@@ -188,9 +231,6 @@ def _enforce_by_name(store: Store, att: Attachment, policy: NetworkPolicy, addre
         nft.apply(att, policy, addresses)
         return nft
     except BackendUnavailable as exc:
-        from coi.network import proxy
-
-        proxy.remove_policy(store.root, att.ipv4)
         raise CoiError(f"cannot enforce the allowlist by name on {att.container}: {exc}",
                        f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root, or {OPEN_HINT}")
 

@@ -79,7 +79,7 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
     extra_env = {k: os.environ[k] for k in cfg.tool.env_passthrough if k in os.environ}
     extra_env.update(profile_env)
     extra_env.update(spec.parse_env(env))
-    if cfg.network.mode == "allowlist" and cfg.network.allowlist_by == "name":
+    if _by_name(cfg):
         from coi.network import proxy_environment
         from coi.network.credentials import container_env
 
@@ -107,6 +107,11 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
         shift=shift, lock_dir=place.sessions_dir / "locks",
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
         branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare)
+
+
+def _by_name(cfg: Config) -> bool:
+    """Whether the session's egress goes through coi's proxy (the allowlist by name)."""
+    return cfg.network.mode == "allowlist" and cfg.network.allowlist_by == "name"
 
 
 def branch_copy(place: Place, *, wanted: str | None, carry: bool, saved: state.SavedSession | None,
@@ -233,6 +238,11 @@ def open_session(place: Place, req: spec.SessionRequest, *, log: Log | None = No
     A new branch copy is filled while the container is created; when either fails, the
     copy goes again (nothing ran in it yet).
     """
+    by_name = _by_name(place.config)
+    if by_name:  # the proxy's start-up overlaps the container's
+        from coi import network
+
+        network.launch_proxy(place.client, place.sessions_dir)
     filling = _fill_copy(req)
     try:
         session = containers.open_session(place.client, req, log or place.messages.info)
@@ -241,6 +251,8 @@ def open_session(place: Place, req: spec.SessionRequest, *, log: Log | None = No
     except BaseException:
         if filling is not None:
             _forget_new_copy(req, filling)
+        if by_name:
+            network.proxy_unneeded(place.sessions_dir)
         raise
     if not session.created:
         place.messages.info(f"Reusing persistent container {session.name} (slot {session.slot})")

@@ -115,6 +115,7 @@ def attach(ctx: Context, *, name: str | None = None, slot: int = 0, bash: bool =
     inst = manage.coi_container(place, name)
     need_terminal("coi attach", name)
     manage.check_attachable(place, inst, bash=bash)
+    revive_proxy(ctx, [name])
     ctx.ui.info(f"Attaching to {name}...")
     argv = tmux.attach_argv(ctx.incus, name, code_uid=ctx.config.incus.code_uid, term=os.environ.get("TERM"),
                             bash=bash)
@@ -142,10 +143,21 @@ def list_sessions(ctx: Context, *, all: bool = False, format: str = "text") -> i
     if ctx.workspace_given:  # -w: that workspace's containers and sessions only
         found = [c for c in found if c.workspace == str(ctx.workspace)]
         saved = [s for s in saved if s.metadata.get("workspace") == str(ctx.workspace)]
+    revive_proxy(ctx, [c.name for c in found if c.status == "Running"])
     found = _with_refused_counts(ctx, found)
     branches = _branch_statuses(ctx, found)
     render_sessions(ctx.ui, found, saved, format=format, include_saved=all, branches=branches)
     return 0
+
+
+def revive_proxy(ctx: Context, running: list[str]) -> None:
+    """coi's proxy started again (and said so) when it died under running sessions by name."""
+    if not (ctx.sessions_dir / "network" / "proxy").is_dir():
+        return  # no session by name ever ran: nothing to import
+    from coi.network import revive_proxy as revive
+
+    if revive(ctx.sessions_dir, running):
+        ctx.ui.warn("coi's egress proxy had ended, so sessions by name had no egress; started it again")
 
 
 def _with_refused_counts(ctx: Context, found: list[Any]) -> list[Any]:
