@@ -55,6 +55,7 @@ def network(monkeypatch):
     monkeypatch.setattr(net, "apply", lambda client, name, policy, **kw: calls.append(("apply", name)) or "nft")
     monkeypatch.setattr(net, "remove", lambda name, **kw: calls.append(("remove", name)))
     monkeypatch.setattr(net, "pin_nic", lambda client, instances: None)
+    monkeypatch.setattr(net, "proxy_ready", lambda client, name, **kw: calls.append(("proxy_ready", name)))
     return calls
 
 

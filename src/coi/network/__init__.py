@@ -42,8 +42,8 @@ from coi.network.nft import (GATE_PRIORITY, TABLE, chain, check_iface, container
                              nft_probe, nft_remove_script, nft_set_script, parse_trace)
 from coi.network.policy import METADATA_RANGES, PRIVATE_RANGES, NetworkPolicy, collapse, plan
 from coi.network.service import (WATCHER_ENV, BackendReport, applies_before_start, apply, backend_report,
-                                 clean_orphans, launch_proxy, proxy_environment, proxy_unneeded, remove,
-                                 revive_proxy, watcher_argv)
+                                 clean_orphans, launch_proxy, proxy_environment, proxy_ready, proxy_unneeded,
+                                 remove, revive_proxy, watcher_argv)
 from coi.network.store import Store, log_file
 
 __all__ = [
@@ -56,6 +56,6 @@ __all__ = [
     "dns_query_a", "find_attachment", "gate_in_ruleset", "host_ipv4_addresses",
     "interfaces_in_chain", "is_pinned", "log_file", "nft_apply_script", "nft_close_script", "nft_gate_script",
     "launch_proxy", "nft_open_script", "nft_probe", "nft_refusal", "nft_remove_script", "nft_set_script",
-    "parse_dns_answer", "parse_trace", "pin_nic", "plan", "proxy_environment", "proxy_unneeded", "remove",
+    "parse_dns_answer", "parse_trace", "pin_nic", "plan", "proxy_environment", "proxy_ready", "proxy_unneeded", "remove",
     "resolve_allowed", "resolver_for", "revive_proxy", "watcher_argv",
 ]

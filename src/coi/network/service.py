@@ -35,13 +35,15 @@ if TYPE_CHECKING:
 
 
 def apply(client: IncusClient, container: str, policy: NetworkPolicy, *, sessions_dir: Path, log: Log,
-          backends: Backends = DEFAULT_BACKENDS, credentials: Sequence[Credential] = ()) -> str:
+          backends: Backends = DEFAULT_BACKENDS, credentials: Sequence[Credential] = (),
+          proxy_later: bool = False) -> str:
     """Enforce ``policy`` on a container before its agent starts; returns the backend used.
 
     Call it on every start (a restart gives the container a new host interface).
     Raises CoiError when the mode cannot be enforced: the session must not start.
     ``credentials`` (from the user's own config, never from a record) go to the proxy of
-    the allowlist by name, and its CA into the container.
+    the allowlist by name, and its CA into the container. ``proxy_later``: the caller
+    waits for that proxy itself (``proxy_ready``), once the container has started.
     """
     store = Store(sessions_dir)
     _stop_watcher(store, container)
@@ -53,8 +55,10 @@ def apply(client: IncusClient, container: str, policy: NetworkPolicy, *, session
     if policy.proxy:  # allowlist by name: the proxy up and told first (fail closed)
         addresses = [e for e in policy.allowed if is_ipv4(e)]  # names go through the proxy only
         try:
-            _start_proxy(client, store, att, policy, credentials)
+            _start_proxy(store, att, policy, credentials)
             backend = _enforce_by_name(att, policy, addresses, backends)
+            if not proxy_later:
+                _proxy_ready(client, store, att, credentials)
         except BaseException:  # no policy left behind, and no proxy that only it needed
             from coi.network import proxy
 
@@ -142,22 +146,47 @@ def _enforce(client: IncusClient, store: Store, att: Attachment, policy: Network
                    f"set [network] privileged_command (e.g. [\"sudo\", \"-n\"]) or run as root, or {OPEN_HINT}")
 
 
-def _start_proxy(client: IncusClient, store: Store, att: Attachment, policy: NetworkPolicy,
-                 credentials: Sequence[Credential]) -> None:
-    """The container's policy for the proxy (with the credentials' secrets), the user's
-    proxy running on the gateway, and its CA in the container when it injects credentials."""
+def _start_proxy(store: Store, att: Attachment, policy: NetworkPolicy, credentials: Sequence[Credential]) -> None:
+    """The container's policy for the proxy (with the credentials' secrets), and the user's
+    proxy started (not waited for: ``_proxy_ready``)."""
     from coi.network import connlog, proxy
     from coi.network.credentials import for_proxy
-    from coi.network.egress import proxy_port
     from coi.network.policy import PRIVATE_RANGES
 
     refused = [att.subnet, *([] if policy.allow_local else PRIVATE_RANGES)]
     connlog.begin(store.root, att.container)
     proxy.write_policy(store.root, ipv4=att.ipv4, container=att.container, allowed=list(policy.allowed),
                        refused=refused, resolver=policy.resolver, credentials=for_proxy(credentials))
-    proxy.ensure_running(store.root, f"{att.gateway}:{proxy_port(os.getuid())}")
+    proxy.launch(store.root, _proxy_listen(att.gateway))
+
+
+def _proxy_listen(gateway: str) -> str:
+    from coi.network.egress import proxy_port
+
+    return f"{gateway}:{proxy_port(os.getuid())}"
+
+
+def _proxy_ready(client: IncusClient, store: Store, att: Attachment, credentials: Sequence[Credential]) -> None:
+    from coi.network import proxy
+
+    proxy.ensure_running(store.root, _proxy_listen(att.gateway))
     if credentials:
         _install_proxy_ca(client, att.container, proxy.ca_certificate(store.root))
+
+
+def proxy_ready(client: IncusClient, container: str, *, sessions_dir: Path,
+                credentials: Sequence[Credential] = ()) -> None:
+    """Wait for the proxy of a session by name that ``apply(proxy_later=True)`` started, and
+    put its CA in the container when it injects credentials. A session start calls it
+    once the container runs, so that the proxy's start-up overlaps the container's; until
+    then the container's TCP 80 and 443 are refused (the redirect leads nowhere yet).
+    Raises CoiError when the proxy cannot start (the caller removes the rules with the
+    container)."""
+    store = Store(sessions_dir)
+    record = store.record(container) or {}
+    if not (record.get("policy") or {}).get("proxy"):
+        return
+    _proxy_ready(client, store, Attachment(**record["attachment"]), credentials)
 
 
 def _bridge_gateway(client: IncusClient) -> str | None:
@@ -183,14 +212,13 @@ def proxy_environment(client: IncusClient) -> dict[str, str]:
 
 def launch_proxy(client: IncusClient, sessions_dir: Path) -> None:
     """Start the user's proxy for a session by name about to be made, without waiting:
-    its start-up overlaps the container's, and ``apply`` waits for it. Raises CoiError
-    when it is not installed (before anything exists)."""
+    its start-up overlaps the container's, and ``proxy_ready`` waits for it. Raises
+    CoiError when it is not installed (before anything exists)."""
     from coi.network import proxy
-    from coi.network.egress import proxy_port
 
     gateway = _bridge_gateway(client)
     if gateway:
-        proxy.launch(Store(sessions_dir).root, f"{gateway}:{proxy_port(os.getuid())}")
+        proxy.launch(Store(sessions_dir).root, _proxy_listen(gateway))
 
 
 def revive_proxy(sessions_dir: Path, running: Iterable[str]) -> bool:

@@ -206,13 +206,16 @@ def start_isolated(place: Place, name: str, log: Log) -> None:
     containers.ensure_running(place.client, name)
     if not early:
         _isolate(place, name, policy, log)
+    if policy.proxy:  # its start-up overlapped the container's; the agent needs it from now on
+        network.proxy_ready(place.client, name, sessions_dir=place.sessions_dir,
+                            credentials=place.config.credentials)
 
 
 def _isolate(place: Place, name: str, policy: Any, log: Log) -> None:
     from coi import network
 
     backend = network.apply(place.client, name, policy, sessions_dir=place.sessions_dir, log=log,
-                            credentials=place.config.credentials if policy.proxy else ())
+                            credentials=place.config.credentials if policy.proxy else (), proxy_later=True)
     log(f"Network: {policy.mode} ({backend})")
 
 
