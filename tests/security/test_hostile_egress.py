@@ -146,3 +146,17 @@ def test_a_project_cannot_take_the_secrets_or_weaken_the_filter(tmp_path, monkey
     assert loaded.config.network.allowed_domains == ("api.example.com",)
     assert any("credentials" in w for w in loaded.warnings)
     assert os.environ.get("GITHUB_TOKEN") is None or "steal" not in str(loaded.config)
+
+
+def test_an_agent_that_floods_connections_cannot_fill_the_hosts_disk(egress, network_dir, monkeypatch):
+    monkeypatch.setattr(proxy, "LOG_LIMIT", 64 << 10)
+    for i in range(2000):  # each a refused connection with a long made-up name
+        egress._log({"time": "t", "client": CLIENT, "container": "coi-test-x-1", "name": f"{i}" + "x" * 5000,
+                     "port": 443, "kind": "tls", "verdict": "refused", "why": "not in allowed_domains"})
+    path = network_dir / "connections" / "coi-test-x-1.jsonl"
+    import json
+
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path.stat().st_size < (64 << 10) + 2048  # the limit, one line and the line saying it is full
+    assert lines[-1]["verdict"] == "full" and "not logged" in lines[-1]["why"]
+    assert all(len(e["name"]) <= proxy.MAX_NAME + 3 for e in lines[:-1])

@@ -170,3 +170,10 @@ def test_a_dead_proxy_is_started_again_only_for_a_running_container_that_needs_i
     (tmp_path / proxy.POLICY_DIR / proxy.LISTEN_FILE).write_text("10.0.0.1:13000\n")
     assert not proxy.revive(tmp_path, {"coi-test-b-1"}) and not proxy.revive(tmp_path, set())
     assert proxy.revive(tmp_path, {"coi-test-a-1", "coi-test-b-1"}) and launched == ["10.0.0.1:13000"]
+
+
+def test_a_full_log_says_so_in_one_line():
+    from coi.network.connlog import text
+
+    assert text({"time": "t", "kind": "log", "verdict": "full", "why": "the log reached 8 MiB"}) == \
+        "t the log reached 8 MiB"

@@ -51,6 +51,8 @@ def refused_count(network_dir: Path, container: str) -> int:
 
 def text(entry: dict[str, Any]) -> str:
     """One entry as a line for a person (the caller escapes what came from the container)."""
+    if entry.get("verdict") == "full":  # the proxy's last line of a log at its size limit
+        return f"{entry.get('time', '?')} {entry.get('why', 'the log is full')}"
     where = f"{entry.get('name') or '(no name)'}:{entry.get('port')}"
     why = f" ({entry['why']})" if entry.get("why") else ""
     carried = ""

@@ -43,6 +43,8 @@ POLICY_DIR = "proxy"  # under <state>/network
 PID_FILE = "proxy.pid"  # under <state>/network/proxy
 LISTEN_FILE = "proxy.listen"  # under <state>/network/proxy: where the last proxy listened
 UPSTREAM_CA_ENV = "COI_PROXY_UPSTREAM_CA"  # the CA file the proxy trusts for upstream TLS instead (tests)
+LOG_LIMIT = 8 << 20  # bytes of one session's connection log
+MAX_NAME = 253  # characters of a name in the log (a DNS name's longest)
 SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"  # the host's trusted CAs (Debian's bundle)
 
 
@@ -310,14 +312,27 @@ class Egress:
             self._log(verdict)
 
     def _log(self, verdict: dict[str, Any]) -> None:
+        """One line of the session's log. The container chooses what it connects to, and
+        how often: names are cut at a DNS name's length, and a log stops at LOG_LIMIT
+        bytes (with one line saying so), so an agent cannot fill the host's disk."""
         verdict["logged"] = True
         container = verdict.get("container") or "unknown"
         entry = {k: v for k, v in verdict.items() if k != "logged"}
+        if isinstance(entry.get("name"), str) and len(entry["name"]) > MAX_NAME:
+            entry["name"] = entry["name"][:MAX_NAME] + "..."
         path = log_path(self.network_dir, container)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with open(path, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
+                size = os.fstat(fh.fileno()).st_size
+                if size >= LOG_LIMIT:
+                    return  # full: its last line says so
+                line = json.dumps(entry) + "\n"  # (ASCII: as many bytes as characters)
+                fh.write(line)
+                if size + len(line) >= LOG_LIMIT:
+                    fh.write(json.dumps({"time": entry.get("time"), "container": container, "kind": "log",
+                                         "verdict": "full", "why": f"the log reached {LOG_LIMIT >> 20} MiB; "
+                                         "later connections of this session are not logged"}) + "\n")
         except OSError:
             pass
 
