@@ -12,6 +12,7 @@ watcher do). Import the fixture into a test module to use it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 
@@ -66,3 +67,12 @@ def rules_text(backend: network.Backend, incus, name: str) -> str:
 def acl_on_nic(incus, name: str, nic: str = "eth0") -> bool:
     """Whether the container's NIC carries its Incus ACL (the ACL backend's key)."""
     return (incus.instance(name).get("devices") or {}).get(nic, {}).get("security.acls") == name
+
+
+def user_proxies(state_dir) -> list[int]:
+    """The pids of coi's egress proxies serving the coi state directory ``state_dir``."""
+    from coi.network.proxy import _cmdline
+
+    mine = str(state_dir).encode()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()
+            and b"coi.network.proxy" in _cmdline(int(p)) and mine in _cmdline(int(p))]

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from coi.wait import wait_for
+from netbackend import user_proxies
 from terminal import Terminal
 
 pytestmark = pytest.mark.acceptance
@@ -244,14 +245,4 @@ def test_the_allowlist_by_name_tells_registries_apart_on_the_real_image(by_name_
                 if c["name"] == name]
     assert listed["refused_connections"] == sum(e["verdict"] == "refused" for e in entries) >= 1
     assert by_name_user.run(["kill", name, "--force"]).returncode == 0
-    mine = str(by_name_user.home / ".coi").encode()
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count(b"coi.network.proxy")
-                and mine in _cmdline(p)], "the proxy outlived the user's last session"
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
+    assert not user_proxies(by_name_user.home / ".coi"), "the proxy outlived the user's last session"

@@ -20,7 +20,7 @@ from coi import network
 from coi.wait import wait_for
 
 from conftest import NET_PROBE
-from netbackend import acl_on_nic, coi_backend, nft_table, ruled_anywhere, uses_nft  # noqa: F401
+from netbackend import acl_on_nic, coi_backend, nft_table, ruled_anywhere, user_proxies, uses_nft  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -82,9 +82,7 @@ def test_shell_allowlist_by_name_goes_through_the_users_proxy(net_user, workspac
     assert refused_fast(results["npm"]) and "403" in results["npm"]["detail"], results
     assert refused_fast(results["private"]), results
     # The proxy is the user's own process, and outlives the coi that started it.
-    mine = str(net_user.home / ".coi").encode()
-    pids = [p for p in os.listdir("/proc") if p.isdigit() and b"coi.network.proxy" in _cmdline(p)
-            and mine in _cmdline(p)]
+    pids = user_proxies(net_user.home / ".coi")
     assert len(pids) == 1 and os.stat(f"/proc/{pids[0]}").st_uid == net_user.uid
     assert not (net_user.home / ".mitmproxy").exists()  # its files stay in coi's state directory
     log = net_user.run(["logs", name, "--network", "--format", "json"])
@@ -97,24 +95,14 @@ def test_shell_allowlist_by_name_goes_through_the_users_proxy(net_user, workspac
     [listed] = [c for c in json.loads(net_user.run(["list", "--format", "json"]).stdout)["active_containers"]
                 if c["name"] == name]
     assert listed["refused_connections"] >= 1
-    os.kill(int(pids[0]), signal.SIGKILL)  # the proxy dies under the session: the next coi command revives it
-    wait_for(lambda: not _cmdline(pids[0]), timeout=10, what="the proxy to die")
+    os.kill(pids[0], signal.SIGKILL)  # the proxy dies under the session: the next coi command revives it
+    wait_for(lambda: not user_proxies(net_user.home / ".coi"), timeout=10, what="the proxy to die")
     revived = net_user.run(["list"])
     assert revived.returncode == 0 and "started it again" in revived.stderr, revived.stderr
-    pids = [p for p in os.listdir("/proc") if p.isdigit() and b"coi.network.proxy" in _cmdline(p)
-            and mine in _cmdline(p)]
-    assert len(pids) == 1
+    assert len(user_proxies(net_user.home / ".coi")) == 1
     assert net_user.run(["kill", name]).returncode == 0
-    wait_for(lambda: not any(_cmdline(p).find(b"coi.network.proxy") >= 0 for p in pids), timeout=10,
+    wait_for(lambda: not user_proxies(net_user.home / ".coi"), timeout=10,
              what="the proxy to end with the last session")
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
 
 
 def test_shell_open_filters_nothing(net_user, workspace, net_lab, incus):
