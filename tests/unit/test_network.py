@@ -179,6 +179,28 @@ def test_clean_removes_rules_of_containers_that_are_gone_in_every_backend(tmp_pa
     assert list(client.acls) == ["coi-live-1"] and store.record("coi-live-1") is not None
 
 
+def test_orphans_are_what_clean_would_remove_and_nothing_is_removed(tmp_path, fake):
+    store = network.Store(tmp_path)
+    for name in ("coi-gone-1", "coi-live-1"):
+        store.save_record(name, {"backend": "nftables", "attachment": {"ipv4": "10.195.0.9"}})
+    fake.listed = {"containers": ["coi-other-1", "coi-live-1", "bad name"], "gate": True}
+    client = stub_incus()
+    client.acls = {"coi-acl-1": {"description": network.ACL_DESCRIPTION + "coi-acl-1"}}
+    assert network.orphans({"coi-live-1"}, sessions_dir=tmp_path, client=client, backends=fake.backends) == [
+        "coi-acl-1", "coi-gone-1", "coi-other-1"]
+    assert fake.calls == [] and list(client.acls) == ["coi-acl-1"] and store.record("coi-gone-1") is not None
+    assert network.clean_orphans({"coi-live-1"}, sessions_dir=tmp_path, client=client,
+                                 backends=fake.backends) == ["coi-acl-1", "coi-gone-1", "coi-other-1"]
+
+
+def test_orphans_in_a_backend_that_cannot_be_read_are_not_reported(tmp_path, fake):
+    class Unreadable(fake):
+        def request(self, request, what):
+            raise network.BackendUnavailable("sudo: a password is required")
+    assert network.orphans(set(), sessions_dir=tmp_path, client=None,
+                           backends=network.Backends(nft=Unreadable)) == []
+
+
 def test_capabilities_learnt_on_another_kernel_are_probed_again(tmp_path, monkeypatch):
     store = network.Store(tmp_path)
     store.save_capability("incus-acl", False, "refused")

@@ -22,7 +22,8 @@ Modules:
 * ``dns``: a small DNS client and ``resolve_allowed``;
 * ``store``: records, DNS cache and backend capabilities under ``<sessions_dir>/network``;
 * ``backends``: the ``Backend`` protocol, ``NftBackend``, ``AclBackend``, ``OpenBackend``;
-* ``service``: ``apply``, ``remove``, ``clean_orphans``, ``backend_report``, the watcher's start and stop;
+* ``service``: ``apply``, ``remove``, ``clean_orphans`` (``orphans``: what it would clean),
+  ``backend_report``, the watcher's start and stop;
 * ``watcher``: the detached process per filtered container (``python -I -m coi.network.watcher``);
 * ``helper``: the root helper run through sudo (``coi-nft``; imported by its launcher only).
 
@@ -42,7 +43,7 @@ from coi.network.nft import (GATE_PRIORITY, TABLE, chain, check_iface, container
                              nft_probe, nft_remove_script, nft_set_script, parse_trace)
 from coi.network.policy import METADATA_RANGES, PRIVATE_RANGES, NetworkPolicy, collapse, plan
 from coi.network.service import (WATCHER_ENV, BackendReport, applies_before_start, apply, backend_report,
-                                 clean_orphans, launch_proxy, proxy_environment, proxy_ready, proxy_unneeded,
+                                 clean_orphans, launch_proxy, orphans, proxy_environment, proxy_ready, proxy_unneeded,
                                  remove, revive_proxy, watcher_argv)
 from coi.network.store import Store, log_file
 
@@ -55,7 +56,7 @@ __all__ = [
     "chain", "check_iface", "check_name", "choose_address", "clean_orphans", "collapse", "containers_in_ruleset",
     "dns_query_a", "find_attachment", "gate_in_ruleset", "host_ipv4_addresses",
     "interfaces_in_chain", "is_pinned", "log_file", "nft_apply_script", "nft_close_script", "nft_gate_script",
-    "launch_proxy", "nft_open_script", "nft_probe", "nft_refusal", "nft_remove_script", "nft_set_script",
+    "launch_proxy", "nft_open_script", "nft_probe", "nft_refusal", "nft_remove_script", "nft_set_script", "orphans",
     "parse_dns_answer", "parse_trace", "pin_nic", "plan", "proxy_environment", "proxy_ready", "proxy_unneeded", "remove",
     "resolve_allowed", "resolver_for", "revive_proxy", "watcher_argv",
 ]

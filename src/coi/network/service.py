@@ -348,6 +348,19 @@ def clean_orphans(existing: set[str], *, sessions_dir: Path, client: IncusClient
     return sorted(gone)
 
 
+def orphans(existing: set[str], *, sessions_dir: Path, client: IncusClient | None = None,
+            privileged_command: Iterable[str] = (), backends: Backends = DEFAULT_BACKENDS) -> list[str]:
+    """The containers ``clean_orphans`` would clean: rules (or records) whose container no
+    longer exists. Nothing is changed (``coi doctor``)."""
+    found = {name for name in Store(sessions_dir).records() if name not in existing}
+    for backend in backends.present(client, tuple(privileged_command)):
+        try:
+            found |= backend.containers() - existing
+        except (BackendUnavailable, CoiError):
+            pass  # this backend cannot be read here
+    return sorted(found)
+
+
 def applies_before_start(inst: Mapping[str, Any], policy: NetworkPolicy, sessions_dir: Path) -> bool:
     """Whether ``apply`` can run before the container starts: its NIC is pinned and the
     backend is known. (Incus accepts ACLs on a stopped container even on kernels where
