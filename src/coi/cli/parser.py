@@ -386,8 +386,12 @@ def _setup_command(sub, summary: str) -> None:
 
 def _doctor_command(sub, summary: str) -> None:
     p = _command(sub, "doctor", "host:doctor", summary,
-                 "coi doctor")
+                 "coi doctor --fix        # then 'sudo coi doctor --fix' for what needs root")
+    p.epilog = ("exit status: 0 all good, 1 warnings, 2 errors (after the fixes, with --fix)\n\n" + p.epilog)
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    p.add_argument("--fix", action="store_true",
+                   help="repair what is safe to repair (a stopped daemon, coi's profile, bridge or pool, "
+                        "the address lock, orphaned network rules...), say what was done, then check again")
 
 
 def _config_command(sub, summary: str) -> None:

@@ -3,30 +3,39 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any
 
 from coi.cli.ui import UI, printable
 
-_MARK = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
+_MARK = {"ok": "[ ok ]", "warning": "[warn]", "error": "[FAIL]", "skip": "[skip]"}
+_FIX_MARK = {"fixed": "fixed", "failed": "could not fix", "needs_root": "not fixed"}
 
 
 def print_json(ui: UI, data: Any) -> None:
     ui.out(json.dumps(data, indent=2, sort_keys=False))
 
 
-def render_checks(ui: UI, checks: Iterable[Any], *, format: str) -> None:
-    checks = list(checks)
+def render_health(ui: UI, health: Any, *, format: str) -> None:
+    """``coi doctor``: what ``--fix`` did (when it ran), then every check, then one line."""
     if format == "json":
-        blocking = [c.name for c in checks if c.status == "fail" and c.blocking]
-        print_json(ui, {"ok": not blocking, "checks": [c.to_json() for c in checks]})
+        print_json(ui, health.to_json())
         return
-    for c in checks:
-        ui.out(f"{_MARK.get(c.status, c.status)} {c.name}: {c.detail}")
-        if c.hint and c.status in ("fail", "warn"):
-            ui.out(f"       fix: {c.hint}")
-    failed = [c for c in checks if c.status == "fail" and c.blocking]
-    ui.out("All required checks passed." if not failed else
-           f"{len(failed)} required check(s) failed: {', '.join(c.name for c in failed)}")
+    for f in health.fixes:
+        ui.out(f"{_FIX_MARK.get(f.status, f.status)}: {', '.join(f.checks)} ({f.action}): {f.message}")
+    if health.fixes:
+        ui.out("")
+    for c in health.checks:
+        ui.out(f"{_MARK.get(c.status, c.status)} {c.name}: {c.message}")
+        if c.fix and c.status in ("error", "warning"):
+            ui.out(f"       fix: {c.fix}")
+    failed = [c.name for c in health.checks if c.status == "error"]
+    warned = [c.name for c in health.checks if c.status == "warning"]
+    if failed:
+        ui.out(f"{len(failed)} required check(s) failed: {', '.join(failed)}")
+    elif warned:
+        ui.out(f"All required checks passed; {len(warned)} warning(s): {', '.join(warned)}")
+    else:
+        ui.out("All checks passed.")
 
 
 def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: str,

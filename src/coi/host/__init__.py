@@ -1,10 +1,10 @@
-"""The host coi runs on: ``coi setup`` (``setup``) and ``coi doctor`` (``run_checks``).
+"""The host coi runs on: ``coi setup`` (``setup``) and ``coi doctor`` (``diagnose``).
 
 - ``steps``: what every set-up step shares (``Step``, ``Report``, running a host command);
 - ``system``: packages, root's id ranges, the Incus admin group, the address lock;
 - ``daemon``: the Incus daemon started, with a storage pool, the coi bridge and profile;
 - ``privileges``: the root nft helper's launcher, the sudoers grant, the bridge gate;
-- ``doctor``: read-only checks with fix hints.
+- ``doctor``: the checks, each with what to do, and ``--fix``'s repairs (setup's own steps).
 
 It talks to Incus only through the client it is given and never builds one; it
 never imports ``coi.cli`` and prints nothing: steps are reported to a callback,
@@ -25,7 +25,7 @@ from coi.host.daemon import (
     ensure_storage_pool,
     start_daemon,
 )
-from coi.host.doctor import Check, check_nftables, run_checks
+from coi.host.doctor import Check, Fix, Health, check_nftables, diagnose, run_checks
 from coi.host.privileges import (
     dropin_text,
     ensure_gate,
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from coi.incus import IncusClient
 
 __all__ = [
-    "COI_NETWORK", "COI_POOL", "COI_PROFILE", "Check", "Report", "Step", "check_nftables", "dropin_text",
+    "COI_NETWORK", "COI_POOL", "COI_PROFILE", "Check", "Fix", "Health", "Report", "Step", "check_nftables",
+    "diagnose", "dropin_text",
     "ensure_gate", "ensure_network_privileges", "grant_path", "install_helper", "launcher_text",
     "remove_legacy_grants", "require_root", "run_checks", "setup", "sudoers_rule", "untrusted_paths",
 ]

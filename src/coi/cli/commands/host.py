@@ -38,13 +38,45 @@ def setup(ctx: Context, *, ipv6: bool = False, user: str | None = None) -> int:
     return 0
 
 
-def doctor(ctx: Context, *, format: str = "text") -> int:
-    from coi.cli.render import render_checks
-    from coi.host import run_checks
+# coi doctor's exit code: its report's status.
+DOCTOR_EXIT = {"ok": 0, "warning": 1, "error": 2}
 
-    checks = run_checks(ctx.incus, ctx.config)
-    render_checks(ctx.ui, checks, format=format)
-    return 1 if any(c.status == "fail" and c.blocking for c in checks) else 0
+
+def doctor(ctx: Context, *, format: str = "text", fix: bool = False) -> int:
+    """The host's health: 0 all good, 1 warnings, 2 errors (after ``--fix``'s repairs)."""
+    from coi.cli.render import render_health
+    from coi.config import default_config, load_config
+    from coi.errors import CoiError
+    from coi.host import Check, Health, diagnose
+    from coi.incus import Incus
+
+    _absolute_path_only()
+    # The host's and the user's own config only: a project's .coi.toml (the current
+    # directory's) has no say in what doctor checks, nor in what --fix repairs.
+    try:
+        loaded = load_config(workspace=None, env=os.environ)
+    except CoiError as exc:
+        # A broken config is one failed check; the others run on the built-in defaults,
+        # and nothing is repaired with values the user did not write.
+        broken = Check("config", "error", exc.message, exc.hint or "correct the file, then run coi doctor again")
+        config, fix = default_config(env=os.environ), False
+    else:
+        broken = None
+        for warning in loaded.warnings:
+            ctx.ui.warn(warning)
+        config = loaded.config
+    health = diagnose(Incus.from_environment(project=config.incus.project), config, fix=fix)
+    if broken is not None:
+        health = Health([broken, *health.checks], health.fixes)
+    render_health(ctx.ui, health, format=format)
+    return DOCTOR_EXIT[health.status]
+
+
+def _absolute_path_only() -> None:
+    """Doctor runs host commands by name (nft, ip, sudo, systemctl): never one found
+    through a relative PATH entry, which would be the current directory's (a project's)."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join(p for p in entries if os.path.isabs(p))
 
 
 def completion(ctx: Context, *, shell: str) -> int:
