@@ -686,3 +686,27 @@ def net_lab(incus, tmp_path_factory):
     finally:
         lab.close()
         remove_test_network_rules()
+
+
+# ---- coi doctor: the host's shared address lock, away for one test ----------------------------
+
+
+@pytest.fixture
+def address_lock_away():
+    """/var/lib/coi/addresses.lock moved aside for the test (as 'coi setup' never made it);
+    the original put back afterwards, over whatever the test made there. Root only."""
+    if os.geteuid() != 0:
+        pytest.skip("moving the host's address lock needs root (scripts/test.sh runs as root)")
+    from coi.network import ADDRESS_LOCK
+
+    backup = ADDRESS_LOCK.with_name(f".{ADDRESS_LOCK.name}.{TEST_PREFIX}{uuid.uuid4().hex[:8]}")
+    had = os.path.lexists(ADDRESS_LOCK)
+    if had:
+        os.replace(ADDRESS_LOCK, backup)
+    try:
+        yield ADDRESS_LOCK
+    finally:
+        if had:
+            os.replace(backup, ADDRESS_LOCK)  # the same file again: its owner, group, mode and inode
+        elif os.path.lexists(ADDRESS_LOCK):
+            ADDRESS_LOCK.unlink()
