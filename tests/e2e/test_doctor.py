@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -42,3 +43,11 @@ def test_a_fix_that_needs_root_says_to_use_sudo(coi_user, address_lock_away):
     line = next(line for line in text.stdout.splitlines() if line.startswith("not fixed: address lock"))
     assert "sudo coi doctor --fix" in line and "sudo coi setup" in line
     assert text.returncode == proc.returncode
+
+
+def test_bash_completion_offers_doctor_s_flags(coi_user):
+    script = ('eval "$(coi completion bash)"; COMP_WORDS=(coi doctor --f); COMP_CWORD=2; _coi; '
+              'printf "%s\\n" "${COMPREPLY[@]}"')
+    proc = subprocess.run(coi_user.argv(["bash", "-c", script]), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert {"--fix", "--format"} <= set(proc.stdout.split())
