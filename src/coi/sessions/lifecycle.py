@@ -393,10 +393,20 @@ def after_attach(place: Place, name: str, code: int) -> None:
         place.messages.info(f"Detached; container {name} keeps running. Re-attach with: coi attach {name}")
         return
     if containers.wait_stopped(client, name, timeout=60):
+        if _being_restored(place, name):  # stopped for ``coi snapshot restore``: not the session's end
+            place.messages.info(f"Container {name} is being restored from a snapshot. "
+                                f"Re-attach with: coi attach {name}")
+            return
         with signals.signals_ignored():  # the save and the delete run to their end
             end(place, name)
         return
     place.messages.info(f"Container {name} keeps running. Re-attach with: coi attach {name}")
+
+
+def _being_restored(place: Place, name: str) -> bool:
+    from coi.sessions.snapshots import being_restored
+
+    return being_restored(place.sessions_dir, name)
 
 
 def end(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
