@@ -392,11 +392,10 @@ def after_attach(place: Place, name: str, code: int) -> None:
     if code == 0 and not spec.is_stopped(inst):
         place.messages.info(f"Detached; container {name} keeps running. Re-attach with: coi attach {name}")
         return
+    if _being_restored(place, name):  # stopped by ``coi snapshot restore``: not the session's end
+        place.messages.info(f"Container {name} is being restored from a snapshot. Re-attach with: coi attach {name}")
+        return
     if containers.wait_stopped(client, name, timeout=60):
-        if _being_restored(place, name):  # stopped for ``coi snapshot restore``: not the session's end
-            place.messages.info(f"Container {name} is being restored from a snapshot. "
-                                f"Re-attach with: coi attach {name}")
-            return
         with signals.signals_ignored():  # the save and the delete run to their end
             end(place, name)
         return
