@@ -444,3 +444,14 @@ def test_the_client_speaks_incus_snapshot_api(tmp_path):
         assert daemon.requests_to("PUT", base)[0].json() == {"restore": "s1"}
         assert len(daemon.requests_to("DELETE", f"{base}/snapshots/a%2Fb")) == 1
         assert len(daemon.requests_to("GET", "/1.0/operations/op1/wait")) == 3  # every change awaited
+
+
+@pytest.mark.parametrize("created_at, shown", [
+    ("2026-12-02T10:14:03.123456789Z", "2026-12-02 10:14:03 UTC"),
+    ("2026-12-02T12:14:03+02:00", "2026-12-02 10:14:03 UTC"),
+    ("not a time\x1b[2J", "not a time\\x1b[2J"),
+])
+def test_created_times_are_shown_in_utc(created_at, shown):
+    from coi.cli.commands.snapshots import _when
+
+    assert _when(created_at) == shown

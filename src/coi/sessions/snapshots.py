@@ -119,7 +119,8 @@ def session_container(place: Place, container: str | None) -> dict[str, Any]:
 
 
 def _snapshots(place: Place, name: str) -> list[Snapshot]:
-    return sorted((Snapshot.from_incus(r) for r in place.client.snapshots(name)), key=lambda s: s.created_at)
+    """In Incus's order: as they were made (its times may carry any offset: not sorted as text)."""
+    return [Snapshot.from_incus(r) for r in place.client.snapshots(name)]
 
 
 def _find(place: Place, name: str, snapshot: str) -> Snapshot:

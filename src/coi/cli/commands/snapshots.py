@@ -108,6 +108,15 @@ def _mounts(mounted: list[Any]) -> str:
 
 
 def _when(created_at: str) -> str:
-    """Incus's timestamp as ``YYYY-MM-DD HH:MM:SS UTC`` (to the second)."""
-    day, _, rest = created_at.partition("T")
-    return f"{day} {rest[:8]} UTC" if rest else created_at
+    """Incus's timestamp (RFC 3339, nanoseconds, any offset) as ``YYYY-MM-DD HH:MM:SS UTC``."""
+    import datetime
+    import re
+
+    text = re.sub(r"(\.\d{6})\d+", r"\1", created_at).replace("Z", "+00:00")
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return shown(created_at)
+    if when.tzinfo is not None:
+        when = when.astimezone(datetime.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
