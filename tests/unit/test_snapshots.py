@@ -455,3 +455,17 @@ def test_created_times_are_shown_in_utc(created_at, shown):
     from coi.cli.commands.snapshots import _when
 
     assert _when(created_at) == shown
+
+
+def test_an_agent_that_does_not_start_again_only_warns(home, workspace, fake, network, capsys):
+    name = session(home, workspace, fake)
+    coi(capsys, "snapshot", "create", "one")
+
+    def no_tmux(n, command, **kw):
+        if "new-session" in command:
+            raise CoiError("tmux is gone")
+        return DEFAULT
+    fake.on("exec", no_tmux)
+    code, _, err = coi(capsys, "snapshot", "restore", "one", "--force")
+    assert code == 0 and "Warning: the agent did not start again" in err and f"coi attach {name} --bash" in err
+    assert "none ran in tmux before" not in err and fake.instance(name)["status"] == "Running"

@@ -228,7 +228,7 @@ def restore(place: Place, plan: RestorePlan, *, profile_env: Mapping[str, str]) 
     client, name, snap = place.client, plan.container, plan.snapshot.name
     say = place.messages.info
     with restoring(place.sessions_dir, name):
-        if plan.running:
+        if plan.running and not spec.is_stopped(client.instance(name)):  # (it may have stopped since the plan)
             say(f"Stopping {name} to restore it...")
             with signals.deferred_signals():
                 client.stop(name, force=True)  # what ran since the snapshot is thrown away anyway

@@ -79,6 +79,8 @@ def restore(ctx: Context, *, snapshot: str, container: str | None = None, force:
     if done.agent:
         ctx.ui.info("The agent was started again in tmux (its conversation as it was at the snapshot, "
                     "where the tool keeps one). Attach with: coi attach " + name)
+    elif plan.agent:  # it ran, and did not start again (the warning said why)
+        ctx.ui.info(f"Open a shell with: coi attach {name} --bash")
     else:
         ctx.ui.info(f"No agent was started (none ran in tmux before). Open a shell with: coi attach {name} --bash")
     return 0
