@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -187,24 +186,26 @@ def test_bad_names_and_foreign_containers_are_refused_on_the_real_daemon(session
 
 @pytest.mark.security
 def test_what_the_agent_leaves_in_its_home_decides_nothing_on_the_host(session_user, workspace, incus):
-    """The agent plants a transcript name with shell syntax where the restart looks for one,
-    and a tmux socket of its own; the restore runs nothing of it on the host."""
-    marker = Path(f"/tmp/coi-test-pwned-{uuid.uuid4().hex[:8]}")
+    """The agent (root in its container) plants transcript names with shell syntax where the
+    restarted agent's command looks for one. Run as code anywhere (the restart's shell runs in
+    /workspace, coi on the host in the workspace too), they would leave pwned-* files there."""
+    names = ["$(touch pwned-dollar).jsonl", "`touch pwned-backtick`.jsonl", "x;touch pwned-semi;.jsonl",
+             "x' ; touch pwned-quote ; '.jsonl"]
     name = session_user.background(workspace)["container"]
     try:
+        script = ('d=/home/code/.claude/projects/-workspace; mkdir -p "$d"; for n in "$@"; do : > "$d/$n"; done; '
+                  "chown -R 1000:1000 /home/code/.claude")
+        proc = session_user.run(["container", "exec", name, "--capture", "--", "sh", "-c", script, "sh", *names],
+                                cwd=workspace)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["exit_code"] == 0, proc.stdout
         assert session_user.run(["snapshot", "create", "planted"], cwd=workspace).returncode == 0
-        plant = (f"mkdir -p /home/code/.claude/projects/-workspace && "
-                 f"touch '/home/code/.claude/projects/-workspace/$(touch {marker}).jsonl' && "
-                 f"chown -R 1000:1000 /home/code/.claude")
-        proc = session_user.run(["container", "exec", name, "--capture", "--", "sh", "-c", plant], cwd=workspace)
-        assert proc.returncode == 0 and json.loads(proc.stdout)["exit_code"] == 0
-        assert session_user.run(["snapshot", "create", "with-plant"], cwd=workspace).returncode == 0
-        proc = session_user.run(["snapshot", "restore", "with-plant", "--force"], cwd=workspace)
+        proc = session_user.run(["snapshot", "restore", "planted", "--force"], cwd=workspace)
         assert proc.returncode == 0, proc.stderr
-        assert not marker.exists()
-        probe = session_user.run(["container", "exec", name, "--capture", "--", "sh", "-c", f"test -e {marker}"],
-                                 cwd=workspace)
-        assert json.loads(probe.stdout)["exit_code"] == 1  # not even inside: the name was only globbed
+        assert "The agent was started again" in proc.stderr
+        listing = session_user.run(["container", "exec", name, "--capture", "--", "sh", "-c",
+                                    "ls -A /workspace /home/code /"], cwd=workspace)
+        assert "pwned" not in json.loads(listing.stdout)["stdout"]
+        for where in (workspace, session_user.home, Path("/")):
+            assert not list(where.glob("pwned-*")), where
     finally:
-        marker.unlink(missing_ok=True)
         session_user.run(["kill", name])
