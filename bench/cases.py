@@ -1044,6 +1044,84 @@ def branch_case(setup: Setup) -> list[Row]:
     return rows
 
 
+# ---- snapshots ------------------------------------------------------------------------------
+
+SNAPSHOT_MARKER = "/root/coi-bench-after-the-snapshot"  # written after the snapshot: a restore removes it
+
+
+def _marker_gone(name: str) -> bool:
+    """Whether the marker written after the snapshot is gone (the restore really happened)."""
+    return run([floor.INCUS, "exec", name, "--", "test", "-e", SNAPSHOT_MARKER]).code == 1
+
+
+def snapshot_case(setup: Setup) -> list[Row]:
+    """``coi snapshot create`` and ``restore`` of a running session (stopped, restored, started
+    with its rules, the agent again in tmux) and of a stopped container, against ``incus
+    snapshot create/restore`` on a container made the same way (the floor's agent started
+    again by the floor for the running row). One session and one floor container serve
+    every row; both go at the end with their snapshots."""
+    workspace = setup.workspace("snapshot")
+    repeat, warmup = quick(setup, 2)
+    create = Series("coi", "coi snapshot create NAME (a running session, the workspace's only one)")
+    create_floor = Series("floor", "incus snapshot create CONTAINER NAME")
+    running = Series("coi", "coi snapshot restore NAME --force (running session: until the agent runs again)")
+    running_floor = Series("floor", "incus snapshot restore (Incus stops and starts it) + exec tmux new-session "
+                                    "(agent), until it runs")
+    stopped = Series("coi", "coi snapshot restore NAME --force (stopped container)")
+    stopped_floor = Series("floor", "incus snapshot restore CONTAINER NAME (stopped)")
+    fname = setup.floor_name("snap")
+    name = ""
+    checks: dict[str, bool] = {}
+    breakdown: list[dict[str, Any]] = []
+    counter = iter(range(1, 1 << 20))
+    try:
+        _, name = _coi_session(setup, workspace, [])
+        # The floor's container in a workspace of its own: with coi's keys it would be a second
+        # session of coi's workspace, and coi would ask which one (--container).
+        floor.session_start(fname, setup.image, setup.spec(setup.workspace("snapshot-floor")), setup.agent_argv())
+
+        def coi_create() -> float:
+            return setup.coi_run(["snapshot", "create", f"b{next(counter)}"], cwd=workspace).check().seconds
+
+        compare(coi_create, lambda: floor.snapshot_create(fname, f"b{next(counter)}"),
+                coi_series=create, floor_series=create_floor, repeat=repeat, warmup=warmup)
+        setup.coi_run(["snapshot", "create", "base"], cwd=workspace).check()
+        floor.snapshot_create(fname, "base")
+
+        def coi_restore_running() -> float:
+            t0 = time.perf_counter()
+            setup.coi_run(["snapshot", "restore", "base", "--force"], cwd=workspace).check()
+            floor.wait_agent(name, setup.agent)
+            return time.perf_counter() - t0
+
+        run([floor.INCUS, "exec", name, "--", "touch", SNAPSHOT_MARKER]).check()
+        compare(coi_restore_running, lambda: floor.snapshot_restore_session(fname, "base", setup.agent_argv()),
+                coi_series=running, floor_series=running_floor, repeat=setup.repeat, warmup=setup.warmup)
+        checks["a restore removes what was written after the snapshot"] = _marker_gone(name)
+        for _ in range(max(1, min(setup.repeat, 3))):
+            probe = setup.probe(["snapshot", "restore", "base", "--force"], cwd=workspace)
+            floor.wait_agent(name, setup.agent)
+            breakdown.append(probe)
+
+        setup.coi_run(["container", "stop", "--force", name]).check()
+        run([floor.INCUS, "stop", "--force", fname]).check()
+        compare(lambda: setup.coi_run(["snapshot", "restore", "base", "--force"], cwd=workspace).check().seconds,
+                lambda: floor.snapshot_restore(fname, "base"),
+                coi_series=stopped, floor_series=stopped_floor, repeat=repeat, warmup=warmup)
+        checks["a stopped container stays stopped"] = floor.status(name) == "Stopped"
+    finally:
+        if name:
+            kill(setup, name)
+        floor.delete_quietly(fname)
+    return [Row("snapshot_create", "snapshot create (running session)", create, create_floor,
+                Target(ratio=2.0, seconds=0.5)),
+            Row("snapshot_restore_running", "snapshot restore (running session, agent again)", running,
+                running_floor, Target(ratio=1.5), checks={k: v for k, v in checks.items() if "removes" in k},
+                extra={"breakdown": breakdown_summary(breakdown)}),
+            Row("snapshot_restore_stopped", "snapshot restore (stopped container)", stopped, stopped_floor,
+                Target(ratio=2.0, seconds=0.5), checks={k: v for k, v in checks.items() if "stopped" in k})]
+
+
 # ---- breakdowns ----------------------------------------------------------------------------
 
 
@@ -1082,4 +1160,5 @@ CASES: dict[str, Callable[[Setup], list[Row]]] = {
     "proxy": proxy_case,
     "build": build_case,
     "branch": branch_case,
+    "snapshot": snapshot_case,
 }

@@ -150,6 +150,12 @@ def session_start(name: str, image: str, spec: tuple[dict, dict], agent: list[st
     t0 = time.perf_counter()
     init(name, image, *spec)
     start(name)
+    start_agent(name, agent)
+    return time.perf_counter() - t0
+
+
+def start_agent(name: str, agent: list[str]) -> None:
+    """``tmux new-session`` running the agent in a running container, until the agent runs."""
     env = {"HOME": CODE_HOME, "USER": "code", "PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
     agent_env = {**env, "LOGNAME": "code", "SHELL": "/bin/bash", "TERM": "xterm-256color", "IS_SANDBOX": "1"}
     tmux = ["tmux", "-S", TMUX_SOCKET, "new-session", "-d", "-s", f"coi-{name}", "-c", "/workspace",
@@ -159,6 +165,23 @@ def session_start(name: str, image: str, spec: tuple[dict, dict], agent: list[st
     tmux += ["bash", "-l", "-c", f"{shlex.join(agent)}; exec bash -l"]
     exec_until_ok(name, tmux, f"tmux in {name}", done="duplicate session", env=env)
     wait_agent(name, Path(agent[0]).name)
+
+
+def snapshot_create(name: str, snapshot: str) -> float:
+    """``incus snapshot create`` (stateless, as coi makes them)."""
+    return run([INCUS, "snapshot", "create", name, snapshot]).check().seconds
+
+
+def snapshot_restore(name: str, snapshot: str) -> float:
+    """``incus snapshot restore``: Incus stops a running container for it and starts it again."""
+    return run([INCUS, "snapshot", "restore", name, snapshot]).check().seconds
+
+
+def snapshot_restore_session(name: str, snapshot: str, agent: list[str]) -> float:
+    """``incus snapshot restore`` of a running session container + the agent again in tmux, until it runs."""
+    t0 = time.perf_counter()
+    snapshot_restore(name, snapshot)
+    start_agent(name, agent)
     return time.perf_counter() - t0
 
 
@@ -209,6 +232,12 @@ def delete_image(alias: str) -> None:
     fingerprint = image_fingerprint(alias)
     if fingerprint is not None:
         run([INCUS, "image", "delete", fingerprint])
+
+
+def status(name: str) -> str:
+    """The container's status as Incus says it ("Running", "Stopped"...)."""
+    proc = run([INCUS, "query", f"/1.0/instances/{name}"]).check()
+    return json.loads(proc.stdout).get("status", "")
 
 
 def instances() -> list[dict]:

@@ -304,7 +304,8 @@ def breakdown_table(title: str, summary: dict[str, Any] | None) -> str:
 
 def breakdowns(rows: list[Row]) -> list[tuple[str, dict[str, Any] | None]]:
     titles = {"list_20_text": ("coi list, 20 containers", "breakdown"), "run": ("coi run -- true", "breakdown"),
-              "session": ("coi shell --background", "breakdown")}
+              "session": ("coi shell --background", "breakdown"),
+              "snapshot_restore_running": ("coi snapshot restore (running session)", "breakdown")}
     out = []
     for r in rows:
         if r.key in titles:

@@ -357,6 +357,7 @@ class FakeIncus:
         self.profiles: dict[str, dict[str, Any]] = {}
         self.pools: dict[str, dict[str, Any]] = {}
         self.files: dict[str, FakeFiles] = {}
+        self.snapshots_of: dict[str, dict[str, dict[str, Any]]] = {}  # instance -> snapshot name -> record
         self.server_info: dict[str, Any] = {"environment": {"kernel_features": {}}, "config": {}}
         self.address = "10.1.2.3"
         self.calls: list[Call] = []
@@ -568,6 +569,48 @@ class FakeIncus:
     def remove_device(self, name: str, device: str) -> None:
         if self.instance(name)["devices"].pop(device, None) is None:
             raise _not_found(f"device {device} of container {name}")
+
+    # ---- snapshots ----
+    @_recorded
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        self.instance(name)
+        taken = self.snapshots_of.get(name, {}).values()
+        return [{k: v for k, v in s.items() if not k.startswith("_")} for s in taken]
+
+    @_recorded
+    def create_snapshot(self, name: str, snapshot: str, *, stateful: bool = False) -> None:
+        import copy
+
+        from coi.errors import ConflictError
+
+        inst = self.instance(name)
+        taken = self.snapshots_of.setdefault(name, {})
+        if snapshot in taken:
+            raise ConflictError(f"snapshot {snapshot} of container {name}: already exists")
+        files = copy.deepcopy(self.files_of(name).nodes)
+        taken[snapshot] = {"name": snapshot, "created_at": f"2026-01-01T00:00:{len(taken):02d}Z",
+                           "stateful": stateful, "config": dict(inst["config"]),
+                           "devices": copy.deepcopy(inst["devices"]), "_files": files}
+
+    @_recorded
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        self.instance(name)
+        if self.snapshots_of.get(name, {}).pop(snapshot, None) is None:
+            raise _not_found(f"snapshot {snapshot} of container {name}")
+
+    @_recorded
+    def restore_snapshot(self, name: str, snapshot: str) -> None:
+        """Config, devices and files as in the snapshot (Incus would also stop a running
+        instance and start it again; the fake leaves its status as it is)."""
+        import copy
+
+        inst = self.instance(name)
+        snap = self.snapshots_of.get(name, {}).get(snapshot)
+        if snap is None:
+            raise _not_found(f"restore container {name} to {snapshot}")
+        inst["config"] = dict(snap["config"])
+        inst["devices"] = copy.deepcopy(snap["devices"])
+        self.files_of(name).nodes = copy.deepcopy(snap["_files"])
 
     # ---- exec ----
     @_recorded

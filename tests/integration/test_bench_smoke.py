@@ -23,7 +23,8 @@ PREFIX = "coi-bench-"
 CASES = {"cli_start", "doctor", "list_0_text", "list_0_json", "list_20_text", "list_20_json", "run", "session",
          "parallel", "network_open", "network_restricted", "network_allowlist", "network_allowlist_by_name",
          "network_allowlist_by_name_proxy_running", "proxy_tls_setup", "proxy_http_setup", "proxy_https_download",
-         "proxy_http_download", "build", "build_launch", "branch_spare", "branch_no_spare"}
+         "proxy_http_download", "build", "build_launch", "branch_spare", "branch_no_spare", "snapshot_create",
+         "snapshot_restore_running", "snapshot_restore_stopped"}
 WITH_FLOOR = CASES - {"doctor", "network_open"}
 
 

@@ -1,7 +1,8 @@
 """Shell completion for bash, zsh and fish, generated from the argparse tree.
 
-Static words (commands, flags) are written into the script; container names
-and saved session ids come live from ``coi __complete containers|sessions|branches``.
+Static words (commands, flags) are written into the script; container names (also
+the value of ``--container``), saved session ids, branch sessions and snapshot names
+come live from ``coi __complete containers|sessions|branches|snapshots``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 CONTAINER_ARGS = {"name", "names", "container"}
 SESSION_ARGS = {"session_id"}
 BRANCH_ARGS = {"branch_name"}  # branch sessions of the current workspace
+SNAPSHOT_ARGS = {"snapshot"}  # snapshots of the current workspace's only session container
+VALUE_FLAGS = {"--container": "containers"}  # flags whose value is completed live
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -22,7 +25,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def command_table(parser: argparse.ArgumentParser) -> dict[str, dict[str, str]]:
-    """``"shell"`` / ``"image list"`` -> {"flags": "...", "subs": "...", "dynamic": "containers|sessions|branches|"}."""
+    """``"shell"`` / ``"image list"`` -> {"flags": "...", "subs": "...",
+    "dynamic": "containers|sessions|branches|snapshots|"}."""
     table: dict[str, dict[str, str]] = {}
 
     def visit(prefix: str, p: argparse.ArgumentParser) -> None:
@@ -30,7 +34,7 @@ def command_table(parser: argparse.ArgumentParser) -> dict[str, dict[str, str]]:
         flags = sorted(o for a in p._actions for o in a.option_strings if o.startswith("--"))
         dests = {a.dest for a in p._actions if not a.option_strings}
         dynamic = "containers" if dests & CONTAINER_ARGS else "sessions" if dests & SESSION_ARGS \
-            else "branches" if dests & BRANCH_ARGS else ""
+            else "branches" if dests & BRANCH_ARGS else "snapshots" if dests & SNAPSHOT_ARGS else ""
         table[prefix] = {"flags": " ".join(flags), "subs": " ".join(sorted(subs)), "dynamic": dynamic}
         for name, sub in subs.items():
             visit(f"{prefix} {name}".strip(), sub)
@@ -63,6 +67,8 @@ _coi() {{
     local key="${{path:-_}}"
     if [[ $cur == --resume=* || $cur == --continue=* ]]; then
         COMPREPLY=( $(compgen -P "${{cur%%=*}}=" -W "$(coi __complete sessions 2>/dev/null)" -- "${{cur#*=}}") )
+    elif [[ $COMP_CWORD -gt 1 && ${{COMP_WORDS[COMP_CWORD-1]}} == --container ]]; then
+        COMPREPLY=( $(compgen -W "$(coi __complete containers 2>/dev/null)" -- "$cur") )
     elif [[ $cur == -* ]]; then
         COMPREPLY=( $(compgen -W "${{_coi_flags[$key]}}" -- "$cur") )
     else
@@ -101,6 +107,8 @@ _coi() {{
     if [[ $cur == --resume=* || $cur == --continue=* ]]; then
         compset -P '*='
         compadd -- ${{(f)"$(coi __complete sessions 2>/dev/null)"}}
+    elif (( CURRENT > 2 )) && [[ ${{words[CURRENT-1]}} == --container ]]; then
+        compadd -- ${{(f)"$(coi __complete containers 2>/dev/null)"}}
     elif [[ $cur == -* ]]; then
         compadd -- ${{=_coi_flags[$key]}}
     else
@@ -135,7 +143,9 @@ def fish(parser: argparse.ArgumentParser) -> str:
         if v["subs"]:
             lines.append(f"complete -c coi -n '{cond}' -a '{v['subs']}'")
         for flag in v["flags"].split():
-            lines.append(f"complete -c coi -n '{cond}' -l {flag[2:]}")
+            live = VALUE_FLAGS.get(flag)
+            value = f" -x -a '(coi __complete {live} 2>/dev/null)'" if live else ""
+            lines.append(f"complete -c coi -n '{cond}' -l {flag[2:]}{value}")
         if v["dynamic"]:
             lines.append(f"complete -c coi -n '{cond}' -a '(coi __complete {v['dynamic']} 2>/dev/null)'")
     return "\n".join(lines) + "\n"

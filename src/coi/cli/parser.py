@@ -258,6 +258,49 @@ def _discard_command(sub, summary: str) -> None:
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")
 
 
+SNAPSHOT_DESCRIPTION = """\
+A snapshot holds the container's own disk (installed packages, the agent's home and
+state, everything outside the mounts), its config and its devices. The workspace and
+every other mount (--mount, --storage, a branch session's copy) are host directories:
+they are NOT in a snapshot, and a restore does not change them. Snapshots belong to
+the container: they are deleted with it (an ephemeral session's when it ends)."""
+
+
+def _snapshot_target(p: argparse.ArgumentParser) -> None:
+    _workspace(p)
+    p.add_argument("-c", "--container", metavar="NAME",
+                   help="the coi container (default: the workspace's only session container)")
+
+
+def _snapshot_command(sub, summary: str) -> None:
+    p = _command(sub, "snapshot", "snapshots:snapshot_help", summary, "coi snapshot create before-refactor")
+    p.description = f"{summary}.\n\n{SNAPSHOT_DESCRIPTION}"
+    ssub = p.add_subparsers(title=COMMANDS_TITLE, metavar="ACTION", parser_class=_Parser)
+    q = _command(ssub, "create", "snapshots:create", "snapshot the container (not /workspace: a host directory)",
+                 "coi snapshot create before-refactor --container coi-1a2b3c4d-1")
+    q.add_argument("snapshot_name", nargs="?", metavar="NAME",  # a new name: no completion of existing ones
+                   help="snapshot name: letters, digits, '.', '_', '-' (default: snap-YYYYMMDD-HHMMSS, UTC)")
+    _snapshot_target(q)
+    q = _command(ssub, "list", "snapshots:list_snapshots", "list the container's snapshots",
+                 "coi snapshot list --format json")
+    _snapshot_target(q)
+    _format(q)
+    q = _command(ssub, "restore", "snapshots:restore",
+                 "put the container back to a snapshot (a running one is stopped and started again)",
+                 "coi snapshot restore before-refactor")
+    q.description += (".\n\nA running container is stopped, restored, and started again with its network\n"
+                      "rules; the agent is started again in tmux (Claude Code continues the\n"
+                      "conversation the snapshot holds): re-attach with 'coi attach'. Asks first\n"
+                      "(--force: no question). /workspace and the other mounts are not changed.")
+    q.add_argument("snapshot", metavar="NAME", help="the snapshot to restore")
+    _snapshot_target(q)
+    q.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    q = _command(ssub, "delete", "snapshots:delete", "delete one of the container's snapshots",
+                 "coi snapshot delete before-refactor")
+    q.add_argument("snapshot", metavar="NAME", help="the snapshot to delete")
+    _snapshot_target(q)
+
+
 def _build_command(sub, summary: str) -> None:
     p = _command(sub, "build", "images:build", summary, "coi build --force")
     p.add_argument("--force", action="store_true", help="replace an existing image")
@@ -423,6 +466,7 @@ COMMANDS = {
     "log": ("list a branch session's commits", _log_command),
     "merge": ("merge a branch session's commits into your current branch", _merge_command),
     "discard": ("delete a branch session's copy and its branch", _discard_command),
+    "snapshot": ("snapshot a session's container, and restore or delete snapshots", _snapshot_command),
     "build": ("build the coi image", _build_command),
     "images": ("list coi images (the same as 'coi image list')", _images_command),
     "image": ("list and manage coi images", _image_command),
@@ -447,6 +491,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "commands by group:\n"
             "  sessions:  shell, run, attach, list, info, logs, shutdown, kill, persist, clean\n"
             "  branches:  diff, log, merge, discard\n"
+            "  snapshots: snapshot create|list|restore|delete\n"
             "  images:    build, image, images\n"
             "  low-level: container, file, tmux\n"
             "  host:      setup, doctor, config, completion, version\n\n"
@@ -464,5 +509,5 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "__complete"):
         p = sub.add_parser("__complete")  # for the completion scripts; not listed
         p.set_defaults(handler="host:complete")
-        p.add_argument("what", choices=["containers", "sessions", "branches"])
+        p.add_argument("what", choices=["containers", "sessions", "branches", "snapshots"])
     return parser

@@ -310,6 +310,28 @@ class Incus(Files):
         body["devices"] = devices
         self.call("PUT", f"/1.0/instances/{quote(name, safe='')}", f"container {name}", json_body=body)
 
+    # ---- snapshots -------------------------------------------------------
+
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        """The instance's snapshots, each as Incus describes it (``name``, ``created_at``,
+        ``stateful``, its ``config``...)."""
+        return self.call("GET", f"/1.0/instances/{quote(name, safe='')}/snapshots", f"snapshots of container {name}",
+                         params={"recursion": 1}) or []
+
+    def create_snapshot(self, name: str, snapshot: str, *, stateful: bool = False) -> None:
+        self.call("POST", f"/1.0/instances/{quote(name, safe='')}/snapshots",
+                  f"snapshot {snapshot} of container {name}", json_body={"name": snapshot, "stateful": stateful})
+
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        self.call("DELETE", f"/1.0/instances/{quote(name, safe='')}/snapshots/{quote(snapshot, safe='')}",
+                  f"snapshot {snapshot} of container {name}")
+
+    def restore_snapshot(self, name: str, snapshot: str) -> None:
+        """The instance's disk, config and devices as they were in ``snapshot`` (Incus stops
+        a running instance for it and starts it again: callers stop it first)."""
+        self.call("PUT", f"/1.0/instances/{quote(name, safe='')}", f"restore container {name} to {snapshot}",
+                  json_body={"restore": snapshot})
+
     # ---- exec ------------------------------------------------------------
 
     def exec(self, name: str, command: list[str], *, env: Mapping[str, str] | None = None,

@@ -24,6 +24,7 @@ from coi.sessions import commands, containers, signals, spec, state, tmux
 if TYPE_CHECKING:
     from coi.config import Config
     from coi.incus import IncusClient
+    from coi.tools import Tool
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,7 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
     from coi.tools import get_tool
 
     cfg = place.config
-    extra_env = {k: os.environ[k] for k in cfg.tool.env_passthrough if k in os.environ}
-    extra_env.update(profile_env)
-    extra_env.update(spec.parse_env(env))
-    if _by_name(cfg):
-        from coi.network import proxy_environment
-        from coi.network.credentials import container_env
-
-        extra_env.update(proxy_environment(place.client))
-        extra_env.update(container_env(cfg.credentials))  # placeholders win: no secret goes in
+    extra_env = session_env(place, profile_env=profile_env, env=env)
     limits = spec.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
     mounts = list(cfg.mounts.default) + [spec.parse_mount(m, cwd=Path.cwd()) for m in mount]
     if storage == "":  # --storage alone
@@ -107,6 +100,22 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
         shift=shift, lock_dir=place.sessions_dir / "locks",
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
         branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare)
+
+
+def session_env(place: Place, *, profile_env: Mapping[str, str], env: Iterable[str] = ()) -> dict[str, str]:
+    """The agent's own variables: the host's ``[tool] env_passthrough``, the profile's, ``--env``
+    values, and for the allowlist by name the proxy's and the credentials' placeholders."""
+    cfg = place.config
+    extra_env = {k: os.environ[k] for k in cfg.tool.env_passthrough if k in os.environ}
+    extra_env.update(profile_env)
+    extra_env.update(spec.parse_env(list(env)))
+    if _by_name(cfg):
+        from coi.network import proxy_environment
+        from coi.network.credentials import container_env
+
+        extra_env.update(proxy_environment(place.client))
+        extra_env.update(container_env(cfg.credentials))  # placeholders win: no secret goes in
+    return extra_env
 
 
 def _by_name(cfg: Config) -> bool:
@@ -341,16 +350,20 @@ def restore_state(place: Place, name: str, saved: state.SavedSession, req: spec.
 
 def inject_credentials(place: Place, name: str, req: spec.SessionRequest) -> None:
     """Fresh credentials on every start and resume: only the tool's essential files."""
+    push_credentials(place, name, req.tool, code_uid=req.code_uid)
+
+
+def push_credentials(place: Place, name: str, tool: Tool, *, code_uid: int) -> None:
+    """``tool``'s credential and settings files from the host into code's home in ``name``."""
     from coi.tools import host_home
 
-    files = req.tool.credentials(host_home(), full_host_config=place.config.tool.full_host_config)
+    files = tool.credentials(host_home(), full_host_config=place.config.tool.full_host_config)
     dirs = sorted({str(Path(rel).parent) for rel in files} - {"."})
     for rel in dirs:
-        place.client.make_dir(name, f"{spec.CODE_HOME}/{rel}", uid=req.code_uid, gid=req.code_uid, mode=0o700)
+        place.client.make_dir(name, f"{spec.CODE_HOME}/{rel}", uid=code_uid, gid=code_uid, mode=0o700)
     for rel, content in files.items():
-        place.client.push_file(name, f"{spec.CODE_HOME}/{rel}", content, uid=req.code_uid, gid=req.code_uid,
-                               mode=0o600)
-    place.messages.detail(f"Copied {len(files)} credential/settings file(s) for {req.tool.name}")
+        place.client.push_file(name, f"{spec.CODE_HOME}/{rel}", content, uid=code_uid, gid=code_uid, mode=0o600)
+    place.messages.detail(f"Copied {len(files)} credential/settings file(s) for {tool.name}")
 
 
 def attached_argv(place: Place, session: spec.Session, req: spec.SessionRequest,
@@ -379,11 +392,20 @@ def after_attach(place: Place, name: str, code: int) -> None:
     if code == 0 and not spec.is_stopped(inst):
         place.messages.info(f"Detached; container {name} keeps running. Re-attach with: coi attach {name}")
         return
+    if _being_restored(place, name):  # stopped by ``coi snapshot restore``: not the session's end
+        place.messages.info(f"Container {name} is being restored from a snapshot. Re-attach with: coi attach {name}")
+        return
     if containers.wait_stopped(client, name, timeout=60):
         with signals.signals_ignored():  # the save and the delete run to their end
             end(place, name)
         return
     place.messages.info(f"Container {name} keeps running. Re-attach with: coi attach {name}")
+
+
+def _being_restored(place: Place, name: str) -> bool:
+    from coi.sessions.snapshots import being_restored
+
+    return being_restored(place.sessions_dir, name)
 
 
 def end(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:

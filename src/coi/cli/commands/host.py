@@ -88,7 +88,8 @@ def completion(ctx: Context, *, shell: str) -> int:
 
 
 def complete(ctx: Context, *, what: str) -> int:
-    """Live words for completion: coi container names, saved session ids or branch sessions."""
+    """Live words for completion: coi container names, saved session ids, branch sessions or the
+    snapshots of the workspace's only session container."""
     if what == "containers":
         from coi import naming, sessions
 
@@ -99,9 +100,24 @@ def complete(ctx: Context, *, what: str) -> int:
 
         for b in copies.all_branches(ctx.sessions_dir, ctx.workspace):
             ctx.ui.out(b.name)
+    elif what == "snapshots":
+        _complete_snapshots(ctx)
     else:
         from coi.sessions import state
 
         for s in state.saved_sessions(ctx.sessions_dir):
             ctx.ui.out(s.session_id)
     return 0
+
+
+def _complete_snapshots(ctx: Context) -> None:
+    """Snapshot names of the workspace's only session container; none when it has none or several."""
+    from coi.errors import CoiError
+    from coi.sessions import snapshots
+
+    try:
+        found = snapshots.listing(ctx.place, container=None)
+    except CoiError:
+        return
+    for s in found.snapshots:
+        ctx.ui.out(s.name)
