@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,14 +205,10 @@ def _unix_socket(path: Path) -> socket.socket:
 
 
 @pytest.fixture
-def short(tmp_path_factory) -> Path:
+def short() -> Path:
     """A directory with a short path (AF_UNIX paths are limited to 108 bytes)."""
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix="coi-fw-"))
     yield path
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -328,9 +326,7 @@ def test_without_ssh_auth_sock_the_request_is_refused_before_anything_exists(hom
     assert fake.called("create_instance") == []
 
 
-def test_an_agent_socket_in_the_workspace_is_refused(home, workspace, monkeypatch):
-    import tempfile
-
+def test_an_agent_socket_in_the_workspace_is_refused(home, monkeypatch):
     short_ws = Path(tempfile.mkdtemp(prefix="coi-ws-"))
     try:
         with _unix_socket(short_ws / "agent.sock"):
@@ -338,8 +334,6 @@ def test_an_agent_socket_in_the_workspace_is_refused(home, workspace, monkeypatc
             with pytest.raises(CoiError, match="which a container can write"):
                 _request(_place(home, short_ws, FakeIncus(), agent=True))
     finally:
-        import shutil
-
         shutil.rmtree(short_ws, ignore_errors=True)
 
 
