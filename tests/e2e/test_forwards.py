@@ -5,8 +5,10 @@ listed from inside, and no key enters the container."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import urllib.request
@@ -38,7 +40,7 @@ def fetch(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as reply:
             return reply.read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # the proxy took the connection, nothing served it yet
         return None
 
 
@@ -47,12 +49,32 @@ def own(user, *paths: Path) -> None:
         os.chown(path, user.uid, user.gid)
 
 
+def started(user, argv: list[str], **kw) -> subprocess.Popen:
+    """``argv`` as ``user`` in a process group of its own, so that ``ended`` ends all of it."""
+    return subprocess.Popen(user.argv(argv), stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+
+
+def ended(proc: subprocess.Popen) -> None:
+    """SIGTERM to the group (coi cleans up after it, as after Ctrl+C), SIGKILL if that is not enough."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
 def serve_in(user, name: str, port: int) -> subprocess.Popen:
     """``python3 -m http.server PORT`` as code in /workspace of the container, in the background."""
-    argv = ["coi", "container", "exec", name, "--user", "1000", "--group", "1000", "--cwd", "/workspace", "--",
-            "python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    return subprocess.Popen(user.argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return started(user, ["coi", "container", "exec", name, "--user", "1000", "--group", "1000", "--cwd",
+                          "/workspace", "--", "python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_a_published_port_answers_on_the_hosts_loopback_and_coi_list_shows_it(session_user, workspace):
@@ -74,8 +96,7 @@ def test_a_published_port_answers_on_the_hosts_loopback_and_coi_list_shows_it(se
                  timeout=30, what=f"the container's server on the host's 127.0.0.1:{port}")
     finally:
         if server is not None:
-            server.kill()
-            server.wait()
+            ended(server)
         session_user.run(["kill", name])
     assert fetch(f"http://127.0.0.1:{port}/hello.txt") is None  # gone with the container
 
@@ -86,18 +107,15 @@ def test_coi_run_publishes_a_port_for_its_command(session_user, workspace):
                    "s.handle_request()")
     (workspace / "ran.txt").write_text("served by coi run\n")
     own(session_user, workspace / "ran.txt")
-    run = subprocess.Popen(session_user.argv(["coi", "run", "--port", f"{port}:8001", "--", "python3", "-c",
-                                              one_request]), cwd=workspace, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = started(session_user, ["coi", "run", "--port", f"{port}:8001", "--", "python3", "-c", one_request],
+                  cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: fetch(f"http://127.0.0.1:{port}/ran.txt") == "served by coi run\n", timeout=60,
                  what="coi run's server on the host")
         out, err = run.communicate(timeout=60)
         assert run.returncode == 0, err
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        ended(run)
     assert listed(session_user, workspace) == []
 
 
