@@ -101,6 +101,18 @@ def test_an_agent_socket_the_project_or_the_agent_controls_is_never_proxied(sess
     assert workspace_containers(incus, workspace) == []
 
 
+def test_a_session_cannot_take_a_host_port_its_user_could_not(session_user, workspace, incus):
+    """Incus's proxy runs as root and could listen below 1024; coi publishes only what the
+    user could open (it tries, as the user), so a session cannot stand in for a system service."""
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if start <= 80:
+        pytest.skip(f"this host lets every user listen from port {start} up")
+    proc = session_user.run(["run", "--port", "80:8000", "--", "true"], cwd=workspace)
+    assert proc.returncode == 1, proc.stderr
+    assert "host port 80 is below 1024" in proc.stderr and "--port 8080:8000" in proc.stderr
+    assert workspace_containers(incus, workspace) == []
+
+
 @pytest.fixture
 def host_server(tmp_path):
     """An HTTP server on the host's 127.0.0.1 only, serving a marker file; ended by its pid."""
