@@ -33,12 +33,15 @@ if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv python3-pip >/dev/null
 fi
 # The tests also drive the shells coi completes for (bash is there; zsh and fish may not be),
-# the network tests' lab makes its certificates with openssl, and the privileged helper's
-# tests need sudo from the start (coi setup --user, which installs it too, runs later).
-if [ "$extras" != "[proxy]" ] && ! { command -v zsh && command -v fish && command -v openssl && command -v sudo; } >/dev/null; then
-  echo "Installing zsh, fish, openssl and sudo for the tests..."
+# the network tests' lab makes its certificates with openssl, the privileged helper's
+# tests need sudo from the start (coi setup --user, which installs it too, runs later), and
+# the SSH agent forwarding tests run a real agent with a key of their own (openssh-client).
+if [ "$extras" != "[proxy]" ] && ! { command -v zsh && command -v fish && command -v openssl && command -v sudo \
+    && command -v ssh-agent && command -v ssh-keygen; } >/dev/null; then
+  echo "Installing zsh, fish, openssl, sudo and openssh-client for the tests..."
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish openssl sudo >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends zsh fish openssl sudo openssh-client \
+    >/dev/null
 fi
 if [ ! -x "$prefix/bin/python" ]; then
   echo "Creating $prefix..."

@@ -5,6 +5,8 @@ set -eu
 export DEBIAN_FRONTEND=noninteractive
 need=""
 for cmd in tmux python3 sudo git; do command -v "$cmd" >/dev/null || need="$need $cmd"; done
+# ssh-add: the SSH agent forwarding tests list the forwarded agent's keys from inside.
+command -v ssh-add >/dev/null || need="$need openssh-client"
 if [ -n "$need" ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends $need

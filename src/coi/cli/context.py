@@ -25,6 +25,7 @@ FLAG_KEYS = {
     "persistent": ("defaults.persistent", "--persistent"),
     "network": ("network.mode", "--network"),
     "profile": ("defaults.profile", "--profile"),
+    "ssh_agent": ("ssh.forward_agent", "--ssh-agent"),
 }
 
 
@@ -54,8 +55,8 @@ class Context:
         for dest, (key, flag) in FLAG_KEYS.items():
             if dest in kwargs:
                 value = kwargs.pop(dest)
-                # store_true flags only count when given.
-                if value is not None and value is not False:
+                # Flags only count when given (None); --no-ssh-agent gives False, and it counts.
+                if value is not None:
                     flag_values[key] = (flag, value)
         ws = Path(os.path.abspath(os.path.expanduser(workspace or os.getcwd())))
         ctx = cls(ui=UI(quiet=quiet, verbose=verbose), workspace=ws, flag_values=flag_values)

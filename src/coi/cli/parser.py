@@ -122,6 +122,16 @@ def _branch_flags(p: argparse.ArgumentParser) -> None:
                    help="with a new --branch: bring your uncommitted changes along")
 
 
+def _forward_flags(p: argparse.ArgumentParser) -> None:
+    """What a session reaches through the container's walls: published ports, the SSH agent."""
+    p.add_argument("--port", action="append", default=[], metavar="[HOST_PORT:]CONTAINER_PORT",
+                   help="publish a TCP port of the container on this host's 127.0.0.1 (repeatable; "
+                        "HOST_PORT defaults to CONTAINER_PORT; other addresses: [[ports]] in your config)")
+    p.add_argument("--ssh-agent", action=argparse.BooleanOptionalAction, default=None,
+                   help="forward your SSH agent ($SSH_AUTH_SOCK) to the agent: ssh and git push work, "
+                        "no key enters the container (default: [ssh] forward_agent, off)")
+
+
 def _format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text", help="text or json (default: text)")
 
@@ -142,10 +152,11 @@ def _shell_command(sub, summary: str) -> None:
                  "coi shell --persistent --slot 2")
     _session_flags(p)
     _branch_flags(p)
+    _forward_flags(p)
     p.add_argument("--background", action="store_true", help="start the session detached and return")
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help='with --background, json prints {"container", "session_id", "slot", "workspace", '
-                        '"network", "branch"} on stdout (default: text)')
+                        '"network", "branch", "ports", "ssh_agent"} on stdout (default: text)')
     p.add_argument("--debug", action="store_true", help="start bash instead of the agent")
     p.add_argument("--tmux", dest="tmux", action=argparse.BooleanOptionalAction, default=True,
                    help="run the agent inside tmux (default: on)")
@@ -160,6 +171,7 @@ def _run_command(sub, summary: str) -> None:
                  "coi run -- make test")
     _session_flags(p, resume=False)
     _branch_flags(p)
+    _forward_flags(p)
     p.add_argument("--capture", action="store_true",
                    help='print one JSON object {"stdout", "stderr", "exit_code"}')
     p.add_argument("--timeout", type=float, default=0, metavar="S",

@@ -65,6 +65,10 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
             ui.out(f"    Refused connections: {c.refused_connections} (coi logs {c.name} --network)")
         if c.limits:
             ui.out("    Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
+        if c.ports:
+            ui.out("    Ports: " + ", ".join(f"{p.host_endpoint} -> {p.container}" for p in c.ports))
+        if c.ssh_agent:
+            ui.out("    SSH agent: forwarded")
     if include_saved:
         _heading(ui, "Saved Sessions:", empty=not saved)
         for s in saved:

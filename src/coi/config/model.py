@@ -33,6 +33,24 @@ class Credential:
 
 
 @dataclass(frozen=True)
+class PublishedPort:
+    """``[[ports]]`` or ``--port``: a TCP port of the container, published on the host's
+    ``address`` (127.0.0.1 unless the user's own config says otherwise) at port ``host``."""
+
+    container: int
+    host: int
+    address: str = "127.0.0.1"
+
+    @property
+    def host_endpoint(self) -> str:
+        """``127.0.0.1:8080``, ``[::1]:8080``: where the port is on the host."""
+        return f"[{self.address}]:{self.host}" if ":" in self.address else f"{self.address}:{self.host}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host_address": self.address, "host_port": self.host, "container_port": self.container}
+
+
+@dataclass(frozen=True)
 class Defaults:
     image: str
     persistent: bool
@@ -97,6 +115,13 @@ class Git:
 
 
 @dataclass(frozen=True)
+class Ssh:
+    """``[ssh]``: the user's SSH agent forwarded into the container (a socket; no key goes in)."""
+
+    forward_agent: bool = False
+
+
+@dataclass(frozen=True)
 class Sessions:
     """``[sessions]``: bounds of one save, and how many saves of a session are kept."""
 
@@ -155,12 +180,14 @@ class Config:
     sessions: Sessions = field(default_factory=Sessions)
     git: Git = field(default_factory=Git)
     credentials: tuple[Credential, ...] = ()
+    ports: tuple[PublishedPort, ...] = ()
+    ssh: Ssh = field(default_factory=Ssh)
 
 
 _CLASSES: Mapping[str, type] = {
     "defaults": Defaults, "tool": Tool, "paths": Paths, "incus": Incus, "network": Network,
     "network.logging": NetworkLogging, "mounts": Mounts, "limits": Limits, "build": Build,
-    "sessions": Sessions, "git": Git,
+    "sessions": Sessions, "git": Git, "ssh": Ssh,
 }
 
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from coi.config.model import Credential, LoadedConfig, Mount
+from coi.config.model import Credential, LoadedConfig, Mount, PublishedPort
 
 def _plain(value: Any) -> Any:
     """A config value as JSON/TOML data: paths as strings, tuples as lists."""
@@ -15,6 +15,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, Mount):
         return {"host": str(value.host), "container": value.container}
+    if isinstance(value, PublishedPort):
+        return {"container": value.container, "host": value.host, "address": value.address}
     if isinstance(value, Credential):  # where the secret comes from; never the secret
         return {k: _plain(v) for k, v in vars(value).items() if v not in ("", None, ())}
     if isinstance(value, (list, tuple)):

@@ -76,6 +76,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("mounts.default", "mounts", []),
     # Secrets the egress proxy injects (allowlist by name); only your own config can set them.
     Key("credentials", "credentials", []),
+    # [[ports]]: container ports published on the host (TCP; { container = 3000, host = 8080, address = "127.0.0.1" }).
+    Key("ports", "ports", []),
+    # The user's SSH agent ($SSH_AUTH_SOCK) forwarded into the container as a socket; no key goes in.
+    Key("ssh.forward_agent", "bool", False),
     Key("git.isolation", "str", "shared", env="COI_GIT_ISOLATION", choices=GIT_ISOLATION),
     # A checked-out spare copy per workspace, so that a branch session does not wait for a checkout.
     Key("git.keep_spare", "bool", True, env="COI_GIT_KEEP_SPARE"),

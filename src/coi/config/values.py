@@ -82,6 +82,31 @@ def _mount(raw: Any, src: _Source) -> Mount:
     return Mount(host=_path(raw["host"], src), container=_expect(container.startswith("/"), container))
 
 
+_PORT_KEYS = {"container", "host", "address"}
+
+
+def _ports(raw: Any, src: _Source) -> tuple[Any, ...]:
+    return tuple(_port(item, src) for item in _expect(isinstance(raw, (list, tuple)), raw))
+
+
+def _port(raw: Any, src: _Source) -> Any:
+    """One ``[[ports]]`` table: ``container``, and ``host`` (default: the same) and ``address``
+    (default 127.0.0.1: an IP address, written the one way Incus and coi list show it)."""
+    import ipaddress
+
+    from coi.config.model import PublishedPort
+
+    _expect(isinstance(raw, dict) and "container" in raw and raw.keys() <= _PORT_KEYS, raw)
+    container = _int(raw["container"], src)
+    host = _int(raw.get("host", container), src)
+    _expect(all(1 <= port <= 65535 for port in (container, host)), raw)
+    try:
+        address = str(ipaddress.ip_address(_str(raw.get("address", "127.0.0.1"), src)))
+    except ValueError:
+        raise ValueError(raw) from None
+    return PublishedPort(container=container, host=host, address=address)
+
+
 _CREDENTIAL_KEYS = {"name", "hosts", "header", "env", "file", "command", "container_env", "value"}
 
 
@@ -119,6 +144,8 @@ _KINDS: dict[str, tuple[str, Callable[[Any, _Source], Any]]] = {
     "strlist": ("a list of strings", _strlist),
     "strmap": ('a table of strings such as { NAME = "value" }', _strmap),
     "mounts": ('a list of tables such as { host = "~/notes", container = "/notes" }', _mounts),
+    "ports": ('a list of tables such as { container = 3000, host = 8080, address = "127.0.0.1" } (ports 1 to '
+              '65535; host defaults to container, address to 127.0.0.1)', _ports),
     "credentials": ('a list of tables such as { name = "anthropic", hosts = ["api.anthropic.com"], '
                     'header = "x-api-key", env = "ANTHROPIC_API_KEY" } (one of env, file, command)', _credentials),
 }

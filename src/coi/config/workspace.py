@@ -26,6 +26,7 @@ WORKSPACE_KEYS = frozenset({
     "network.block_private_networks", "network.block_metadata_endpoint",
     "network.allow_local_network_access", "network.logging.enabled",
     "mounts.default", "git.isolation", "limits.cpu", "limits.memory", "limits.processes",
+    "ports", "ssh.forward_agent",
     *(k.path for k in SCHEMA if k.path.startswith("profiles.*.")),
 })
 
@@ -70,6 +71,11 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
         return "a workspace file cannot lift a network block"
     if top == "network.allow_local_network_access" and value:
         return "a workspace file cannot open the local network"
+    if top == "ports" and value:
+        return ("a workspace file cannot publish ports, as a listener on your host could pose as a service "
+                "of yours: use --port")
+    if top == "ssh.forward_agent" and value:
+        return "a workspace file cannot forward your SSH agent: use --ssh-agent"
     if top == "git.isolation" and value == "shared" and base == "branch":
         return "a workspace file cannot turn branch isolation off"
     if top == "mounts.default":

@@ -3,9 +3,10 @@ happens when the session ends.
 
 Owns: the session's spec (``spec``: pure), its container (``containers``), commands in
 it (``commands``: the one exec policy), the agent's tmux session (``tmux``), signal
-handling around daemon work (``signals``), the saved state on the host (``state``),
-the start and end of a session as a whole (``lifecycle``) and snapshots of its
-container (``snapshots``).
+handling around daemon work (``signals``), published ports and the SSH agent
+(``forwards``: proxy devices), the saved state on the host (``state``), the start
+and end of a session as a whole (``lifecycle``) and snapshots of its container
+(``snapshots``).
 
 Must not: print (it reports through the ``Messages``/``Log`` it is given), build an
 Incus client (it gets one), import ``coi.cli``, or trust anything the workspace or
@@ -38,7 +39,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-_MODULES = ("commands", "containers", "lifecycle", "manage", "signals", "snapshots", "spec", "state", "tmux")
+_MODULES = ("commands", "containers", "forwards", "lifecycle", "manage", "signals", "snapshots", "spec", "state",
+            "tmux")
 
 
 def __getattr__(name: str) -> Any:

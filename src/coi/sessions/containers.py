@@ -75,6 +75,7 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
     set-up is interrupted.
     """
     from coi import network
+    from coi.sessions import forwards
 
     with workspace_lock(req.lock_dir, req.workspace), network.address_lock(req.lock_dir):
         instances = client.instances(recursion=1)
@@ -87,8 +88,10 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
             if candidates:
                 slot = candidates[0]
                 inst = existing[slot]
+                ports, agent = forwards.onto_reused(client, inst, req, instances)
                 return Session(inst["name"], slot, inst["config"].get(f"{KEY}session_id") or
-                               new_session_id(), True, False, req.workspace)
+                               new_session_id(), True, False, req.workspace, ports=ports, ssh_agent=agent)
+        forwards.check_ports_free(req.ports, instances)  # before anything is made
         slot = choose_slot(set(existing), wanted=req.slot, max_slots=req.max_slots)
         if req.slot > 0 and slot != req.slot:
             log(f"Slot {req.slot} is busy; using slot {slot}")
@@ -101,6 +104,7 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
             host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
             base_config=req.base_config, profile=req.profile, branch=req.branch)
+        devices.update(forwards.devices(req))
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)
         try:
@@ -111,7 +115,8 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
             raise NotFoundError(f"image {req.image} not found",
                                 "build it with 'coi build'" if req.image == "coi"
                                 else f"build it with 'coi build custom {req.image} --script FILE'") from None
-        return Session(name, slot, session_id, req.persistent, True, req.workspace)
+        return Session(name, slot, session_id, req.persistent, True, req.workspace, ports=req.ports,
+                       ssh_agent=bool(req.ssh_agent))
 
 
 def create_pinned(client: IncusClient, name: str, *, image: str, config: Mapping[str, str],

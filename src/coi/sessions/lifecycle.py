@@ -66,17 +66,19 @@ def use_shift(place: Place) -> bool:
 def request(place: Place, *, slot: int, env: list[str], mount: list[str], storage: str | None,
             profile_env: Mapping[str, str], profile: str | None, session_id: str | None = None,
             persistent: bool | None = None, branch: str | None = None, carry: bool = False,
-            saved: state.SavedSession | None = None) -> spec.SessionRequest:
+            saved: state.SavedSession | None = None, port: Iterable[str] = ()) -> spec.SessionRequest:
     """What a session of this workspace is to be, every value checked before anything exists
     but a branch session's new copy, which is reserved last (``branch_copy``).
 
     ``storage``: None (no storage), "" (the workspace's default directory) or a path.
     ``branch``: None (the workspace itself, unless ``[git] isolation`` says branch), ""
-    (a new copy with a generated name) or NAME.
+    (a new copy with a generated name) or NAME. ``port``: the ``--port`` values.
     """
+    from coi.sessions import forwards
     from coi.tools import get_tool
 
     cfg = place.config
+    ports = forwards.session_ports(cfg.ports, port)
     extra_env = session_env(place, profile_env=profile_env, env=env)
     limits = spec.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
     mounts = list(cfg.mounts.default) + [spec.parse_mount(m, cwd=Path.cwd()) for m in mount]
@@ -87,7 +89,13 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
     spec.check_mounts(mounts, storage=storage_path is not None)
     if not place.workspace.is_dir():
         raise NotFoundError(f"workspace {place.workspace} is not a directory")
-    check_state_exposure(place, [*(m.host for m in mounts), *([storage_path] if storage_path else [])])
+    exposed = [*(m.host for m in mounts), *([storage_path] if storage_path else [])]
+    check_state_exposure(place, exposed)
+    ssh_agent = None
+    if cfg.ssh.forward_agent:
+        ssh_agent = forwards.agent_socket(os.environ, exposed=[place.workspace, *exposed,
+                                                               cfg.paths.sessions_dir / "branches"])
+        extra_env[forwards.AGENT_ENV] = forwards.AGENT_SOCKET
     shift = use_shift(place)
     place.messages.detail("Workspace mount: " + ("idmapped (shift=true)" if shift else
                                                  f"raw.idmap {os.getuid()} -> {cfg.incus.code_uid}"))
@@ -99,7 +107,8 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
         prefix=naming.container_prefix(), code_uid=cfg.incus.code_uid, host_uid=os.getuid(), host_gid=os.getgid(),
         shift=shift, lock_dir=place.sessions_dir / "locks",
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
-        branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare)
+        branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare, ports=ports,
+        ssh_agent=ssh_agent)
 
 
 def session_env(place: Place, *, profile_env: Mapping[str, str], env: Iterable[str] = ()) -> dict[str, str]:

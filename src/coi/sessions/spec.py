@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Mapping
 
 from coi import naming
-from coi.config import Mount
+from coi.config import Mount, PublishedPort
 from coi.errors import CoiError, ConflictError, UsageError
 from coi.incus.records import ipv4_addresses
 
@@ -225,6 +225,8 @@ class SessionRequest:
     branch_new: bool = False  # the copy was reserved for this session and still has to be filled
     carry: bool = False  # the new copy takes the host's uncommitted changes along
     keep_spare: bool = False  # the new copy may take the workspace's spare ([git] keep_spare)
+    ports: tuple[PublishedPort, ...] = ()  # published on the host (coi.sessions.forwards)
+    ssh_agent: str | None = None  # the user's agent socket, checked, when it is forwarded
 
 
 @dataclass
@@ -235,6 +237,8 @@ class Session:
     persistent: bool
     created: bool  # False when an existing persistent container is reused
     workspace: Path
+    ports: tuple[PublishedPort, ...] = ()  # all the container publishes (a reused one may have more)
+    ssh_agent: bool = False
 
 
 def new_session_id() -> str:
@@ -271,6 +275,8 @@ class ContainerInfo:
     limits: dict[str, str] = field(default_factory=dict)
     branch: str | None = None  # a branch session's NAME (its branch is coi/NAME)
     refused_connections: int = 0  # refused by coi's egress proxy (allowlist by name)
+    ports: tuple[PublishedPort, ...] = ()
+    ssh_agent: bool = False  # the user's SSH agent is forwarded
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "created_at": self.created_at,
@@ -278,7 +284,8 @@ class ContainerInfo:
                 "slot": self.slot, "ipv4": self.ipv4[0] if self.ipv4 else None,
                 "session_id": self.session_id, "tool": self.tool,
                 "branch": f"coi/{self.branch}" if self.branch else None,
-                "refused_connections": self.refused_connections}
+                "refused_connections": self.refused_connections,
+                "ports": [port.to_json() for port in self.ports], "ssh_agent": self.ssh_agent}
 
 
 LAUNCHED = f"{KEY}launched"  # set on the containers of ``coi container launch``
@@ -310,6 +317,8 @@ def launched_config(name: str, *, image: str, ephemeral: bool, prefix: str) -> d
 
 
 def to_info(instance: Mapping[str, Any]) -> ContainerInfo:
+    from coi.sessions import forwards
+
     cfg = instance.get("config") or {}
     state = instance.get("state") or {}
     ipv4 = ipv4_addresses(state, global_only=False)
@@ -322,6 +331,7 @@ def to_info(instance: Mapping[str, Any]) -> ContainerInfo:
         session_id=cfg.get(f"{KEY}session_id", ""), tool=cfg.get(f"{KEY}tool", ""),
         limits={k[len("limits."):]: v for k, v in cfg.items() if k.startswith("limits.")},
         branch=cfg.get(f"{KEY}branch") or None,
+        ports=forwards.published(instance), ssh_agent=forwards.agent_forwarded(instance),
     )
 
 

@@ -25,7 +25,8 @@ def _request(ctx: Context, **kw: Any):
 def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
           env: list[str], mount: list[str], storage: str | None = None, background: bool = False,
           debug: bool = False, tmux: bool = True, generation: int = 1, format: str = "text",
-          branch: str | None = None, carry: bool = False, extra: list[str]) -> int:
+          branch: str | None = None, carry: bool = False, port: list[str] | None = None,
+          extra: list[str]) -> int:
     from coi.sessions import commands, lifecycle, signals, state
 
     if extra:
@@ -48,7 +49,7 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
             ctx.set_flag("defaults.profile", "the resumed session", saved.metadata["profile"])
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage,
                    session_id=saved.session_id if saved else None, persistent=persistent,
-                   branch=branch, carry=carry, saved=saved)
+                   branch=branch, carry=carry, saved=saved, port=port or [])
     place = ctx.place
     with signals.interruptible():
         session = lifecycle.open_session(place, req)
@@ -57,6 +58,10 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
     ctx.ui.info(f"Session ID: {session.session_id}")
     ctx.ui.info(f"Container: {session.name}")
     ctx.ui.info(f"Workspace: {session.workspace}")
+    for published in session.ports:
+        ctx.ui.info(f"Port: {published.host_endpoint} -> {published.container} in the container")
+    if session.ssh_agent:
+        ctx.ui.info("SSH agent: forwarded (SSH_AUTH_SOCK in the container)")
     if background or not sys.stdin.isatty():
         if not background:
             ctx.ui.info("No terminal here: the session keeps running in the background.")
@@ -67,7 +72,8 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
             print_json(ctx.ui, {"container": session.name, "session_id": session.session_id,
                                 "slot": session.slot, "workspace": str(session.workspace),
                                 "network": cfg.network.mode,
-                                "branch": req.branch.branch if req.branch else None})
+                                "branch": req.branch.branch if req.branch else None,
+                                "ports": [p.to_json() for p in session.ports], "ssh_agent": session.ssh_agent})
         return 0
     argv = lifecycle.attached_argv(place, session, req, saved, debug=debug, tmux_session=tmux)
     code = commands.run_attached(argv, again_if_lost=tmux)
@@ -79,14 +85,15 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
 
 def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         storage: str | None = None, capture: bool = False, timeout: float = 0, branch: str | None = None,
-        carry: bool = False, command: list[str]) -> int:
+        carry: bool = False, port: list[str] | None = None, command: list[str]) -> int:
     from coi.sessions import lifecycle
 
     if not command:
         raise UsageError("no command given", "Usage: coi run [flags] [--] COMMAND [ARG...]")
     if len(command) == 1 and any(c in command[0] for c in " \n|;&<>()$`*?'\""):
         command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
-    req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage, branch=branch, carry=carry)
+    req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage, branch=branch, carry=carry,
+                   port=port or [])
     result = lifecycle.run(ctx.place, req, command, capture=capture, timeout=timeout)
     if isinstance(result, lifecycle.Captured):
         ctx.ui.out(result.to_json())
