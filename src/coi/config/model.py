@@ -155,6 +155,7 @@ class Config:
     sessions: Sessions = field(default_factory=Sessions)
     git: Git = field(default_factory=Git)
     credentials: tuple[Credential, ...] = ()
+    prompts: Mapping[str, str] = field(default_factory=dict)  # [prompts] NAME = "text"
 
 
 _CLASSES: Mapping[str, type] = {
@@ -199,4 +200,5 @@ def _build_config(values: Mapping[str, Any]) -> Config:
             _, name, rest = path.split(".", 2)
             per_profile.setdefault(name, {})[_KEYS[_generic(path)].attr or rest] = value
     profiles = {name: _build(Profile, v, _PROFILE_CLASSES) for name, v in per_profile.items()}
-    return _build(Config, {**values, "profiles": profiles}, _CLASSES)
+    prompts = {path.split(".", 1)[1]: value for path, value in values.items() if path.startswith("prompts.")}
+    return _build(Config, {**values, "profiles": profiles, "prompts": prompts}, _CLASSES)
