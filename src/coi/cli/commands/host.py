@@ -56,7 +56,7 @@ def completion(ctx: Context, *, shell: str) -> int:
 
 
 def complete(ctx: Context, *, what: str) -> int:
-    """Live words for completion: coi container names, saved session ids or branch sessions."""
+    """Live words for completion: coi container names, saved session ids, branch sessions or prompt names."""
     if what == "containers":
         from coi import naming, sessions
 
@@ -67,6 +67,9 @@ def complete(ctx: Context, *, what: str) -> int:
 
         for b in copies.all_branches(ctx.sessions_dir, ctx.workspace):
             ctx.ui.out(b.name)
+    elif what == "prompts":  # [prompts] of the config (names are checked words: safe for the shell)
+        for name in sorted(ctx.config.prompts):
+            ctx.ui.out(name)
     else:
         from coi.sessions import state
 
