@@ -246,3 +246,21 @@ def test_the_allowlist_by_name_tells_registries_apart_on_the_real_image(by_name_
     assert listed["refused_connections"] == sum(e["verdict"] == "refused" for e in entries) >= 1
     assert by_name_user.run(["kill", name, "--force"]).returncode == 0
     assert not user_proxies(by_name_user.home / ".coi"), "the proxy outlived the user's last session"
+
+
+def test_a_headless_prompt_reaches_claude_which_says_it_is_not_logged_in(real_user, workspace):
+    """``coi run --prompt`` runs the real ``claude -p``: nobody is logged in, so Claude Code's own
+    sign-in error comes back with its non-zero exit code, and the session is saved and resumes."""
+    import re
+
+    proc = real_user.run(["run", "--timeout", "120", "--prompt", "hi"], cwd=workspace, input="")
+    said = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 124), said  # claude's own failure, not a timeout
+    assert re.search(r"not logged in|/login|invalid api key|authentication", said, re.I), said
+    assert "Traceback" not in said and "unexpected failure" not in said
+    sid = re.search(r"^Session ID: (\S+)$", proc.stderr, re.M)[1]
+    assert (real_user.home / ".coi" / "sessions-claude" / sid / "metadata.json").is_file()
+    name = start(real_user, workspace, "--resume")
+    wait_for(lambda: PROMPT in pane(real_user, name), timeout=60, what="the resumed Claude Code's prompt")
+    assert "No conversation found" not in pane(real_user, name)
+    assert real_user.run(["kill", name]).returncode == 0

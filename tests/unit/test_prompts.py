@@ -238,3 +238,58 @@ def test_run_help_names_the_prompt_flags(capsys):
     out = capsys.readouterr().out
     assert "--prompt TEXT" in out and "--prompt-file FILE" in out and "--prompt-name NAME" in out
     assert "coi shell --resume" in out
+
+
+def _bash_complete(cli, words: list[str]) -> set[str]:
+    """What coi's bash completion offers for ``words``; ``coi`` is this checkout's, run as a function."""
+    import shlex
+    import subprocess
+
+    from coi.cli.completion import bash
+    from coi.cli.parser import build_parser
+
+    script = (_coi_function("bash") + bash(build_parser()) + "\nCOMP_WORDS=("
+              + " ".join(shlex.quote(w) for w in words) + ")\n"
+              f"COMP_CWORD={len(words) - 1}; _coi; printf '%s\\n' \"${{COMPREPLY[@]}}\"\n")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=cli)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_bash_completes_prompt_names_after_the_flag(cli):
+    with open(cli.parent / "home" / ".config" / "coi" / "config.toml", "a") as fh:
+        fh.write('fix = "Fix it"\n')
+    assert _bash_complete(cli, ["coi", "run", "--prompt-name", ""]) == {"review", "fix"}
+    assert _bash_complete(cli, ["coi", "run", "--prompt-name", "re"]) == {"review"}
+    assert _bash_complete(cli, ["coi", "run", "--prompt-name=f"]) == {"--prompt-name=fix"}
+    assert {"--prompt", "--prompt-file", "--prompt-name"} <= _bash_complete(cli, ["coi", "run", "--pro"])
+
+
+def _coi_function(shell: str) -> str:
+    import shlex
+    import sys
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    run = f"env PYTHONPATH={shlex.quote(str(src))} {shlex.quote(sys.executable)} -m coi"
+    return f"function coi; {run} $argv; end\n" if shell == "fish" else f'coi() {{ {run} "$@"; }}\n'
+
+
+def test_zsh_and_fish_complete_prompt_names_too(cli):
+    import shutil
+    import subprocess
+
+    from coi.cli.completion import fish, zsh
+    from coi.cli.parser import build_parser
+
+    if shutil.which("zsh"):
+        script = (_coi_function("zsh") + 'compadd() { print -r -- "$@" }; compdef() {}; _files() {}; compset() {}\n'
+                  + zsh(build_parser()) + "\nwords=(coi run --prompt-name ''); CURRENT=4; _coi\n")
+        proc = subprocess.run(["zsh", "-f", "-c", script], capture_output=True, text=True, timeout=60, cwd=cli)
+        assert proc.returncode == 0, proc.stderr
+        assert set(proc.stdout.split()) - {"--"} == {"review"}
+    if shutil.which("fish"):
+        script = _coi_function("fish") + fish(build_parser()) + "\ncomplete -C 'coi run --prompt-name '\n"
+        proc = subprocess.run(["fish", "--no-config", "-c", script], capture_output=True, text=True, timeout=60,
+                              cwd=cli)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["review"]
