@@ -82,7 +82,7 @@ def test_named_prompts_files_and_standard_input(session_user, workspace):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(agent_lines(proc.stdout)["PROMPT"]) == "Review the diff EXIT=0"
     config = session_user.home / ".config" / "coi" / "config.toml"
-    assert f"Prompt: prompt review from {config}" in proc.stderr
+    assert f"Prompt: review from {config}" in proc.stderr
 
     task = workspace / "task.md"
     task.write_text("Fix the tests.\nThen say so. EXIT=4\n")

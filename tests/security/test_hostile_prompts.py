@@ -47,7 +47,7 @@ def test_a_project_may_add_a_prompt_and_says_so(files):
     loaded = files.load('[prompts]\nrelease = "Write the release notes"\n')
     chosen = files.choose(loaded, name="release")
     assert chosen.text == "Write the release notes"
-    assert chosen.source == f"prompt release from {files.workspace / '.coi.toml'}"  # shown before the run
+    assert chosen.source == f"release from {files.workspace / '.coi.toml'}"  # shown before the run
     assert loaded.warnings == []
 
 

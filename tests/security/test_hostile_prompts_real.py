@@ -88,7 +88,7 @@ def test_a_project_cannot_replace_the_users_prompt(session_user, workspace):
     proc = session_user.run(["run", "--prompt-name", "release"], cwd=workspace, input="")
     assert proc.returncode == 0, proc.stderr
     assert agent_saw(proc.stdout)[1] == "the project's release notes EXIT=0"
-    assert f"Prompt: prompt release from {workspace / '.coi.toml'}" in proc.stderr  # said before it runs
+    assert f"Prompt: release from {workspace / '.coi.toml'}" in proc.stderr  # said before it runs
 
 
 def test_no_host_file_reaches_the_agent_through_a_link_in_the_workspace(session_user, workspace, incus):

@@ -100,13 +100,13 @@ def test_bad_prompt_flags_are_usage_errors(files, kw, message):
 
 def test_the_text_is_taken_as_it_is(files):
     text = "it's \"$(rm -rf /)\" `id`\n--help\n" + "é" * 1000
-    assert choose(files, text=text) == prompts.Prompt(text, "--prompt")
+    assert choose(files, text=text) == prompts.Prompt(text, "")
     assert choose(files, text="x" * MAX_BYTES).text == "x" * MAX_BYTES  # the limit itself is fine
 
 
 def test_a_named_prompt_says_where_it_came_from(files):
     loaded = files.load(user='[prompts]\nreview = "Review the diff"\n')
-    assert choose(files, loaded, name="review") == prompts.Prompt("Review the diff", f"prompt review from {files.user}")
+    assert choose(files, loaded, name="review") == prompts.Prompt("Review the diff", f"review from {files.user}")
 
 
 @pytest.mark.parametrize("user, hint", [
@@ -134,7 +134,7 @@ def test_a_prompt_file_is_read(files):
 
 
 def test_standard_input_is_read_for_a_dash(files):
-    assert choose(files, file="-", stdin=io.BytesIO(b"from a pipe")).text == "from a pipe"
+    assert choose(files, file="-", stdin=io.BytesIO(b"from a pipe")) == prompts.Prompt("from a pipe", "standard input")
     with pytest.raises(CoiError, match="the prompt on standard input is over"):
         choose(files, file="-", stdin=io.BytesIO(b"x" * (MAX_BYTES + 1)))
 

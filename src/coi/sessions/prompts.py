@@ -34,7 +34,7 @@ class Prompt:
     """A checked prompt and where it came from, in the user's words."""
 
     text: str
-    source: str  # "--prompt", "file review.md", "prompt review from /home/me/.config/coi/config.toml"
+    source: str  # "" (typed on the command line), "file task.md", "review from /home/me/.config/coi/config.toml"
 
 
 def choose(*, text: str | None, file: str | None, name: str | None, command: list[str],
@@ -51,9 +51,10 @@ def choose(*, text: str | None, file: str | None, name: str | None, command: lis
         raise UsageError(f"{given[0]} runs the agent; a command ({command[0]!r}) cannot be given with it",
                          "coi run --prompt TEXT, or coi run -- COMMAND")
     if text is not None:
-        return Prompt(checked(text, "the --prompt text"), "--prompt")
+        return Prompt(checked(text, "the --prompt text"), "")
     if file is not None:
-        return Prompt(read_file(file, workspace=workspace, stdin=stdin), f"file {file}")
+        return Prompt(read_file(file, workspace=workspace, stdin=stdin),
+                      "standard input" if file == "-" else f"file {file}")
     assert name is not None
     return named(name, loaded)
 
@@ -81,7 +82,7 @@ def named(name: str, loaded: LoadedConfig) -> Prompt:
         raise UsageError(f"unknown prompt {name!r}",
                          f"defined prompts: {known}" if known else 'define one in your config: [prompts] NAME = "..."')
     origin = loaded.origins.get(f"prompts.{name}", "the config")
-    return Prompt(checked(prompts[name], f"prompt {name} (in {origin})", ConfigError), f"prompt {name} from {origin}")
+    return Prompt(checked(prompts[name], f"prompt {name} (in {origin})", ConfigError), f"{name} from {origin}")
 
 
 def read_file(file: str, *, workspace: Path, stdin: IO[bytes] | None = None) -> str:

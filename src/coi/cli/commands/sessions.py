@@ -91,7 +91,8 @@ def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage, branch=branch, carry=carry)
     if chosen is not None:
-        ctx.ui.info(f"Prompt: {chosen.source}")
+        if chosen.source:  # a file or a named prompt: say which, before it runs
+            ctx.ui.info(f"Prompt: {chosen.source}")
         result = lifecycle.run_agent(ctx.place, req, chosen.text, capture=capture, timeout=timeout)
     else:
         result = lifecycle.run(ctx.place, req, command, capture=capture, timeout=timeout)
