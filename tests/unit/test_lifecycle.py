@@ -443,3 +443,16 @@ def test_a_streamed_headless_run_hands_incus_the_prompt_as_one_argument(home, wo
     assert command[-1] == HOSTILE_PROMPT and command[-2] == "--" and "-p" in command
     assert not [a for a in command[:-1] if HOSTILE_PROMPT in a]  # in no shell script, no other argument
     assert (home / ".coi" / "sessions-claude" / said_session_id(place)).is_dir()
+
+
+def test_a_save_that_breaks_unexpectedly_still_removes_the_container(home, workspace, network, monkeypatch):
+    from coi.sessions import state
+
+    def broken(*a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(state, "save_session", broken)
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    with pytest.raises(OSError):
+        lifecycle.run_agent(place, request(place), "hi", capture=True, timeout=0)
+    assert fake.instances() == []

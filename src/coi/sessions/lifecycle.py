@@ -531,9 +531,11 @@ def run_agent(place: Place, req: spec.SessionRequest, prompt: str, *, capture: b
             return _run_command(place, session, req, command, capture=capture, timeout=timeout)
         finally:
             with signals.signals_ignored():  # a second signal must not cut the save or clean-up short
-                if started:
-                    _save_run(place, session)
-                _after_run(place, req, session, started)
+                try:
+                    if started:
+                        _save_run(place, session)
+                finally:
+                    _after_run(place, req, session, started)
 
 
 def headless_command(req: spec.SessionRequest, session: spec.Session, prompt: str) -> list[str]:
