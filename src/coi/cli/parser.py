@@ -157,7 +157,7 @@ def _shell_command(sub, summary: str) -> None:
 
 def _run_command(sub, summary: str) -> None:
     p = _command(sub, "run", "sessions:run", summary,
-                 "coi run -- make test\n  coi run --prompt 'Fix the failing test' && coi shell --resume")
+                 "coi run -- make test\n  coi run --prompt 'Fix the failing test'    # then: coi shell --resume")
     _session_flags(p, resume=False)
     _branch_flags(p)
     p.add_argument("--capture", action="store_true",
