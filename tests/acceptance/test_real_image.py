@@ -264,3 +264,30 @@ def test_a_headless_prompt_reaches_claude_which_says_it_is_not_logged_in(real_us
     wait_for(lambda: PROMPT in pane(real_user, name), timeout=60, what="the resumed Claude Code's prompt")
     assert "No conversation found" not in pane(real_user, name)
     assert real_user.run(["kill", name]).returncode == 0
+
+
+HEADLESS = [("codex", ["-e", f"OPENAI_API_KEY={KEY}"]), ("gemini", ["-e", f"GEMINI_API_KEY={KEY}"]),
+            ("aider", ["-e", f"OPENAI_API_KEY={KEY}"]), ("opencode", [])]
+USAGE_ERROR = r"unexpected argument|unrecognized (arguments?|subcommand)|unknown arguments?|^usage:"
+
+
+@pytest.mark.parametrize("tool, args", HEADLESS, ids=[h[0] for h in HEADLESS])
+def test_every_agent_takes_its_headless_flags(coi_user, agents_image, nft_sudo, workspace, tool, args):
+    """The real binaries accept the headless command lines coi gives them (coi.tools): with a
+    key that is not real, each fails at its provider (or runs out of time), never at its flags."""
+    import re
+    import shutil
+
+    cfg = coi_user.home / ".config" / "coi" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'[defaults]\nimage = "{agents_image}"\n[tool]\nname = "{tool}"\n'
+                   f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
+    try:  # a prompt starting with "-": an option to none of them
+        proc = coi_user.run(["run", "--timeout", "60", *args, "--prompt=-say hi"], cwd=workspace, input="")
+        said = proc.stdout + proc.stderr
+        assert not re.search(USAGE_ERROR, said, re.I | re.M), said
+        assert "Session data saved" in proc.stderr and "Traceback" not in said, said
+    finally:
+        coi_user.run(["kill", "--all", "--force"])
+        cfg.unlink(missing_ok=True)
+        shutil.rmtree(coi_user.home / ".coi", ignore_errors=True)  # the saved sessions of these runs
