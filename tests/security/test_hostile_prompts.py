@@ -119,3 +119,20 @@ def test_the_opened_file_is_the_one_checked(files, secret, monkeypatch):
     monkeypatch.setattr(os, "open", swapped)
     with pytest.raises(CoiError, match="is a link out of the workspace"):
         files.choose(files.load(""), file=str(files.workspace / "TASK.md"))
+
+
+def test_a_fifo_in_the_workspace_cannot_hold_coi_up(files, monkeypatch):
+    os.mkfifo(files.workspace / "TASK.md")  # nobody will ever write to it
+    with pytest.raises(CoiError, match="is not a regular file"):
+        files.choose(files.load(""), file=str(files.workspace / "TASK.md"))
+
+
+def test_a_pipe_of_the_users_own_is_read(files):
+    """``--prompt-file <(git diff)``: a pipe named outside the project."""
+    read, write = os.pipe()
+    try:
+        os.write(write, b"from a pipe")
+        os.close(write)
+        assert files.choose(files.load(""), file=f"/proc/self/fd/{read}").text == "from a pipe"
+    finally:
+        os.close(read)

@@ -96,19 +96,23 @@ def read_file(file: str, *, workspace: Path, stdin: IO[bytes] | None = None) -> 
                         "the prompt on standard input")
     what = f"prompt file {file}"
     path = Path(os.path.abspath(os.path.expanduser(file)))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # not blocking: a FIFO the project planted cannot hold coi up at the open
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NotFoundError(f"{what} does not exist") from None
     except OSError as exc:
         raise CoiError(f"cannot read {what}: {exc.strerror or exc}") from None
     try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise CoiError(f"{what} is a directory, not a file")
-        _check_inside(fd, path, workspace, what)
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise CoiError(f"{what} is a directory, not a file")
+        if _named_inside(path, workspace):
+            _check_inside(fd, workspace, what)
+            if not stat.S_ISREG(st.st_mode):
+                raise CoiError(f"{what} is not a regular file", "a prompt file in the project must be a plain file")
         if stat.S_ISREG(st.st_mode) and st.st_size > MAX_BYTES:
             raise CoiError(_too_large(what, st.st_size), _TOO_LARGE_HINT)
+        os.set_blocking(fd, True)  # a pipe of the user's own (<(...)) is read as it comes
         with open(fd, "rb", closefd=False) as fh:
             data = _bounded(fh, what)
     finally:
@@ -149,12 +153,16 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _check_inside(fd: int, path: Path, workspace: Path, what: str) -> None:
+def _named_inside(path: Path, workspace: Path) -> bool:
+    """Whether ``path`` (absolute, links not resolved) names a file of the project; a file
+    named outside it is the user's own."""
+    return _within(str(path), os.path.abspath(workspace)) or _within(str(path), os.path.realpath(workspace))
+
+
+def _check_inside(fd: int, workspace: Path, what: str) -> None:
     """A file named inside the workspace must be inside it, links resolved: the file
     that was opened (``fd``) is the one checked."""
     root = os.path.realpath(workspace)
-    if not (_within(str(path), os.path.abspath(workspace)) or _within(str(path), root)):
-        return  # a file of the user's own, named outside the project
     opened = os.readlink(f"/proc/self/fd/{fd}")
     if not _within(opened, root):
         raise CoiError(f"{what} is a link out of the workspace (to {opened}); coi sends no host file to the "
