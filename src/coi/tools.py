@@ -1,5 +1,5 @@
 """Agent tools: one small definition per tool (executable, state directory,
-credentials, how to start fresh and how to resume)."""
+credentials, how to start fresh, how to resume, and how to answer one prompt headless)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ class Tool:
     # (relative to the home), which are never saved with the session.
     sign_in: str = ""
     login_files: tuple[str, ...] = ()
+    # Headless mode (``coi run --prompt``), as each tool documents it: the words after the
+    # binary (and its session flag) that make it answer one prompt and exit, and how the
+    # prompt follows them: glued to ``prompt_flag`` ("--message=TEXT") or, without one, as
+    # the single argument after "--" (so a prompt starting with "-" is no option).
+    headless: tuple[str, ...] = ()
+    prompt_flag: str = ""
 
     def credentials(self, host_home: Path, *, full_host_config: bool = False) -> dict[str, bytes]:
         """What to write into the agent's home: only the essential files, with
@@ -64,6 +70,30 @@ class Tool:
             argv += [self.continue_flag]
         elif session_id and self.session_flag:
             argv += [self.session_flag, session_id]
+        return self._signed_in(argv)
+
+    @property
+    def has_headless(self) -> bool:
+        return bool(self.headless or self.prompt_flag)
+
+    def headless_command(self, prompt: str, *, binary: str = "", session_id: str | None = None) -> list[str]:
+        """argv that answers ``prompt`` in the tool's own headless mode, then exits.
+
+        The prompt is one argument of its own, never part of a shell string: the shell
+        that signs a tool in gets it as ``"$@"``, which no shell reads as code.
+        """
+        if not self.has_headless:
+            from coi.errors import UsageError
+
+            raise UsageError(f"{self.name} has no headless mode coi knows", "run it with: coi shell")
+        argv = [binary or self.executable]
+        if session_id and self.session_flag:
+            argv += [self.session_flag, session_id]
+        argv += [*self.headless, *([self.prompt_flag + prompt] if self.prompt_flag else ["--", prompt])]
+        return self._signed_in(argv)
+
+    def _signed_in(self, argv: list[str]) -> list[str]:
+        """``argv`` behind the tool's sign-in (``sign_in``), when it has one."""
         if self.sign_in:
             return ["sh", "-c", f'{self.sign_in}; exec "$0" "$@"', *argv]
         return argv
@@ -127,6 +157,7 @@ TOOLS: dict[str, Tool] = {
     "claude": Tool("claude", "claude", ".claude", ("npm", "@anthropic-ai/claude-code"),
                    credential_files=(".claude/.credentials.json", ".claude/settings.json", ".claude.json"),
                    session_flag="--session-id", resume_flag="--resume", continue_flag="--continue",
+                   headless=("-p",),  # --print; with --session-id it keeps the transcript under coi's id
                    sandbox_settings=(
                        (".claude/settings.json", {"permissions": {"defaultMode": "bypassPermissions"},
                                                   "allowDangerouslySkipPermissions": True}),
@@ -142,6 +173,7 @@ TOOLS: dict[str, Tool] = {
     # edits accepted without asking (the sandbox's no-prompt mode). With a key (-e) it
     # opens at its prompt, without one at its OpenRouter sign-in.
     "aider": Tool("aider", "aider", ".aider", ("pypi", "aider-chat"), env_vars=("OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
+                  prompt_flag="--message=",  # one message, the reply, then exit
                   seed_files=((".aider.conf.yml",
                                b"analytics-disable: true\ncheck-update: false\nshow-release-notes: false\n"
                                b"gitignore: false\nyes-always: true\n"),)),
@@ -149,6 +181,9 @@ TOOLS: dict[str, Tool] = {
     # given to the agent signs it in as Codex documents (codex login --with-api-key), so it
     # opens at its prompt; without one (coi copies no host login) at its sign-in screen.
     "codex": Tool("codex", "codex", ".codex", ("npm", "@openai/codex"), env_vars=("OPENAI_API_KEY",),
+                  # codex exec: read-only by default and only in a git repository; the container
+                  # is the sandbox here, and /workspace need not be a repository.
+                  headless=("exec", "--skip-git-repo-check", "--sandbox", "danger-full-access"),
                   seed_files=((".codex/config.toml",
                                b'check_for_update_on_startup = false\n\n[projects."/workspace"]\n'
                                b'trust_level = "trusted"\n\n[notice]\nhide_full_access_warning = true\n'),),
@@ -158,6 +193,8 @@ TOOLS: dict[str, Tool] = {
     # Gemini CLI: no folder-trust question, no usage statistics, no auto-update; without a
     # key it opens at its sign-in screen.
     "gemini": Tool("gemini", "gemini", ".gemini", ("npm", "@google/gemini-cli"), env_vars=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+                   # -p/--prompt is its headless mode; with nobody to approve, every action is approved.
+                   headless=("--approval-mode=yolo",), prompt_flag="--prompt=",
                    sandbox_settings=((".gemini/settings.json", {
                        # An API key given to the agent (GEMINI_API_KEY) is used without asking.
                        "security": {"folderTrust": {"enabled": False}, "auth": {"selectedType": "gemini-api-key"}},
@@ -165,7 +202,7 @@ TOOLS: dict[str, Tool] = {
                        "general": {"disableAutoUpdate": True, "disableUpdateNag": True}}),
                        (".gemini/trustedFolders.json", {"/workspace": "TRUST_FOLDER"}))),
     "opencode": Tool("opencode", "opencode", ".local/share/opencode", ("npm", "opencode-ai"),
-                     env_vars=("ANTHROPIC_API_KEY", "OPENAI_API_KEY")),
+                     env_vars=("ANTHROPIC_API_KEY", "OPENAI_API_KEY"), headless=("run",)),
 }
 
 

@@ -246,3 +246,48 @@ def test_the_allowlist_by_name_tells_registries_apart_on_the_real_image(by_name_
     assert listed["refused_connections"] == sum(e["verdict"] == "refused" for e in entries) >= 1
     assert by_name_user.run(["kill", name, "--force"]).returncode == 0
     assert not user_proxies(by_name_user.home / ".coi"), "the proxy outlived the user's last session"
+
+
+def test_a_headless_prompt_reaches_claude_which_says_it_is_not_logged_in(real_user, workspace):
+    """``coi run --prompt`` runs the real ``claude -p``: nobody is logged in, so Claude Code's own
+    sign-in error comes back with its non-zero exit code, and the session is saved and resumes."""
+    import re
+
+    proc = real_user.run(["run", "--timeout", "120", "--prompt", "hi"], cwd=workspace, input="")
+    said = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 124), said  # claude's own failure, not a timeout
+    assert re.search(r"not logged in|/login|invalid api key|authentication", said, re.I), said
+    assert "Traceback" not in said and "unexpected failure" not in said
+    sid = re.search(r"^Session ID: (\S+)$", proc.stderr, re.M)[1]
+    assert (real_user.home / ".coi" / "sessions-claude" / sid / "metadata.json").is_file()
+    name = start(real_user, workspace, "--resume")
+    wait_for(lambda: PROMPT in pane(real_user, name), timeout=60, what="the resumed Claude Code's prompt")
+    assert "No conversation found" not in pane(real_user, name)
+    assert real_user.run(["kill", name]).returncode == 0
+
+
+HEADLESS = [("codex", ["-e", f"OPENAI_API_KEY={KEY}"]), ("gemini", ["-e", f"GEMINI_API_KEY={KEY}"]),
+            ("aider", ["-e", f"OPENAI_API_KEY={KEY}"]), ("opencode", [])]
+USAGE_ERROR = r"unexpected argument|unrecognized (arguments?|subcommand)|unknown arguments?|^usage:"
+
+
+@pytest.mark.parametrize("tool, args", HEADLESS, ids=[h[0] for h in HEADLESS])
+def test_every_agent_takes_its_headless_flags(coi_user, agents_image, nft_sudo, workspace, tool, args):
+    """The real binaries accept the headless command lines coi gives them (coi.tools): with a
+    key that is not real, each fails at its provider (or runs out of time), never at its flags."""
+    import re
+    import shutil
+
+    cfg = coi_user.home / ".config" / "coi" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'[defaults]\nimage = "{agents_image}"\n[tool]\nname = "{tool}"\n'
+                   f'[network]\nprivileged_command = {json.dumps(nft_sudo)}\n')
+    try:  # a prompt starting with "-": an option to none of them
+        proc = coi_user.run(["run", "--timeout", "60", *args, "--prompt=-say hi"], cwd=workspace, input="")
+        said = proc.stdout + proc.stderr
+        assert not re.search(USAGE_ERROR, said, re.I | re.M), said
+        assert "Session data saved" in proc.stderr and "Traceback" not in said, said
+    finally:
+        coi_user.run(["kill", "--all", "--force"])
+        cfg.unlink(missing_ok=True)
+        shutil.rmtree(coi_user.home / ".coi", ignore_errors=True)  # the saved sessions of these runs

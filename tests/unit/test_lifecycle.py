@@ -327,3 +327,132 @@ def test_a_run_whose_rules_fail_leaves_no_container_and_no_new_copy(home, repo, 
         lifecycle.run(place, req, ["true"], capture=True, timeout=0)
     assert not req.branch.copy.exists() and not req.branch.meta.exists()
     assert [i["name"] for i in fake.instances()] == []
+
+
+# ---- coi run --prompt: the agent headless -------------------------------------------------
+
+HOSTILE_PROMPT = "it's \"$(touch /tmp/pwned)\" `id` $HOME;\nrm -rf / # --help\nEXIT=3"
+
+
+def headless_agent(fake: FakeIncus, code: int = 3):
+    """An agent that, asked headless, writes its transcript under its session id and exits ``code``."""
+    from coi.incus import ExecResult
+
+    def agent(name, command, **kw):
+        if "-p" not in command:
+            return DEFAULT
+        sid = command[command.index("--session-id") + 1]
+        fake.files_of(name).file(f"{spec.CODE_HOME}/.claude/projects/-workspace/{sid}.jsonl", b'{"text": "x"}\n')
+        return ExecResult(code, "the answer\n", "")
+    fake.on("exec", agent)
+
+
+def headless_calls(fake: FakeIncus) -> list[list[str]]:
+    return [c[2] for c in fake.called("exec") if "-p" in c[2]]
+
+
+def said_session_id(place: Place) -> str:
+    return next(t.split(": ")[1] for kind, t in place.messages.lines if t.startswith("Session ID: "))
+
+
+def test_a_headless_run_streams_the_agents_answer_and_saves_the_session(home, workspace, network):
+    fake = FakeIncus()
+    headless_agent(fake)
+    place = place_for(home, workspace, fake)
+    result = lifecycle.run_agent(place, request(place), HOSTILE_PROMPT, capture=True, timeout=0)
+    assert (result.exit_code, result.stdout) == (3, "the answer\n")  # the agent's own exit code
+    sid = said_session_id(place)
+    [argv] = headless_calls(fake)
+    # As code, behind the run-once guard; the agent keeps its conversation under the session's id,
+    # and the prompt is its last argument, whole.
+    assert argv[:3] == ["setpriv", "--reuid=1000", "--regid=1000"]
+    assert argv[-6:] == ["claude", "--session-id", sid, "-p", "--", HOSTILE_PROMPT]
+    assert sum(HOSTILE_PROMPT in a for a in argv) == 1
+    # Credentials went in before the agent ran, as for coi shell.
+    calls = [c[0] for c in fake.calls]
+    assert calls.index("push_file") < calls.index("start")
+    saved = home / ".coi" / "sessions-claude" / sid
+    assert (saved / "state" / "projects" / "-workspace" / f"{sid}.jsonl").exists()
+    assert json.loads((saved / "metadata.json").read_text())["workspace"] == str(workspace)
+    assert ("info", f"Continue the conversation with: coi shell --resume={sid}") in place.messages.lines
+    name = fake.called("create_instance")[0][1]
+    assert not fake.exists(name) and network[-1] == ("remove", name)
+
+
+def test_the_saved_run_resumes_its_conversation(home, workspace, network):
+    fake = FakeIncus()
+    headless_agent(fake, code=0)
+    place = place_for(home, workspace, fake)
+    lifecycle.run_agent(place, request(place), "first", capture=True, timeout=0)
+    sid = said_session_id(place)
+    saved = lifecycle.resumed(place, "latest", generation=1)
+    assert saved.session_id == sid
+    session = spec.Session("c", 1, sid, False, True, workspace)
+    assert lifecycle.agent_command(request(place, session_id=sid), session, saved)[-2:] == ["--resume", sid]
+
+
+def test_a_run_that_never_started_the_agent_saves_nothing_and_leaves_nothing(home, workspace, network, monkeypatch):
+    from coi import network as net
+
+    monkeypatch.setattr(net, "apply", lambda client, name, policy, **kw: (_ for _ in ()).throw(CoiError("rules")))
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    with pytest.raises(CoiError, match="rules"):
+        lifecycle.run_agent(place, request(place), "hi", capture=True, timeout=0)
+    assert fake.instances() == [] and headless_calls(fake) == []
+    assert not (home / ".coi" / "sessions-claude").exists()
+
+
+def test_a_failed_save_is_a_warning_and_the_agents_code_stands(home, workspace, network, monkeypatch):
+    from coi.sessions import state
+
+    def broken(*a, **kw):
+        raise CoiError("disk full")
+    monkeypatch.setattr(state, "save_session", broken)
+    fake = FakeIncus()
+    headless_agent(fake, code=5)
+    place = place_for(home, workspace, fake)
+    assert lifecycle.run_agent(place, request(place), "hi", capture=True, timeout=0).exit_code == 5
+    assert ("warn", "the session was not saved: disk full") in place.messages.lines
+    assert fake.instances() == []
+
+
+def test_a_reused_persistent_container_gives_the_agent_a_conversation_id_of_its_own(home, workspace, network):
+    from coi.sessions import state
+
+    fake = FakeIncus()
+    headless_agent(fake, code=0)
+    place = place_for(home, workspace, fake)
+    lifecycle.run_agent(place, request(place, persistent=True), "one", capture=True, timeout=0)
+    lifecycle.run_agent(place, request(place, persistent=True), "two", capture=True, timeout=0)
+    first, second = headless_calls(fake)
+    sid = said_session_id(place)
+    assert first[first.index("--session-id") + 1] == sid  # the new container's: the session's id
+    other = second[second.index("--session-id") + 1]
+    assert other != sid and state.check_session_id(other) == other  # a fresh one, not the taken id
+    assert len(fake.instances()) == 1  # persistent: kept, its rules kept
+    assert ("remove", fake.instances()[0]["name"]) not in network
+
+
+def test_a_streamed_headless_run_hands_incus_the_prompt_as_one_argument(home, workspace, network):
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    assert lifecycle.run_agent(place, request(place), HOSTILE_PROMPT, capture=False, timeout=0) == 0
+    [call] = fake.called("exec_argv")
+    command = call[2]
+    assert command[-1] == HOSTILE_PROMPT and command[-2] == "--" and "-p" in command
+    assert not [a for a in command[:-1] if HOSTILE_PROMPT in a]  # in no shell script, no other argument
+    assert (home / ".coi" / "sessions-claude" / said_session_id(place)).is_dir()
+
+
+def test_a_save_that_breaks_unexpectedly_still_removes_the_container(home, workspace, network, monkeypatch):
+    from coi.sessions import state
+
+    def broken(*a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(state, "save_session", broken)
+    fake = FakeIncus()
+    place = place_for(home, workspace, fake)
+    with pytest.raises(OSError):
+        lifecycle.run_agent(place, request(place), "hi", capture=True, timeout=0)
+    assert fake.instances() == []

@@ -206,3 +206,53 @@ def test_codex_is_signed_in_with_the_key_it_was_given(tmp_path, key, logged_in, 
 def test_logins_and_credentials_are_never_saved():
     assert TOOLS["codex"].unsaved_files() == ["auth.json"]
     assert TOOLS["claude"].unsaved_files() == [".credentials.json", "settings.json"]
+
+
+# ---- headless: coi run --prompt ---------------------------------------------------------
+
+HOSTILE = "it's \"$(touch /tmp/pwned)\" `id` $HOME;\nrm -rf / # --help -p"
+
+
+@pytest.mark.parametrize("tool, kwargs, argv", [
+    ("claude", {"session_id": SID}, ["claude", "--session-id", SID, "-p", "--", "fix it"]),
+    ("claude", {"binary": "fake-claude"}, ["fake-claude", "-p", "--", "fix it"]),
+    ("aider", {"session_id": SID}, ["aider", "--message=fix it"]),
+    ("gemini", {}, ["gemini", "--approval-mode=yolo", "--prompt=fix it"]),
+    ("opencode", {"binary": "/opt/oc"}, ["/opt/oc", "run", "--", "fix it"]),
+])
+def test_headless_command_lines(tool, kwargs, argv):
+    assert TOOLS[tool].headless_command("fix it", **kwargs) == argv
+
+
+def test_codex_answers_headless_behind_its_sign_in():
+    argv = TOOLS["codex"].headless_command("fix it")
+    assert argv[:2] == ["sh", "-c"] and argv[2].endswith('; exec "$0" "$@"')
+    assert argv[3:] == ["codex", "exec", "--skip-git-repo-check", "--sandbox", "danger-full-access", "--", "fix it"]
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_a_hostile_prompt_is_one_argument_and_never_shell_text(tool):
+    argv = TOOLS[tool].headless_command(HOSTILE)
+    flag = TOOLS[tool].prompt_flag
+    assert argv[-1] == flag + HOSTILE and sum(HOSTILE in a for a in argv) == 1
+    if argv[0] == "sh":  # the sign-in shell: the prompt is one of its "$@", not in its script
+        assert HOSTILE not in argv[2]
+
+
+def test_the_sign_in_shell_hands_the_prompt_on_verbatim(tmp_path):
+    """Run through a real sh: the agent gets the prompt byte for byte, and nothing in it ran."""
+    import subprocess
+
+    home, binary = _fake_codex(tmp_path)
+    marker = tmp_path / "pwned"
+    prompt = HOSTILE.replace("/tmp/pwned", str(marker)) + f"; touch {marker} | touch {marker}"
+    argv = TOOLS["codex"].headless_command(prompt, binary=binary)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "OPENAI_API_KEY": "sk-given"}
+    assert subprocess.run(argv, env=env, cwd=tmp_path).returncode == 0
+    calls = (home / "calls").read_text()
+    assert calls.endswith(f"start exec --skip-git-repo-check --sandbox danger-full-access -- {prompt}\n")
+    assert not marker.exists()
+
+
+def test_every_tool_has_a_headless_mode():
+    assert all(TOOLS[name].has_headless for name in TOOLS)

@@ -1,8 +1,8 @@
 """Shell completion for bash, zsh and fish, generated from the argparse tree.
 
 Static words (commands, flags) are written into the script; container names (also
-the value of ``--container``), saved session ids, branch sessions and snapshot names
-come live from ``coi __complete containers|sessions|branches|snapshots``.
+the value of ``--container``), saved session ids, branch sessions, snapshot names and
+prompt names come live from ``coi __complete containers|sessions|branches|snapshots|prompts``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ CONTAINER_ARGS = {"name", "names", "container"}
 SESSION_ARGS = {"session_id"}
 BRANCH_ARGS = {"branch_name"}  # branch sessions of the current workspace
 SNAPSHOT_ARGS = {"snapshot"}  # snapshots of the current workspace's only session container
-VALUE_FLAGS = {"--container": "containers"}  # flags whose value is completed live
+# Flags whose value comes live from ``coi __complete WHAT``.
+FLAG_VALUES = {"--prompt-name": "prompts", "--container": "containers"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -56,8 +57,9 @@ def bash(parser: argparse.ArgumentParser) -> str:
 {array("_coi_subs", "subs")}
 {array("_coi_flags", "flags")}
 {array("_coi_dyn", "dynamic")}
+declare -gA _coi_flag_dyn=( {" ".join(f'["{flag}"]="{what}"' for flag, what in FLAG_VALUES.items())} )
 _coi() {{
-    local cur="${{COMP_WORDS[COMP_CWORD]}}" path="" next w i
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" path="" next w i
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${{COMP_WORDS[i]}}"
         [[ $w == -* ]] && continue
@@ -67,8 +69,10 @@ _coi() {{
     local key="${{path:-_}}"
     if [[ $cur == --resume=* || $cur == --continue=* ]]; then
         COMPREPLY=( $(compgen -P "${{cur%%=*}}=" -W "$(coi __complete sessions 2>/dev/null)" -- "${{cur#*=}}") )
-    elif [[ $COMP_CWORD -gt 1 && ${{COMP_WORDS[COMP_CWORD-1]}} == --container ]]; then
-        COMPREPLY=( $(compgen -W "$(coi __complete containers 2>/dev/null)" -- "$cur") )
+    elif [[ $cur == --*=* && -n "${{_coi_flag_dyn[${{cur%%=*}}]+set}}" ]]; then
+        COMPREPLY=( $(compgen -P "${{cur%%=*}}=" -W "$(coi __complete ${{_coi_flag_dyn[${{cur%%=*}}]}} 2>/dev/null)" -- "${{cur#*=}}") )
+    elif [[ -n "${{_coi_flag_dyn[$prev]+set}}" ]]; then
+        COMPREPLY=( $(compgen -W "$(coi __complete ${{_coi_flag_dyn[$prev]}} 2>/dev/null)" -- "$cur") )
     elif [[ $cur == -* ]]; then
         COMPREPLY=( $(compgen -W "${{_coi_flags[$key]}}" -- "$cur") )
     else
@@ -95,6 +99,8 @@ def zsh(parser: argparse.ArgumentParser) -> str:
 {array("_coi_subs", "subs")}
 {array("_coi_flags", "flags")}
 {array("_coi_dyn", "dynamic")}
+typeset -gA _coi_flag_dyn
+_coi_flag_dyn=( {" ".join(f"{_zsh_word(flag)} {_zsh_word(what)}" for flag, what in FLAG_VALUES.items())} )
 _coi() {{
     local cpath="" next w i
     for ((i = 2; i < CURRENT; i++)); do
@@ -103,12 +109,16 @@ _coi() {{
         next="${{cpath:+$cpath }}$w"
         (( ${{+_coi_subs[$next]}} )) && cpath="$next"
     done
-    local key="${{cpath:-_}}" cur="${{words[CURRENT]}}"
+    local key="${{cpath:-_}}" cur="${{words[CURRENT]}}" prev="${{words[CURRENT-1]}}"
     if [[ $cur == --resume=* || $cur == --continue=* ]]; then
         compset -P '*='
         compadd -- ${{(f)"$(coi __complete sessions 2>/dev/null)"}}
-    elif (( CURRENT > 2 )) && [[ ${{words[CURRENT-1]}} == --container ]]; then
-        compadd -- ${{(f)"$(coi __complete containers 2>/dev/null)"}}
+    elif [[ $cur == --*=* ]] && (( ${{+_coi_flag_dyn[${{cur%%=*}}]}} )); then
+        local what="${{_coi_flag_dyn[${{cur%%=*}}]}}"
+        compset -P '*='
+        compadd -- ${{(f)"$(coi __complete $what 2>/dev/null)"}}
+    elif (( ${{+_coi_flag_dyn[$prev]}} )); then
+        compadd -- ${{(f)"$(coi __complete ${{_coi_flag_dyn[$prev]}} 2>/dev/null)"}}
     elif [[ $cur == -* ]]; then
         compadd -- ${{=_coi_flags[$key]}}
     else
@@ -143,9 +153,8 @@ def fish(parser: argparse.ArgumentParser) -> str:
         if v["subs"]:
             lines.append(f"complete -c coi -n '{cond}' -a '{v['subs']}'")
         for flag in v["flags"].split():
-            live = VALUE_FLAGS.get(flag)
-            value = f" -x -a '(coi __complete {live} 2>/dev/null)'" if live else ""
-            lines.append(f"complete -c coi -n '{cond}' -l {flag[2:]}{value}")
+            live = f" -x -a '(coi __complete {FLAG_VALUES[flag]} 2>/dev/null)'" if flag in FLAG_VALUES else ""
+            lines.append(f"complete -c coi -n '{cond}' -l {flag[2:]}{live}")
         if v["dynamic"]:
             lines.append(f"complete -c coi -n '{cond}' -a '(coi __complete {v['dynamic']} 2>/dev/null)'")
     return "\n".join(lines) + "\n"

@@ -168,7 +168,7 @@ def _shell_command(sub, summary: str) -> None:
 
 def _run_command(sub, summary: str) -> None:
     p = _command(sub, "run", "sessions:run", summary,
-                 "coi run -- make test")
+                 "coi run -- make test\n  coi run --prompt 'Fix the failing test'    # then: coi shell --resume")
     _session_flags(p, resume=False)
     _branch_flags(p)
     _forward_flags(p)
@@ -176,7 +176,18 @@ def _run_command(sub, summary: str) -> None:
                    help='print one JSON object {"stdout", "stderr", "exit_code"}')
     p.add_argument("--timeout", type=float, default=0, metavar="S",
                    help="kill the command after S seconds and exit 124 (default: 0 = none)")
+    _prompt_flags(p)
     p.add_argument("command", nargs="*", help="the command and its arguments (after --)")
+
+
+def _prompt_flags(p: argparse.ArgumentParser) -> None:
+    """``coi run``'s headless agent: one prompt instead of a command."""
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="instead of a command, the agent answers TEXT in its own headless mode (claude -p, "
+                        "codex exec, ...); the session is saved for 'coi shell --resume'")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="the same, with the prompt read from FILE ('-': standard input; at most 100 KiB)")
+    p.add_argument("--prompt-name", metavar="NAME", help="the same, with the prompt NAME of [prompts] in config")
 
 
 def _attach_command(sub, summary: str) -> None:
@@ -465,7 +476,8 @@ def _config_command(sub, summary: str) -> None:
 # Every command: its one-line summary and what builds its parser, in --help order.
 COMMANDS = {
     "shell": ("start an agent session in a container (tmux inside)", _shell_command),
-    "run": ("run one command as 'code' in /workspace of a fresh container", _run_command),
+    "run": ("run one command (or the agent on one prompt) as 'code' in /workspace of a fresh container",
+            _run_command),
     "attach": ("attach to a running session", _attach_command),
     "list": ("list coi containers (and saved sessions with --all)", _list_command),
     "info": ("show a saved session (default: latest of this workspace)", _info_command),
@@ -521,5 +533,5 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "__complete"):
         p = sub.add_parser("__complete")  # for the completion scripts; not listed
         p.set_defaults(handler="host:complete")
-        p.add_argument("what", choices=["containers", "sessions", "branches", "snapshots"])
+        p.add_argument("what", choices=["containers", "sessions", "branches", "snapshots", "prompts"])
     return parser

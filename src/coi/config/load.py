@@ -21,8 +21,8 @@ def _walk(table: Mapping[str, Any], prefix: str, where: str, warnings: list[str]
     for name, raw in table.items():
         path = prefix + name
         generic = _generic(path)
-        if prefix == "profiles." and not _PROFILE_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: profile name {_given(name)} is not allowed; "
+        if prefix in ("profiles.", "prompts.") and not _PROFILE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: {prefix[:-2]} name {_given(name)} is not allowed; "
                               "use letters, digits, '-' and '_'")
         if generic in _KEYS:
             yield path, raw

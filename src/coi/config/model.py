@@ -182,6 +182,7 @@ class Config:
     credentials: tuple[Credential, ...] = ()
     ports: tuple[PublishedPort, ...] = ()
     ssh: Ssh = field(default_factory=Ssh)
+    prompts: Mapping[str, str] = field(default_factory=dict)  # [prompts] NAME = "text"
 
 
 _CLASSES: Mapping[str, type] = {
@@ -226,4 +227,5 @@ def _build_config(values: Mapping[str, Any]) -> Config:
             _, name, rest = path.split(".", 2)
             per_profile.setdefault(name, {})[_KEYS[_generic(path)].attr or rest] = value
     profiles = {name: _build(Profile, v, _PROFILE_CLASSES) for name, v in per_profile.items()}
-    return _build(Config, {**values, "profiles": profiles}, _CLASSES)
+    prompts = {path.split(".", 1)[1]: value for path, value in values.items() if path.startswith("prompts.")}
+    return _build(Config, {**values, "profiles": profiles, "prompts": prompts}, _CLASSES)

@@ -93,6 +93,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits.processes", "int", 0),  # 0 = unlimited
     Key("build.base", "str", "", env="COI_BUILD_BASE"),  # empty = automatic
     Key("build.tools", "strlist", ["claude"], choices=TOOLS),
+    # [prompts] NAME = "text": named prompts for ``coi run --prompt-name NAME`` (text for the agent only).
+    Key("prompts.*", "str"),
     # [profiles.NAME]: every key optional; an unset key keeps the value above.
     Key("profiles.*.image", "str"),
     Key("profiles.*.persistent", "bool"),
@@ -129,10 +131,14 @@ _NO_FLAGS: Mapping[str, tuple[str, Any]] = MappingProxyType({})
 Layer = dict[str, tuple[Any, str]]  # dotted key -> (value, origin)
 
 
+# Tables whose keys are names the user chooses ([profiles.NAME], [prompts] NAME = ...).
+NAMED_TABLES = ("profiles", "prompts")
+
+
 def _generic(path: str) -> str:
     """``profiles.rust.image`` -> ``profiles.*.image``: the schema path of a key."""
     parts = path.split(".")
-    if parts[0] == "profiles" and len(parts) > 1:
+    if parts[0] in NAMED_TABLES and len(parts) > 1:
         parts[1] = "*"
     return ".".join(parts)
 

@@ -28,6 +28,9 @@ WORKSPACE_KEYS = frozenset({
     "mounts.default", "git.isolation", "limits.cpu", "limits.memory", "limits.processes",
     "ports", "ssh.forward_agent",
     *(k.path for k in SCHEMA if k.path.startswith("profiles.*.")),
+    # Prompts are text for the agent in its container (which reads the project's files
+    # anyway), never anything the host runs: a project may add its own, not replace yours.
+    "prompts.*",
 })
 
 
@@ -58,6 +61,8 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
     generic = _generic(key)
     if generic not in WORKSPACE_KEYS:
         return "only your own config can set it"
+    if generic == "prompts.*":
+        return "a workspace file cannot replace your own prompt" if key in below else None
     name = generic.removeprefix("profiles.*.")
     top = _PROFILE_TARGETS.get(name, name)  # the top-level key a profile value lands on
     base = below.get(top, (None, ""))[0]

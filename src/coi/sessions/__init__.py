@@ -5,8 +5,9 @@ Owns: the session's spec (``spec``: pure), its container (``containers``), comma
 it (``commands``: the one exec policy), the agent's tmux session (``tmux``), signal
 handling around daemon work (``signals``), published ports and the SSH agent
 (``forwards``: proxy devices), the saved state on the host (``state``), the start
-and end of a session as a whole (``lifecycle``) and snapshots of its container
-(``snapshots``).
+and end of a session as a whole (``lifecycle``), snapshots of its container
+(``snapshots``) and the prompt of a headless run, checked before anything exists
+(``prompts``).
 
 Must not: print (it reports through the ``Messages``/``Log`` it is given), build an
 Incus client (it gets one), import ``coi.cli``, or trust anything the workspace or
@@ -39,8 +40,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-_MODULES = ("commands", "containers", "forwards", "lifecycle", "manage", "signals", "snapshots", "spec", "state",
-            "tmux")
+_MODULES = ("commands", "containers", "forwards", "lifecycle", "manage", "prompts", "signals", "snapshots",
+            "spec", "state", "tmux")
 
 
 def __getattr__(name: str) -> Any:

@@ -419,6 +419,20 @@ def _being_restored(place: Place, name: str) -> bool:
 
 def end(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
     """Save the session of a (stopped or running) container, then delete it unless persistent."""
+    client = place.client
+    inst = inst or client.instance(name)
+    cfg = inst.get("config") or {}
+    key = spec.KEY
+    save(place, name, inst=inst)
+    if cfg.get(f"{key}persistent") != "true":
+        containers.remove_container(client, name)
+    unisolate(place, name)
+    if cfg.get(f"{key}branch"):
+        bring_back(place, Path(cfg.get(f"{key}workspace", "")), cfg[f"{key}branch"])
+
+
+def save(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
+    """Save the agent's state of a (stopped or running) session container, under its session id."""
     from coi.tools import get_tool
 
     client = place.client
@@ -439,11 +453,6 @@ def end(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
                                "image": cfg.get(f"{key}image", ""), "profile": cfg.get(f"{key}profile"),
                                "branch": cfg.get(f"{key}branch")})
         place.messages.info("Session data saved")
-    if not persistent:
-        containers.remove_container(client, name)
-    unisolate(place, name)
-    if cfg.get(f"{key}branch"):
-        bring_back(place, Path(cfg.get(f"{key}workspace", "")), cfg[f"{key}branch"])
 
 
 def bring_back(place: Place, workspace: Path, name: str) -> None:
@@ -489,13 +498,19 @@ def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: 
             return _run_command(place, session, req, command, capture=capture, timeout=timeout)
         finally:
             with signals.signals_ignored():  # a second signal must not cut the clean-up short
-                if not session.persistent:
-                    remove(place, session.name)
-                if req.branch is not None and started:
-                    bring_back(place, req.workspace, req.branch.name)
-                    _refill_spare(place, req)
-                elif req.branch_new:  # the command never ran: the new copy holds nothing
-                    _forget_new_copy(req)
+                _after_run(place, req, session, started)
+
+
+def _after_run(place: Place, req: spec.SessionRequest, session: spec.Session, started: bool) -> None:
+    """A run's container removed unless persistent, and its branch brought back (or a new
+    copy that never saw the command forgotten)."""
+    if not session.persistent:
+        remove(place, session.name)
+    if req.branch is not None and started:
+        bring_back(place, req.workspace, req.branch.name)
+        _refill_spare(place, req)
+    elif req.branch_new:  # the command never ran: the new copy holds nothing
+        _forget_new_copy(req)
 
 
 def _run_command(place: Place, session: spec.Session, req: spec.SessionRequest, command: list[str], *,
@@ -521,6 +536,55 @@ def _run_command(place: Place, session: spec.Session, req: spec.SessionRequest, 
         return commands.run_streamed(argv, timeout=timeout or None, warn=place.messages.warn)
     except subprocess.TimeoutExpired:
         raise RunTimeout(timeout) from None
+
+
+# ---- coi run --prompt: the agent headless ----------------------------------------------
+
+def run_agent(place: Place, req: spec.SessionRequest, prompt: str, *, capture: bool,
+              timeout: float) -> int | Captured:
+    """The agent answers ``prompt`` in its own headless mode, in a session container of its
+    own: the output streamed (or captured), the agent's exit code returned, and the session
+    saved the way ``coi shell`` saves one, so that ``coi shell --resume`` continues it.
+
+    The agent gets its credentials as in ``coi shell``; the prompt is one argument of its
+    command line (``Tool.headless_command``). The save is made whatever the agent's exit
+    code, also after a timeout or an interruption once the agent had started.
+    """
+    with signals.interruptible():
+        session = open_session(place, req, log=place.messages.detail)
+        place.messages.info(f"Session ID: {session.session_id}")
+        started = False
+        try:
+            inject_credentials(place, session.name, req)
+            start_isolated(place, session.name, place.messages.detail)
+            started = True
+            command = headless_command(req, session, prompt)
+            return _run_command(place, session, req, command, capture=capture, timeout=timeout)
+        finally:
+            with signals.signals_ignored():  # a second signal must not cut the save or clean-up short
+                try:
+                    if started:
+                        _save_run(place, session)
+                finally:
+                    _after_run(place, req, session, started)
+
+
+def headless_command(req: spec.SessionRequest, session: spec.Session, prompt: str) -> list[str]:
+    """The agent's argv for ``prompt``. A new container's agent keeps its conversation under the
+    session's id; a reused persistent one may hold that id's conversation already, so its
+    agent gets an id of its own (``coi shell --resume`` takes the latest conversation)."""
+    agent_id = session.session_id if session.created else spec.new_session_id()
+    return req.tool.headless_command(prompt, binary=req.binary, session_id=agent_id)
+
+
+def _save_run(place: Place, session: spec.Session) -> None:
+    """The run's session saved; a failed save is said, and the agent's exit code still stands."""
+    try:
+        save(place, session.name)
+    except CoiError as exc:
+        place.messages.warn(f"the session was not saved: {exc.message}")
+        return
+    place.messages.info(f"Continue the conversation with: coi shell --resume={session.session_id}")
 
 
 class RunTimeout(CoiError):

@@ -88,8 +88,8 @@ def completion(ctx: Context, *, shell: str) -> int:
 
 
 def complete(ctx: Context, *, what: str) -> int:
-    """Live words for completion: coi container names, saved session ids, branch sessions or the
-    snapshots of the workspace's only session container."""
+    """Live words for completion: coi container names, saved session ids, branch sessions, the
+    snapshots of the workspace's only session container, or prompt names."""
     if what == "containers":
         from coi import naming, sessions
 
@@ -102,6 +102,9 @@ def complete(ctx: Context, *, what: str) -> int:
             ctx.ui.out(b.name)
     elif what == "snapshots":
         _complete_snapshots(ctx)
+    elif what == "prompts":  # [prompts] of the config (names are checked words: safe for the shell)
+        for name in sorted(ctx.config.prompts):
+            ctx.ui.out(name)
     else:
         from coi.sessions import state
 

@@ -85,16 +85,24 @@ def shell(ctx: Context, *, slot: int = 0, resume: str | None = None,
 
 def run(ctx: Context, *, slot: int = 0, env: list[str], mount: list[str],
         storage: str | None = None, capture: bool = False, timeout: float = 0, branch: str | None = None,
-        carry: bool = False, port: list[str] | None = None, command: list[str]) -> int:
-    from coi.sessions import lifecycle
+        carry: bool = False, port: list[str] | None = None, prompt: str | None = None,
+        prompt_file: str | None = None, prompt_name: str | None = None, command: list[str]) -> int:
+    from coi.sessions import lifecycle, prompts
 
-    if not command:
-        raise UsageError("no command given", "Usage: coi run [flags] [--] COMMAND [ARG...]")
+    chosen = prompts.choose(text=prompt, file=prompt_file, name=prompt_name, command=command,
+                            loaded=ctx.loaded_config, workspace=ctx.workspace)
+    if chosen is None and not command:
+        raise UsageError("no command given", "Usage: coi run [flags] [--] COMMAND [ARG...], or coi run --prompt TEXT")
     if len(command) == 1 and any(c in command[0] for c in " \n|;&<>()$`*?'\""):
         command = ["bash", "-c", command[0]]  # one argument with shell syntax: the user wants a shell
     req = _request(ctx, slot=slot, env=env, mount=mount, storage=storage, branch=branch, carry=carry,
                    port=port or [])
-    result = lifecycle.run(ctx.place, req, command, capture=capture, timeout=timeout)
+    if chosen is not None:
+        if chosen.source:  # a file or a named prompt: say which, before it runs
+            ctx.ui.info(f"Prompt: {chosen.source}")
+        result = lifecycle.run_agent(ctx.place, req, chosen.text, capture=capture, timeout=timeout)
+    else:
+        result = lifecycle.run(ctx.place, req, command, capture=capture, timeout=timeout)
     if isinstance(result, lifecycle.Captured):
         ctx.ui.out(result.to_json())
         return result.exit_code
