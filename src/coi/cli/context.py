@@ -25,6 +25,7 @@ FLAG_KEYS = {
     "persistent": ("defaults.persistent", "--persistent"),
     "network": ("network.mode", "--network"),
     "profile": ("defaults.profile", "--profile"),
+    "max_duration": ("limits.max_duration", "--max-duration"),
 }
 
 

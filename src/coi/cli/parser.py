@@ -149,6 +149,9 @@ def _shell_command(sub, summary: str) -> None:
     p.add_argument("--debug", action="store_true", help="start bash instead of the agent")
     p.add_argument("--tmux", dest="tmux", action=argparse.BooleanOptionalAction, default=True,
                    help="run the agent inside tmux (default: on)")
+    p.add_argument("--max-duration", metavar="D", default=None,
+                   help='stop and save the session after D, such as "2h", "90m" or "30s" ("0": no limit; '
+                        "default: [limits] max_duration); a host process keeps the time, also while detached")
     p.add_argument("--generation", type=int, default=1, metavar="N",
                    help="with --resume: which of the session's kept saves to resume, 1 = the newest "
                         "(default), 2 = the one before...; 'coi info' lists them ([sessions] keep)")

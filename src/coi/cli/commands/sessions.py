@@ -241,6 +241,13 @@ def info(ctx: Context, *, session_id: str | None = None) -> int:
                          ("Saved at", md.get("saved_at")), ("Size", f"{saved.size()} bytes"),
                          ("Path", str(saved.path))):
         ctx.ui.out(f"{label}: {value}")
+    from coi.cli.render import limits_line
+
+    limits = md.get("limits") if isinstance(md.get("limits"), dict) else {}
+    if limits:
+        ctx.ui.out(f"Limits: {limits_line(limits)}")
+    if md.get("ended_by") == "max_duration":
+        ctx.ui.out(f"Ended: max_duration of {md.get('max_duration')} reached at {md.get('ended_at')}")
     for gen in state.generations(saved):
         ctx.ui.out(f"Generation {gen.generation}: saved at {gen.metadata.get('saved_at')}, "
                    f"{gen.generation_size()} bytes")
@@ -312,6 +319,8 @@ def clean(ctx: Context, *, force: bool = False, sessions: bool = False, all: boo
     plan = manage.plan_clean(ctx.place, saved_sessions=sessions or all)
     for name in plan.rules_removed:
         ctx.ui.info(f"Removed network rules of {name}")
+    for name in plan.timers_removed:
+        ctx.ui.info(f"Removed the session timer of {name}")
     if plan.spares_removed:
         ctx.ui.info(f"Removed {plan.spares_removed} spare branch copy(ies)")
     if not plan.stopped and not plan.saved:
