@@ -305,26 +305,28 @@ def test_limits_are_shown_in_list_json_and_text():
 D = 1000.0  # the deadline
 
 
-@pytest.mark.parametrize("now, status, stopped_for, seen, warn_at, step", [
-    (0, "Running", None, True, None, timer.Step("wait", timer.CHECK_SECONDS)),
-    (D - 3, "Running", None, True, None, timer.Step("wait", 3)),
-    (D, "Running", None, True, None, timer.Step("expire")),
-    (D + 50, "Running", None, True, None, timer.Step("expire")),  # woken late (a suspended host)
-    (D, "Stopped", 1.0, True, None, timer.Step("expire")),  # rebooting at the deadline: still ends
-    (500, None, None, True, None, timer.Step("gone")),
-    (500, "Stopped", 1.0, True, None, timer.Step("wait", timer.STOPPED_GRACE - 1)),  # a reboot?
-    (500, "Stopped", timer.STOPPED_GRACE, True, None, timer.Step("stopped")),
-    (5, "Stopped", 5.0, False, None, timer.Step("wait", timer.CHECK_SECONDS)),  # still being started by coi
-    (D + 1, "Stopped", 30.0, False, None, timer.Step("wait", timer.CHECK_SECONDS)),  # never ran: never ended by us
-    (90, "Stopped", timer.START_GRACE, False, None, timer.Step("stopped")),
-    (D - 400, "Running", None, True, D - 300, timer.Step("wait", timer.CHECK_SECONDS)),
-    (D - 305, "Running", None, True, D - 300, timer.Step("wait", 5)),
-    (D - 300, "Running", None, True, D - 300, timer.Step("warn")),
-    (500, "Unknown", None, True, None, timer.Step("wait", timer.CHECK_SECONDS)),  # Incus did not answer
+@pytest.mark.parametrize("now, status, seen, waited, warn_at, step", [
+    (0, "Running", True, 0, None, timer.Step("wait", timer.CHECK_SECONDS)),
+    (D - 3, "Running", True, 900, None, timer.Step("wait", 3)),
+    (D, "Running", True, 900, None, timer.Step("expire")),
+    (D + 50, "Running", True, 900, None, timer.Step("expire")),  # woken late (a suspended host)
+    (D, "Stopped", True, 900, None, timer.Step("expire")),  # powered off or rebooting: the deadline holds
+    (500, "Stopped", True, 400, None, timer.Step("wait", timer.CHECK_SECONDS)),  # a reboot, however slow
+    (500, None, True, 400, None, timer.Step("gone")),
+    (5, "Stopped", False, 5, None, timer.Step("wait", timer.CHECK_SECONDS)),  # still being started by coi
+    (D + 1, "Stopped", False, 30, None, timer.Step("wait", timer.CHECK_SECONDS)),  # not ended before it ran
+    (55, "Stopped", False, timer.START_GRACE - 5, None, timer.Step("wait", 5)),
+    (90, "Stopped", False, timer.START_GRACE, None, timer.Step("unstarted")),
+    (5, "Running", False, 5, None, timer.Step("wait", timer.CHECK_SECONDS)),  # seen running just now
+    (D - 400, "Running", True, 500, D - 300, timer.Step("wait", timer.CHECK_SECONDS)),
+    (D - 305, "Running", True, 500, D - 300, timer.Step("wait", 5)),
+    (D - 300, "Running", True, 500, D - 300, timer.Step("warn")),
+    (D - 300, "Stopped", True, 500, D - 300, timer.Step("wait", timer.CHECK_SECONDS)),  # no one to tell
+    (500, "Unknown", True, 400, None, timer.Step("wait", timer.CHECK_SECONDS)),  # Incus did not answer
 ])
-def test_the_timers_next_step(now, status, stopped_for, seen, warn_at, step):
-    assert timer.next_step(now=now, deadline=D, warn_at=warn_at, status=status, stopped_for=stopped_for,
-                           seen_running=seen) == step
+def test_the_timers_next_step(now, status, seen, waited, warn_at, step):
+    assert timer.next_step(now=now, deadline=D, warn_at=warn_at, status=status, seen_running=seen,
+                           waited=waited) == step
 
 
 def test_the_heads_up_comes_only_for_long_enough_limits():
@@ -412,24 +414,27 @@ def test_the_timer_ends_when_the_container_goes_earlier(home, workspace, network
     assert fake.called("update_instance") == [] and not timer.TimerStore(place.sessions_dir).names()
 
 
-def test_a_reboot_from_inside_keeps_the_clock_and_a_poweroff_ends_the_timer(home, workspace, network):
+def test_a_reboot_from_inside_keeps_the_clock(home, workspace, network):
     fake, place, session = running_session(home, workspace, network)
     clock = Clock()
     start = clock()
     t = timer_for(place, session.name, clock, seconds=600, max_duration="10m")
     clock.at.append((start + 95, lambda: fake.stop(session.name)))
-    clock.at.append((start + 98, lambda: fake.start(session.name)))  # back within the grace
+    clock.at.append((start + 300, lambda: fake.start(session.name)))  # a slow one: still the same clock
     t.run()
     assert clock() - start == pytest.approx(600) and not fake.exists(session.name)
 
+
+def test_a_session_powered_off_while_detached_is_saved_and_removed_at_its_deadline(home, workspace, network):
     fake, place, session = running_session(home, workspace, network)
     clock = Clock()
     start = clock()
     t = timer_for(place, session.name, clock, seconds=600, max_duration="10m")
     clock.at.append((start + 95, lambda: fake.stop(session.name)))  # sudo poweroff, nobody attached
     t.run()
-    assert clock() - start < 95 + timer.CHECK_SECONDS + timer.STOPPED_GRACE + 1
-    assert fake.exists(session.name) and fake.called("delete") == []  # left to coi clean, not ended here
+    assert clock() - start == pytest.approx(600)
+    assert not fake.exists(session.name) and fake.called("stop")[-1].kwargs == {}  # (the poweroff's)
+    assert (home / ".coi" / "sessions-claude" / session.session_id / "metadata.json").exists()
 
 
 def test_a_container_that_never_started_is_not_ended_by_the_timer(home, workspace, network):

@@ -13,8 +13,11 @@ a minimal environment) that outlives ``coi shell --background``. It
   (``user.coi.ended_by``), then does what ``coi shutdown NAME`` does: a graceful stop
   (forced after ``STOP_TIMEOUT``), the session saved with ``ended_by`` in its
   metadata (``coi info`` shows it), the container deleted unless persistent;
-* ends when the container goes away or stays stopped earlier (a reboot from inside
-  keeps the clock: the timer waits it out).
+* ends when the container goes away earlier, or never starts (coi removes a start
+  that failed). A container that stops before its deadline (a reboot or a poweroff
+  from inside) keeps its clock: a reboot, however slow, does not escape the limit,
+  and a session powered off while nobody was attached is saved and removed at the
+  deadline, as ``coi clean`` would.
 
 What the timer acts on comes from its own record under ``<sessions_dir>/timers`` and
 the user's own config, never from the container: what the agent can reach of the
@@ -57,8 +60,7 @@ TIMER_ENV = ("HOME", "USER", "LOGNAME", "LANG", "XDG_CONFIG_HOME", "XDG_CACHE_HO
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 CHECK_SECONDS = 10.0  # how often the container is looked at while the timer waits (one REST call)
-STOPPED_GRACE = 5.0  # a reboot from inside shows "Stopped" for about half a second
-START_GRACE = 60.0  # armed before the start: give a start that fails time to be cleaned up by coi
+START_GRACE = 60.0  # armed before the start: a container not running by then was never started
 WARN_BEFORE = 300.0  # the heads-up, for limits of twice this or more
 NOTIFY_TIMEOUT = 5.0  # a message into the container may take this long, then the timer goes on
 STOP_TIMEOUT = 30  # seconds of graceful stop before it is forced (``coi shutdown --timeout``)
@@ -135,8 +137,9 @@ class TimerStore:
 
 @dataclass(frozen=True)
 class Step:
-    """The timer's next step: ``wait`` (``seconds``), ``warn``, ``expire``, or ``gone`` /
-    ``stopped`` (the container went before the deadline: the timer ends)."""
+    """The timer's next step: ``wait`` (``seconds``), ``warn``, ``expire``, or the end of the
+    timer without ending the session: ``gone`` (the container went) or ``unstarted`` (it
+    never ran: coi's start failed, and coi removes what it made)."""
 
     action: str
     seconds: float = 0.0
@@ -148,16 +151,16 @@ def warn_time(deadline: float, seconds: int) -> float | None:
 
 
 def next_step(*, now: float, deadline: float, warn_at: float | None, status: str | None,
-              stopped_for: float | None, seen_running: bool) -> Step:
+              seen_running: bool, waited: float) -> Step:
     """What the timer does now, from what it saw of the container (``status`` None: gone;
-    ``stopped_for``: seconds it has been seen stopped, None while it runs)."""
+    ``seen_running``: it ran at some point; ``waited``: seconds since the timer began)."""
     if status is None:
         return Step("gone")
-    running = seen_running or status == "Running"
-    grace = STOPPED_GRACE if seen_running else START_GRACE
-    if stopped_for is not None and stopped_for >= grace:
-        return Step("stopped")
-    if now >= deadline and running:
+    if not (seen_running or status == "Running"):  # not started yet: the deadline waits for that
+        if waited >= START_GRACE:
+            return Step("unstarted")
+        return Step("wait", max(min(CHECK_SECONDS, START_GRACE - waited), 0.01))
+    if now >= deadline:
         return Step("expire")
     if warn_at is not None and now >= warn_at and status == "Running":
         return Step("warn")
@@ -165,13 +168,7 @@ def next_step(*, now: float, deadline: float, warn_at: float | None, status: str
     for due in (deadline, warn_at):
         if due is not None and due > now:
             wait = min(wait, due - now)
-    if stopped_for is not None:
-        wait = min(wait, grace - stopped_for)
     return Step("wait", max(wait, 0.01))
-
-
-def _is_stopped(status: str | None) -> bool:
-    return status in ("Stopped", "Error")
 
 
 # ---- the process -------------------------------------------------------------------------
@@ -212,18 +209,14 @@ class Timer:
 
     def run(self) -> int:
         warn_at = warn_time(self.deadline, self.seconds)
-        stopped_since: float | None = None
+        began = self.clock()
         seen_running = False
         while not self.stop.is_set():
             status = self.status()
             now = self.clock()
-            if _is_stopped(status):
-                stopped_since = now if stopped_since is None else stopped_since
-            elif status == "Running":
-                stopped_since, seen_running = None, True
+            seen_running = seen_running or status == "Running"
             step = next_step(now=now, deadline=self.deadline, warn_at=warn_at, status=status,
-                             stopped_for=None if stopped_since is None else now - stopped_since,
-                             seen_running=seen_running)
+                             seen_running=seen_running, waited=now - began)
             if step.action == "wait":
                 self.wait(step.seconds)
             elif step.action == "warn":
@@ -235,8 +228,8 @@ class Timer:
                 self.expire()
                 return 0
             else:
-                self.log(f"{self.container} is {'gone' if step.action == 'gone' else 'stopped'} before its "
-                         "deadline: the timer ends")
+                self.log(f"{self.container} {'is gone' if step.action == 'gone' else 'never started'} before "
+                         "its deadline: the timer ends")
                 TimerStore(self.place.sessions_dir).drop(self.container)
                 return 0
         return 0
