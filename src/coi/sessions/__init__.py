@@ -3,12 +3,15 @@ happens when the session ends.
 
 Owns: the session's spec (``spec``: pure), its container (``containers``), commands in
 it (``commands``: the one exec policy), the agent's tmux session (``tmux``), signal
-handling around daemon work (``signals``), the saved state on the host (``state``)
-and the start and end of a session as a whole (``lifecycle``).
+handling around daemon work (``signals``), the saved state on the host (``state``),
+the start and end of a session as a whole (``lifecycle``), and the session timer that
+keeps ``[limits] max_duration`` from the host (``timer``: a detached process of its own,
+``python -I -m coi.sessions.timer``; the package never imports it at its top).
 
 Must not: print (it reports through the ``Messages``/``Log`` it is given), build an
-Incus client (it gets one), import ``coi.cli``, or trust anything the workspace or
-the container wrote without checking it.
+Incus client (it gets one; only the timer process makes one from the environment),
+import ``coi.cli``, or trust anything the workspace or the container wrote without
+checking it.
 """
 
 import importlib
@@ -37,7 +40,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-_MODULES = ("commands", "containers", "lifecycle", "manage", "signals", "spec", "state", "tmux")
+_MODULES = ("commands", "containers", "lifecycle", "manage", "signals", "spec", "state", "timer", "tmux")
 
 
 def __getattr__(name: str) -> Any:
