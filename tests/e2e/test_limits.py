@@ -24,8 +24,9 @@ pytestmark = pytest.mark.e2e
 TIMER = b"coi.sessions.timer"
 
 
-def timers(name: str = TEST_PREFIX) -> list[int]:
-    """Host processes of coi's session timer whose container name starts with ``name``."""
+def timers(name: str = TEST_PREFIX, *, prefix: bool = False) -> list[int]:
+    """Host processes of coi's session timer for container ``name`` (with ``prefix``: for
+    every container whose name starts with it)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -33,13 +34,15 @@ def timers(name: str = TEST_PREFIX) -> list[int]:
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if TIMER in argv and any(a.startswith(name.encode()) for a in argv[argv.index(TIMER) + 1:][:1]):
-                found.append(int(entry))
+            if TIMER in argv:
+                container = (argv[argv.index(TIMER) + 1:] or [b""])[0].decode(errors="replace")
+                if container == name or (prefix and container.startswith(name)):
+                    found.append(int(entry))
     return found
 
 
 def kill_test_timers() -> None:
-    for pid in timers():
+    for pid in timers(prefix=True):
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
@@ -162,4 +165,4 @@ def test_bad_limits_exit_2_before_anything_is_created(limited, workspace, incus,
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert [i["name"] for i in incus.instances()
             if i["config"].get("user.coi.workspace") == str(workspace)] == []
-    assert not timers()
+    assert not timers(prefix=True)

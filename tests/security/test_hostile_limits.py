@@ -118,8 +118,16 @@ def processes() -> dict[int, list[bytes]]:
     return found
 
 
-def timers(name: str) -> list[int]:
-    return [pid for pid, argv in processes().items() if TIMER in argv and name.encode() in argv]
+def timers(name: str, *, prefix: bool = False) -> list[int]:
+    """Session timer processes of container ``name`` (with ``prefix``: of every container
+    whose name starts with it)."""
+    found = []
+    for pid, argv in processes().items():
+        if TIMER in argv:
+            container = (argv[argv.index(TIMER) + 1:] or [b""])[0].decode(errors="replace")
+            if container == name or (prefix and container.startswith(name)):
+                found.append(pid)
+    return found
 
 
 @pytest.fixture
@@ -131,7 +139,7 @@ def limited(session_user):
         config.write_text(original + "\n[limits]\n" + text)
     yield session_user, limits
     config.write_text(original)
-    for pid in timers(TEST_PREFIX):
+    for pid in timers(TEST_PREFIX, prefix=True):
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
@@ -143,6 +151,7 @@ def limited(session_user):
 # timer's message runs it), and make the container ignore its stop.
 AGENT = r'''
 import json, os, socket, subprocess
+NEEDLE = "coi.sessions" + ".timer"  # split: this script's own command line must not match it
 def run(*argv):
     try:
         return subprocess.run(list(argv), capture_output=True).returncode
@@ -155,7 +164,7 @@ for pid in os.listdir("/proc"):
             seen.append(open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"))
         except OSError:
             pass
-run("pkill", "-9", "-f", "coi.sessions.timer")
+run("pkill", "-9", "-f", NEEDLE)
 try:
     s = socket.socket(socket.AF_UNIX)
     s.connect("/dev/incus/sock")
@@ -169,7 +178,7 @@ with open("/usr/bin/tmux.coi-test", "w") as fh:
 os.chmod("/usr/bin/tmux.coi-test", 0o755)
 os.replace("/usr/bin/tmux.coi-test", "/usr/bin/tmux")
 run("systemctl", "mask", "sigpwr.target", "poweroff.target", "halt.target")
-print(json.dumps({"timer_seen": [c for c in seen if "coi.sessions.timer" in c], "patched": patched}))
+print(json.dumps({"timer_seen": [c for c in seen if NEEDLE in c], "patched": patched}))
 '''
 
 
