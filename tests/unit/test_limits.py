@@ -461,6 +461,46 @@ def test_a_failing_shutdown_still_forces_the_stop(home, workspace, network):
     assert attempts == [False, True, True] and fake.instance(session.name)["status"] == "Stopped"
 
 
+def test_an_end_that_fails_is_tried_again_until_incus_answers(home, workspace, network):
+    from coi.errors import DaemonUnavailableError
+
+    fake, place, session = running_session(home, workspace, network)
+    failures = [3]
+
+    def restarting(name, **kw):
+        if failures[0]:
+            failures[0] -= 1
+            raise DaemonUnavailableError("Incus is restarting")
+        return DEFAULT
+    fake.on("update_instance", restarting)
+    clock, notified = Clock(), []
+    t = timer_for(place, session.name, clock, seconds=5, max_duration="5s", notified=notified)
+    assert t.run() == 0
+    assert t.tries == 4 and len(notified) == 1  # told once
+    assert not fake.exists(session.name)
+    assert (home / ".coi" / "sessions-claude" / session.session_id / "metadata.json").exists()
+
+
+def test_an_end_that_keeps_failing_is_given_up_and_said(home, workspace, network):
+    from coi.errors import DaemonUnavailableError
+
+    fake, place, session = running_session(home, workspace, network)
+
+    def down(name, **kw):
+        raise DaemonUnavailableError("Incus is down")
+    fake.on("update_instance", down)
+    fake.on("stop", down)
+    logged: list[str] = []
+    clock = Clock()
+    record = {"deadline": clock() + 5, "seconds": 5, "max_duration": "5s"}
+    timer.TimerStore(place.sessions_dir).save(session.name, {**record, "container": session.name})
+    t = timer.Timer(place, session.name, record, notify=lambda text: None, clock=clock, wait=clock.wait,
+                    log=logged.append)
+    assert t.run() == 0 and t.tries == timer.END_TRIES
+    assert "giving up" in logged[-1] and "coi shutdown" in logged[-1]
+    assert not timer.TimerStore(place.sessions_dir).names()
+
+
 def test_a_hanging_message_into_the_container_does_not_hold_up_the_end(home, workspace, network, monkeypatch):
     """The agent swapped tmux for something that never returns: the message gets its few
     seconds (here 0.2), then the timer goes on."""

@@ -64,6 +64,7 @@ START_GRACE = 60.0  # armed before the start: a container not running by then wa
 WARN_BEFORE = 300.0  # the heads-up, for limits of twice this or more
 NOTIFY_TIMEOUT = 5.0  # a message into the container may take this long, then the timer goes on
 STOP_TIMEOUT = 30  # seconds of graceful stop before it is forced (``coi shutdown --timeout``)
+END_TRIES = 30  # an end that fails (Incus restarting, say) is tried again every CHECK_SECONDS, this often
 
 ENDED_BY = "max_duration"  # ``user.coi.ended_by`` and the saved metadata's ``ended_by``
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,62}")  # an Incus instance name: safe as a file name
@@ -195,6 +196,7 @@ class Timer:
         self.log = log or _say
         self.stop = threading.Event()
         self.wait = wait or self.stop.wait
+        self.tries = 0  # of the end, once the deadline has come
 
     def status(self) -> str | None:
         """The container's status ("Unknown" when Incus cannot say now); None when it is gone."""
@@ -225,8 +227,9 @@ class Timer:
                 self.notify(f"coi: this session ends in {left} ([limits] max_duration = {self.max_duration}); "
                             "coi then stops and saves it")
             elif step.action == "expire":
-                self.expire()
-                return 0
+                if self.expire():
+                    return 0
+                self.wait(CHECK_SECONDS)
             else:
                 self.log(f"{self.container} {'is gone' if step.action == 'gone' else 'never started'} before "
                          "its deadline: the timer ends")
@@ -234,14 +237,18 @@ class Timer:
                 return 0
         return 0
 
-    def expire(self) -> None:
-        """The deadline: say so, mark the container, then what ``coi shutdown`` does."""
+    def expire(self) -> bool:
+        """The deadline: say so and mark the container (once), then what ``coi shutdown``
+        does. False when that failed and is to be tried again (the container is forced to
+        stop meanwhile, when Incus lets it)."""
         from coi.sessions import manage
 
         name, client = self.container, self.place.client
-        self.log(f"{name} reached its max_duration of {self.max_duration}: stopping and saving it")
-        self.notify(f"coi: this session reached its max_duration of {self.max_duration}: "
-                    "coi stops and saves it now (see 'coi info')")
+        self.tries += 1
+        if self.tries == 1:
+            self.log(f"{name} reached its max_duration of {self.max_duration}: stopping and saving it")
+            self.notify(f"coi: this session reached its max_duration of {self.max_duration}: "
+                        "coi stops and saves it now (see 'coi info')")
         note = {"ended_by": ENDED_BY, "max_duration": self.max_duration, "ended_at": iso(self.clock())}
         try:
             client.update_instance(name, config={ENDED_KEY: ENDED_BY})
@@ -249,12 +256,18 @@ class Timer:
         except NotFoundError:
             pass  # removed meanwhile: nothing is left to stop
         except CoiError as exc:
-            self.log(f"ending {name} failed: {exc.message}; forcing it to stop")
             try:
                 client.stop(name, force=True)
+                forced = "forced it to stop"
             except CoiError as again:
-                self.log(f"forcing {name} to stop failed too: {again.message}")
+                forced = f"forcing it to stop failed too ({again.message})"
+            if self.tries < END_TRIES:
+                self.log(f"ending {name} failed: {exc.message}; {forced}; trying again in {CHECK_SECONDS:g}s")
+                return False
+            self.log(f"ending {name} failed {self.tries} times: {exc.message}; {forced}; giving up "
+                     f"(coi shutdown {name} or coi clean finishes it)")
         TimerStore(self.place.sessions_dir).drop(name)
+        return True
 
 
 def format_left(seconds: float) -> str:
@@ -375,6 +388,8 @@ def disarm(place: Place, name: str) -> None:
     """The container's timer stopped and its record gone (none is fine; from the timer
     itself, only the record)."""
     store = TimerStore(place.sessions_dir)
+    if not _NAME.fullmatch(name):
+        return  # no timer could have this name
     if store.record_path(name).exists() or store.log_path(name).exists():
         stop_timer(store, name)
         store.drop(name)
