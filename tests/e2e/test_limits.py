@@ -151,6 +151,22 @@ def test_clean_removes_the_timer_of_a_container_deleted_behind_cois_back(limited
     assert not timers(name) and not (user.home / ".coi" / "timers" / f"{name}.json").exists()
 
 
+def test_a_timer_that_died_is_started_again_by_coi_list_with_the_same_deadline(limited, workspace, incus):
+    user, limits = limited
+    limits('max_duration = "10m"\n')
+    name = user.background(workspace, "--debug")["container"]
+    (pid,) = timers(name)
+    deadline = incus.instance(name)["config"]["user.coi.deadline"]
+    os.killpg(pid, signal.SIGKILL)  # a crash, or the OOM killer
+    wait_for(lambda: not timers(name), timeout=10, what=f"the timer of {name} to be gone")
+    proc = user.run(["list"], cwd=workspace)
+    assert f"the session timer of {name} had ended; started it again" in proc.stderr
+    (again,) = timers(name)
+    assert again != pid and incus.instance(name)["config"]["user.coi.deadline"] == deadline
+    assert user.run(["kill", name], cwd=workspace).returncode == 0
+    assert not timers(name)
+
+
 @pytest.mark.parametrize("args, config, message", [
     (["--max-duration", "2x"], "", "argument --max-duration: '2x' is not a duration"),
     (["--max-duration", "1s"], "", "argument --max-duration: '1s' is shorter than 5 seconds"),

@@ -542,6 +542,18 @@ def test_arm_starts_a_timer_marks_the_container_and_keeps_a_running_clock(home, 
     assert not timer.TimerStore(place.sessions_dir).names()
 
 
+def test_a_timer_that_ended_under_a_running_session_is_started_again_on_its_own_record(
+        home, workspace, network, spawned):
+    fake, place, session = running_session(home, workspace, network)
+    deadline = timer.arm(place, session.name, max_duration="2h", seconds=7200, session_id="s", fresh=True)
+    assert timer.revive(place.sessions_dir, fake, [session.name]) == []  # it runs: nothing to do
+    spawned[0].kill()
+    spawned[0].wait()
+    assert timer.revive(place.sessions_dir, fake, [session.name, "coi-test-other-1", "../x"]) == [session.name]
+    record = timer.TimerStore(place.sessions_dir).record(session.name)
+    assert record["pid"] == spawned[1].pid and record["deadline"] == deadline  # the same deadline
+
+
 def test_a_timer_that_cannot_start_refuses_the_session(home, workspace, network, monkeypatch):
     fake, place, session = running_session(home, workspace, network)
 

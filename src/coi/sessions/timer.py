@@ -377,11 +377,30 @@ def arm(place: Place, name: str, *, max_duration: str, seconds: int, session_id:
     except OSError as exc:
         store.drop(name)
         raise CoiError(f"the session timer of {name} did not start ({exc.strerror or exc}), so [limits] "
-                       "max_duration could not be enforced", "see 'coi doctor'") from None
+                       "max_duration could not be enforced: the session was not started",
+                       "try again, or start it without a time limit: --max-duration 0") from None
     store.save(name, record)
     place.client.update_instance(name, config={MAX_DURATION_KEY: max_duration, DEADLINE_KEY: iso(deadline),
                                                ENDED_KEY: ""})
     return deadline
+
+
+def revive(sessions_dir: Path, client: IncusClient, running: Iterable[str]) -> list[str]:
+    """Start the timer again, on its own record (the same deadline), for each running
+    container whose timer ended without ending it (killed, crashed); the names revived."""
+    store = TimerStore(sessions_dir)
+    revived = []
+    for name in running:
+        record = store.record(name) if _NAME.fullmatch(name) else None
+        if not record or _alive_timer(record.get("pid"), name):
+            continue
+        try:
+            record["pid"] = _start(store, name, sessions_dir=sessions_dir, client=client)
+        except OSError:
+            continue  # said nowhere better than by the caller's next try
+        store.save(name, record)
+        revived.append(name)
+    return revived
 
 
 def disarm(place: Place, name: str) -> None:

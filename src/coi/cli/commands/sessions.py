@@ -116,6 +116,7 @@ def attach(ctx: Context, *, name: str | None = None, slot: int = 0, bash: bool =
     need_terminal("coi attach", name)
     manage.check_attachable(place, inst, bash=bash)
     revive_proxy(ctx, [name])
+    revive_timers(ctx, [name])
     ctx.ui.info(f"Attaching to {name}...")
     argv = tmux.attach_argv(ctx.incus, name, code_uid=ctx.config.incus.code_uid, term=os.environ.get("TERM"),
                             bash=bash)
@@ -144,6 +145,7 @@ def list_sessions(ctx: Context, *, all: bool = False, format: str = "text") -> i
         found = [c for c in found if c.workspace == str(ctx.workspace)]
         saved = [s for s in saved if s.metadata.get("workspace") == str(ctx.workspace)]
     revive_proxy(ctx, [c.name for c in found if c.status == "Running"])
+    revive_timers(ctx, [c.name for c in found if c.status == "Running"])
     found = _with_refused_counts(ctx, found)
     branches = _branch_statuses(ctx, found)
     render_sessions(ctx.ui, found, saved, format=format, include_saved=all, branches=branches)
@@ -158,6 +160,18 @@ def revive_proxy(ctx: Context, running: list[str]) -> None:
 
     if revive(ctx.sessions_dir, running):
         ctx.ui.warn("coi's egress proxy had ended, so sessions by name had no egress; started it again")
+
+
+def revive_timers(ctx: Context, running: list[str]) -> None:
+    """A session timer that ended while its session runs (killed, crashed) started again, on
+    its own record, so that [limits] max_duration still holds; a warning says so."""
+    if not (ctx.sessions_dir / "timers").is_dir():
+        return  # no limited session ever ran: nothing to import
+    from coi.sessions import timer
+
+    for name in timer.revive(ctx.sessions_dir, ctx.incus, running):
+        ctx.ui.warn(f"the session timer of {name} had ended; started it again (the session still ends at "
+                    f"its deadline)")
 
 
 def _with_refused_counts(ctx: Context, found: list[Any]) -> list[Any]:
