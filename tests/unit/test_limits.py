@@ -537,8 +537,14 @@ def test_arm_starts_a_timer_marks_the_container_and_keeps_a_running_clock(home, 
     assert timer.arm(place, session.name, max_duration="1h", seconds=3600, session_id=session.session_id,
                      fresh=True, clock=lambda: 5000.0) == 8600.0
     assert spawned[0].wait(timeout=5) is not None and spawned[1].poll() is None
+    # A timer that died under the running session: started again, on the same clock.
+    spawned[1].kill()
+    spawned[1].wait()
+    assert timer.arm(place, session.name, max_duration="1h", seconds=3600, session_id=session.session_id,
+                     fresh=False, clock=lambda: 9000.0) == 8600.0
+    assert len(spawned) == 3 and spawned[2].poll() is None
     timer.disarm(place, session.name)
-    assert spawned[1].wait(timeout=5) is not None
+    assert spawned[2].wait(timeout=5) is not None
     assert not timer.TimerStore(place.sessions_dir).names()
 
 

@@ -364,7 +364,8 @@ def arm(place: Place, name: str, *, max_duration: str, seconds: int, session_id:
     the timer cannot start: the session must not start without it (fail closed)."""
     store = TimerStore(place.sessions_dir)
     record = store.record(name)
-    if not fresh and record and _alive_timer(record.get("pid"), name):
+    if not fresh and record and isinstance(record.get("deadline"), (int, float)):
+        revive(place.sessions_dir, place.client, [name])  # the clock it has, also when its timer died
         return float(record["deadline"])
     stop_timer(store, name)
     deadline = clock() + seconds
