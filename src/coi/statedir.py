@@ -16,7 +16,7 @@ from typing import Iterable
 from coi.errors import CoiError
 
 STATE_MODE = 0o700
-SUBDIRS = ("network", "logs", "locks")
+SUBDIRS = ("network", "logs", "locks", "timers")
 OWN_DIR_HINT = "set [paths] sessions_dir in your own config to a directory of your own"
 
 

@@ -26,6 +26,7 @@ FLAG_KEYS = {
     "network": ("network.mode", "--network"),
     "profile": ("defaults.profile", "--profile"),
     "ssh_agent": ("ssh.forward_agent", "--ssh-agent"),
+    "max_duration": ("limits.max_duration", "--max-duration"),
 }
 
 

@@ -132,6 +132,18 @@ def _forward_flags(p: argparse.ArgumentParser) -> None:
                         "no key enters the container (default: [ssh] forward_agent, off)")
 
 
+def _duration(text: str) -> str:
+    """``--max-duration``'s value, checked as ``[limits] max_duration`` is (exit 2 when bad)."""
+    from coi.config.limits import parse_duration
+    from coi.errors import UsageError
+
+    try:
+        parse_duration(text, key="--max-duration")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.message.split(' = ', 1)[-1]}; {exc.hint}") from None
+    return text
+
+
 def _format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text", help="text or json (default: text)")
 
@@ -160,6 +172,9 @@ def _shell_command(sub, summary: str) -> None:
     p.add_argument("--debug", action="store_true", help="start bash instead of the agent")
     p.add_argument("--tmux", dest="tmux", action=argparse.BooleanOptionalAction, default=True,
                    help="run the agent inside tmux (default: on)")
+    p.add_argument("--max-duration", metavar="D", default=None, type=_duration,
+                   help='stop and save the session after D, such as "2h", "90m" or "30s" ("0": no limit; '
+                        "default: [limits] max_duration); a host process keeps the time, also while detached")
     p.add_argument("--generation", type=int, default=1, metavar="N",
                    help="with --resume: which of the session's kept saves to resume, 1 = the newest "
                         "(default), 2 = the one before...; 'coi info' lists them ([sessions] keep)")

@@ -64,11 +64,13 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
         if c.refused_connections:
             ui.out(f"    Refused connections: {c.refused_connections} (coi logs {c.name} --network)")
         if c.limits:
-            ui.out("    Limits: " + ", ".join(f"{k}={v}" for k, v in sorted(c.limits.items())))
+            ui.out(f"    Limits: {limits_line(c.limits)}")
         if c.ports:
             ui.out("    Ports: " + ", ".join(f"{p.host_endpoint} -> {p.container}" for p in c.ports))
         if c.ssh_agent:
             ui.out("    SSH agent: forwarded")
+        if getattr(c, "ends_at", None):
+            ui.out(f"    Ends: {c.ends_at} ([limits] max_duration)")
     if include_saved:
         _heading(ui, "Saved Sessions:", empty=not saved)
         for s in saved:
@@ -80,6 +82,11 @@ def render_sessions(ui: UI, containers: list[Any], saved: list[Any], *, format: 
                 ui.out(f"    Branch: coi/{md['branch']}")
     if branches is not None:
         render_branches(ui, branches)
+
+
+def limits_line(limits: dict[str, Any]) -> str:
+    """``cpu=2, disk=20GiB, max_duration=2h``: a container's or a saved session's limits."""
+    return ", ".join(f"{k}={shown(str(v))}" for k, v in sorted(limits.items()))
 
 
 def shown(text: str) -> str:

@@ -136,6 +136,8 @@ class Limits:
     cpu: str
     memory: str
     processes: int  # 0 = unlimited
+    max_duration: str = ""  # how long a session may run (coi.config.limits); "" = no limit
+    disk: str = ""  # the root disk's size; "" = the storage pool's default
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class ProfileLimits:
     cpu: str | None = None
     memory: str | None = None
     processes: int | None = None
+    max_duration: str | None = None
+    disk: str | None = None
 
 
 @dataclass(frozen=True)

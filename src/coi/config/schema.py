@@ -91,6 +91,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits.cpu", "cpu", ""),
     Key("limits.memory", "str", ""),
     Key("limits.processes", "int", 0),  # 0 = unlimited
+    # How long a session may run ("2h", "90m"; "" = no limit) and its root disk's size ("20GiB").
+    Key("limits.max_duration", "str", ""),
+    Key("limits.disk", "str", ""),
     Key("build.base", "str", "", env="COI_BUILD_BASE"),  # empty = automatic
     Key("build.tools", "strlist", ["claude"], choices=TOOLS),
     # [prompts] NAME = "text": named prompts for ``coi run --prompt-name NAME`` (text for the agent only).
@@ -107,6 +110,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("profiles.*.limits.cpu", "cpu"),
     Key("profiles.*.limits.memory", "str"),
     Key("profiles.*.limits.processes", "int"),
+    Key("profiles.*.limits.max_duration", "str"),
+    Key("profiles.*.limits.disk", "str"),
 )
 
 
@@ -150,6 +155,7 @@ _PROFILE_TARGETS = {
     "network.allowed_domains": "network.allowed_domains", "git.isolation": "git.isolation",
     "limits.cpu": "limits.cpu",
     "limits.memory": "limits.memory", "limits.processes": "limits.processes",
+    "limits.max_duration": "limits.max_duration", "limits.disk": "limits.disk",
 }
 
 

@@ -27,6 +27,7 @@ WORKSPACE_KEYS = frozenset({
     "network.allow_local_network_access", "network.logging.enabled",
     "mounts.default", "git.isolation", "limits.cpu", "limits.memory", "limits.processes",
     "ports", "ssh.forward_agent",
+    "limits.max_duration", "limits.disk",
     *(k.path for k in SCHEMA if k.path.startswith("profiles.*.")),
     # Prompts are text for the agent in its container (which reads the project's files
     # anyway), never anything the host runs: a project may add its own, not replace yours.
@@ -87,6 +88,10 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
         outside = [str(m.host) for m in value if not _inside(m.host, workspace)]
         if outside:
             return f"a workspace file cannot mount host paths outside the workspace ({', '.join(outside)})"
+    if top in ("limits.max_duration", "limits.disk"):
+        from coi.config.limits import workspace_refusal
+
+        return workspace_refusal(top, value, base if base is not None else "")
     if top in ("defaults.max_slots", "limits.cpu", "limits.memory", "limits.processes") \
             and not _lower_limit(top, value, base):
         return f"a workspace file may only lower your limit ({_given(base)} -> {_given(value)})"

@@ -6,12 +6,15 @@ it (``commands``: the one exec policy), the agent's tmux session (``tmux``), sig
 handling around daemon work (``signals``), published ports and the SSH agent
 (``forwards``: proxy devices), the saved state on the host (``state``), the start
 and end of a session as a whole (``lifecycle``), snapshots of its container
-(``snapshots``) and the prompt of a headless run, checked before anything exists
-(``prompts``).
+(``snapshots``), the prompt of a headless run, checked before anything exists
+(``prompts``), and the session timer that keeps ``[limits] max_duration`` from the
+host (``timer``: a detached process of its own, ``python -I -m coi.sessions.timer``;
+the package never imports it at its top).
 
 Must not: print (it reports through the ``Messages``/``Log`` it is given), build an
-Incus client (it gets one), import ``coi.cli``, or trust anything the workspace or
-the container wrote without checking it.
+Incus client (it gets one; only the timer process makes one from the environment),
+import ``coi.cli``, or trust anything the workspace or the container wrote without
+checking it.
 """
 
 import importlib
@@ -41,7 +44,7 @@ __all__ = sorted(_EXPORTS)
 
 
 _MODULES = ("commands", "containers", "forwards", "lifecycle", "manage", "prompts", "signals", "snapshots",
-            "spec", "state", "tmux")
+            "spec", "state", "timer", "tmux")
 
 
 def __getattr__(name: str) -> Any:

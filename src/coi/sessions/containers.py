@@ -14,7 +14,7 @@ from coi.errors import CoiError, ImageNotFoundError, NotFoundError, OperationFai
 from coi.sessions.signals import deferred_signals, signals_ignored
 from coi.sessions.spec import (KEY, STORAGE, ContainerInfo, Session, SessionRequest, check_mount_sources,
                                choose_slot, container_spec, is_coi, is_launched, is_stopped, launched_config,
-                               new_session_id, to_info)
+                               new_session_id, sized_root, to_info)
 from coi.wait import wait_for
 
 if TYPE_CHECKING:
@@ -99,11 +99,12 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
             log(f"Auto-allocated slot {slot}")
         name = naming.container_name(str(req.workspace), slot, prefix=req.prefix)
         session_id = req.session_id or new_session_id()
+        root = root_disk(client, req.disk, log) if req.disk else None
         config, devices = container_spec(
             image=req.image, workspace=req.workspace, slot=slot, session_id=session_id,
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
             host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
-            base_config=req.base_config, profile=req.profile, branch=req.branch)
+            base_config=req.base_config, profile=req.profile, branch=req.branch, root=root)
         devices.update(forwards.devices(req))
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)
@@ -117,6 +118,30 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
                                 else f"build it with 'coi build custom {req.image} --script FILE'") from None
         return Session(name, slot, session_id, req.persistent, True, req.workspace, ports=req.ports,
                        ssh_agent=bool(req.ssh_agent))
+
+
+# Storage drivers that hold a root disk to its ``size`` (btrfs with a qgroup, which Incus
+# enables; the others by their own volume size). A dir pool does only on ext4 or XFS with
+# project quotas, and Incus skips the size silently elsewhere.
+SIZED_DRIVERS = ("btrfs", "zfs", "lvm", "lvmcluster", "ceph", "linstor", "truenas")
+
+
+def root_disk(client: IncusClient, size: str, log: Log) -> dict[str, str]:
+    """The root disk of ``[limits] disk``: the coi profile's, sized (``spec.sized_root``);
+    a line says so when its pool may not enforce the size."""
+    from coi.host.daemon import COI_PROFILE
+
+    try:
+        profile_root = (client.profile(COI_PROFILE).get("devices") or {}).get("root")
+    except NotFoundError:
+        profile_root = None
+    root = sized_root(profile_root, size)
+    driver = next((p.get("driver") for p in client.storage_pools() if p.get("name") == root["pool"]), None)
+    if driver not in SIZED_DRIVERS:
+        log(f"Warning: storage pool {root['pool']} ({driver or 'unknown driver'}) may not hold the root disk "
+            f"to [limits] disk = {size} (Incus enforces it on btrfs, zfs and lvm pools; on dir only with "
+            "project quotas)")
+    return root
 
 
 def create_pinned(client: IncusClient, name: str, *, image: str, config: Mapping[str, str],

@@ -81,6 +81,7 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
     ports = forwards.session_ports(cfg.ports, port)
     extra_env = session_env(place, profile_env=profile_env, env=env)
     limits = spec.limits_config(cpu=cfg.limits.cpu, memory=cfg.limits.memory, processes=cfg.limits.processes)
+    max_seconds, disk = session_limits(cfg)
     mounts = list(cfg.mounts.default) + [spec.parse_mount(m, cwd=Path.cwd()) for m in mount]
     if storage == "":  # --storage alone
         storage_path: Path | None = cfg.paths.storage_dir / naming.workspace_hash(str(place.workspace))
@@ -108,7 +109,8 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
         shift=shift, lock_dir=place.sessions_dir / "locks",
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
         branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare, ports=ports,
-        ssh_agent=ssh_agent)
+        ssh_agent=ssh_agent, max_duration=cfg.limits.max_duration.strip() if max_seconds else "",
+        max_seconds=max_seconds, disk=disk)
 
 
 def session_env(place: Place, *, profile_env: Mapping[str, str], env: Iterable[str] = ()) -> dict[str, str]:
@@ -125,6 +127,16 @@ def session_env(place: Place, *, profile_env: Mapping[str, str], env: Iterable[s
         extra_env.update(proxy_environment(place.client))
         extra_env.update(container_env(cfg.credentials))  # placeholders win: no secret goes in
     return extra_env
+
+
+def session_limits(cfg: Config) -> tuple[int, str]:
+    """(seconds of ``[limits] max_duration``, 0 for none; ``[limits] disk``, "" for none),
+    checked before anything exists (``coi.config.limits``)."""
+    from coi.config.limits import parse_disk, parse_duration
+
+    seconds = parse_duration(cfg.limits.max_duration)
+    disk = cfg.limits.disk.strip()
+    return seconds, disk if parse_disk(disk) else ""
 
 
 def _by_name(cfg: Config) -> bool:
@@ -246,9 +258,17 @@ def unisolate(place: Place, name: str) -> None:
 
 
 def remove(place: Place, name: str) -> None:
-    """The container and its rules gone, whatever state they were in."""
+    """The container, its rules and its timer gone, whatever state they were in."""
     containers.remove_container(place.client, name)
     unisolate(place, name)
+    disarm(place, name)
+
+
+def disarm(place: Place, name: str) -> None:
+    """The container's session timer stopped (none is fine)."""
+    from coi.sessions import timer
+
+    timer.disarm(place, name)
 
 
 # ---- start ----------------------------------------------------------------------------
@@ -318,6 +338,7 @@ def start(place: Place, session: spec.Session, req: spec.SessionRequest, saved: 
         except BaseException:
             if session.created:
                 unisolate(place, session.name)
+                disarm(place, session.name)
             if req.branch_new:
                 _forget_new_copy(req)
             raise
@@ -341,6 +362,7 @@ def _start(place: Place, session: spec.Session, req: spec.SessionRequest, saved:
     if saved is not None and session.created:
         restore_state(place, session.name, saved, req)
     inject_credentials(place, session.name, req)
+    time_limit(place, session, req)
     start_isolated(place, session.name, place.messages.info)
     place.messages.info("Starting session...")
     # A container created just now cannot have a tmux session yet.
@@ -348,6 +370,23 @@ def _start(place: Place, session: spec.Session, req: spec.SessionRequest, saved:
         agent = None if debug else agent_command(req, session, saved)
         tmux.start_tmux(client, session.name, code_uid=req.code_uid, env=agent_env(req),
                         command=tmux.agent_shell_command(agent))
+
+
+def time_limit(place: Place, session: spec.Session, req: spec.SessionRequest) -> None:
+    """``[limits] max_duration``: the session's timer on the host, before the container starts
+    (fail closed). A container coi starts now gets a new clock; one that runs already keeps
+    the clock it has (``coi.sessions.timer``)."""
+    from coi.sessions import timer
+
+    inst = None if session.created else place.client.instance(session.name)
+    fresh = inst is None or inst.get("status") != "Running"
+    if req.max_seconds:
+        deadline = timer.arm(place, session.name, max_duration=req.max_duration, seconds=req.max_seconds,
+                             session_id=session.session_id, fresh=fresh)
+        place.messages.info(f"Time limit: {req.max_duration} (the session ends at {timer.iso(deadline)})")
+    elif fresh and inst is not None:  # a limit of the container's earlier run does not carry over
+        disarm(place, session.name)
+        timer.clear_marks(place.client, session.name, inst)
 
 
 def restore_state(place: Place, name: str, saved: state.SavedSession, req: spec.SessionRequest) -> None:
@@ -393,10 +432,17 @@ def attached_argv(place: Place, session: spec.Session, req: spec.SessionRequest,
 
 def after_attach(place: Place, name: str, code: int) -> None:
     """Detached, left bash, or the container stopped from inside: act accordingly."""
+    from coi.sessions.timer import ended_by_limit
+
     client = place.client
     try:
         inst = client.instance(name)
     except NotFoundError:
+        return
+    limit = ended_by_limit(inst)
+    if limit:  # its timer stops and saves it (no second save from here)
+        place.messages.info(f"Session {name} reached its max_duration of {limit}: coi stops and saves it "
+                            "('coi info' shows the saved session)")
         return
     if code == 0 and not spec.is_stopped(inst):
         place.messages.info(f"Detached; container {name} keeps running. Re-attach with: coi attach {name}")
@@ -417,22 +463,27 @@ def _being_restored(place: Place, name: str) -> bool:
     return being_restored(place.sessions_dir, name)
 
 
-def end(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
-    """Save the session of a (stopped or running) container, then delete it unless persistent."""
+def end(place: Place, name: str, *, inst: dict[str, Any] | None = None,
+        note: Mapping[str, Any] | None = None) -> None:
+    """Save the session of a (stopped or running) container, then delete it unless persistent.
+    ``note``: more for the saved metadata (why it ended: ``coi.sessions.timer``)."""
     client = place.client
     inst = inst or client.instance(name)
     cfg = inst.get("config") or {}
     key = spec.KEY
-    save(place, name, inst=inst)
+    save(place, name, inst=inst, note=note)
     if cfg.get(f"{key}persistent") != "true":
         containers.remove_container(client, name)
     unisolate(place, name)
+    disarm(place, name)
     if cfg.get(f"{key}branch"):
         bring_back(place, Path(cfg.get(f"{key}workspace", "")), cfg[f"{key}branch"])
 
 
-def save(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None:
-    """Save the agent's state of a (stopped or running) session container, under its session id."""
+def save(place: Place, name: str, *, inst: dict[str, Any] | None = None,
+         note: Mapping[str, Any] | None = None) -> None:
+    """Save the agent's state of a (stopped or running) session container, under its session id
+    (``note``: more for the saved metadata)."""
     from coi.tools import get_tool
 
     client = place.client
@@ -451,7 +502,8 @@ def save(place: Place, name: str, *, inst: dict[str, Any] | None = None) -> None
                                "workspace": cfg.get(f"{key}workspace", ""), "tool": tool,
                                "slot": int(slot) if slot.isdigit() else None,
                                "image": cfg.get(f"{key}image", ""), "profile": cfg.get(f"{key}profile"),
-                               "branch": cfg.get(f"{key}branch")})
+                               "branch": cfg.get(f"{key}branch"), "limits": spec.limits_of(inst),
+                               **(note or {})})
         place.messages.info("Session data saved")
 
 

@@ -77,15 +77,17 @@ def kill(place: Place, inst: dict[str, Any]) -> None:
     lifecycle.remove(place, inst["name"])
 
 
-def shutdown(place: Place, inst: dict[str, Any], *, timeout: int) -> None:
-    """Stop (cleanly, forced after ``timeout``), save, and delete unless persistent."""
+def shutdown(place: Place, inst: dict[str, Any], *, timeout: int,
+             note: dict[str, Any] | None = None) -> None:
+    """Stop (cleanly, forced after ``timeout``), save, and delete unless persistent.
+    ``note``: more for the saved metadata (the session timer says why it ended)."""
     name = inst["name"]
     if not spec.is_stopped(inst):
         try:
             place.client.stop(name, timeout=timeout)
         except CoiError:
             place.client.stop(name, force=True)
-    lifecycle.end(place, name)
+    lifecycle.end(place, name, note=note)
 
 
 def persist(place: Place, inst: dict[str, Any]) -> None:
@@ -112,6 +114,7 @@ class CleanPlan:
     saved: list[state.SavedSession]
     rules_removed: list[str] = field(default_factory=list)
     spares_removed: int = 0  # spare branch copies (coi.branches), made again when needed
+    timers_removed: list[str] = field(default_factory=list)  # session timers of containers that went
 
 
 def plan_clean(place: Place, *, saved_sessions: bool) -> CleanPlan:
@@ -132,7 +135,10 @@ def plan_clean(place: Place, *, saved_sessions: bool) -> CleanPlan:
         from coi.branches import copies
 
         spares = copies.remove_spares(place.sessions_dir)
-    return CleanPlan(stopped, saved, list(removed), spares)
+    from coi.sessions import timer
+
+    timers = timer.clean_orphans(place.sessions_dir, existing)
+    return CleanPlan(stopped, saved, list(removed), spares, timers)
 
 
 # ---- info ------------------------------------------------------------------------------

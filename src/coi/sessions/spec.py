@@ -26,6 +26,15 @@ KEY = naming.CONFIG_PREFIX  # "user.coi."
 CODE_HOME = "/home/code"
 
 
+# A session's time limit, written by coi when its timer starts (``coi.sessions.timer``):
+# the limit as configured ("2h") and when it runs out (ISO 8601, UTC). The container can
+# read them (Incus's guest API shows user.* keys) but never write them; the timer itself
+# trusts only its own record on the host.
+MAX_DURATION_KEY = f"{KEY}max_duration"
+DEADLINE_KEY = f"{KEY}deadline"
+ENDED_KEY = f"{KEY}ended_by"  # "max_duration" while the timer ends the session
+
+
 WORKSPACE = "/workspace"
 
 
@@ -143,7 +152,8 @@ def tmux_env() -> dict[str, str]:
 def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, persistent: bool,
                    tool: str, mounts: list[Mount], storage: Path | None, host_uid: int, host_gid: int,
                    code_uid: int, shift: bool, base_config: Mapping[str, str],
-                   profile: str | None = None, branch: Branch | None = None) -> tuple[dict, dict]:
+                   profile: str | None = None, branch: Branch | None = None,
+                   root: Mapping[str, str] | None = None) -> tuple[dict, dict]:
     """(config, devices) of a session container.
 
     Workspace ownership: with ``shift`` (idmapped mounts, host uid == code uid)
@@ -152,6 +162,8 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
 
     A branch session (``branch``) gets its copy at /workspace instead of the workspace,
     and the host repository's objects read-only where the copy's alternate finds them.
+    ``root``: a root disk of the container's own (``[limits] disk``: the profile's, sized),
+    which Incus uses instead of the profile's.
     """
     config = dict(base_config)
     config.update({
@@ -178,7 +190,18 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
         devices[f"mount{i}"] = {**disk, "source": os.path.realpath(mount.host), "path": mount.container}
     if storage is not None:
         devices["storage"] = {**disk, "source": os.path.realpath(storage), "path": STORAGE}
+    if root is not None:
+        devices["root"] = dict(root)
     return config, devices
+
+
+def sized_root(profile_root: Mapping[str, str] | None, size: str) -> dict[str, str]:
+    """The root disk a container of ``[limits] disk`` gets: the profile's (same pool and
+    path), with its own ``size``. Refused when the profile has no root disk to size."""
+    if not profile_root or profile_root.get("type") != "disk" or not profile_root.get("pool"):
+        raise CoiError("the coi profile has no root disk on a storage pool, so [limits] disk cannot size one",
+                       "run 'sudo coi setup' (it gives the profile its root disk)")
+    return {**profile_root, "size": size}
 
 
 def check_mount_sources(instance: Mapping[str, Any]) -> None:
@@ -227,6 +250,9 @@ class SessionRequest:
     keep_spare: bool = False  # the new copy may take the workspace's spare ([git] keep_spare)
     ports: tuple[PublishedPort, ...] = ()  # published on the host (coi.sessions.forwards)
     ssh_agent: str | None = None  # the user's agent socket, checked, when it is forwarded
+    max_duration: str = ""  # [limits] max_duration as configured ("" = none), checked
+    max_seconds: int = 0  # the same in seconds (0 = no limit)
+    disk: str = ""  # [limits] disk as configured ("" = the pool's default), checked
 
 
 @dataclass
@@ -277,6 +303,7 @@ class ContainerInfo:
     refused_connections: int = 0  # refused by coi's egress proxy (allowlist by name)
     ports: tuple[PublishedPort, ...] = ()
     ssh_agent: bool = False  # the user's SSH agent is forwarded
+    ends_at: str | None = None  # when its max_duration runs out (ISO 8601, UTC)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "created_at": self.created_at,
@@ -285,7 +312,8 @@ class ContainerInfo:
                 "session_id": self.session_id, "tool": self.tool,
                 "branch": f"coi/{self.branch}" if self.branch else None,
                 "refused_connections": self.refused_connections,
-                "ports": [port.to_json() for port in self.ports], "ssh_agent": self.ssh_agent}
+                "ports": [port.to_json() for port in self.ports], "ssh_agent": self.ssh_agent,
+                "limits": dict(sorted(self.limits.items())), "ends_at": self.ends_at}
 
 
 LAUNCHED = f"{KEY}launched"  # set on the containers of ``coi container launch``
@@ -329,10 +357,24 @@ def to_info(instance: Mapping[str, Any]) -> ContainerInfo:
         persistent=cfg.get(f"{KEY}persistent") == "true", workspace=cfg.get(f"{KEY}workspace", ""),
         slot=int(slot) if slot.isdigit() else None, ipv4=ipv4 if instance.get("status") == "Running" else [],
         session_id=cfg.get(f"{KEY}session_id", ""), tool=cfg.get(f"{KEY}tool", ""),
-        limits={k[len("limits."):]: v for k, v in cfg.items() if k.startswith("limits.")},
+        limits=limits_of(instance),
         branch=cfg.get(f"{KEY}branch") or None,
         ports=forwards.published(instance), ssh_agent=forwards.agent_forwarded(instance),
+        ends_at=(cfg.get(DEADLINE_KEY) or None) if instance.get("status") == "Running" else None,
     )
+
+
+def limits_of(instance: Mapping[str, Any]) -> dict[str, str]:
+    """The limits a container runs with: Incus's ``limits.*`` (cpu, memory, processes), its
+    root disk's ``size`` as ``disk``, and the session's ``max_duration``."""
+    cfg = instance.get("config") or {}
+    limits = {k[len("limits."):]: v for k, v in cfg.items() if k.startswith("limits.")}
+    root = (instance.get("expanded_devices") or instance.get("devices") or {}).get("root") or {}
+    if root.get("size"):
+        limits["disk"] = root["size"]
+    if cfg.get(MAX_DURATION_KEY):
+        limits["max_duration"] = cfg[MAX_DURATION_KEY]
+    return limits
 
 
 def is_stopped(instance: Mapping[str, Any]) -> bool:

@@ -131,6 +131,7 @@ def attach(ctx: Context, *, name: str | None = None, slot: int = 0, bash: bool =
     need_terminal("coi attach", name)
     manage.check_attachable(place, inst, bash=bash)
     revive_proxy(ctx, [name])
+    revive_timers(ctx, [name])
     ctx.ui.info(f"Attaching to {name}...")
     argv = tmux.attach_argv(ctx.incus, name, code_uid=ctx.config.incus.code_uid, term=os.environ.get("TERM"),
                             bash=bash)
@@ -159,6 +160,7 @@ def list_sessions(ctx: Context, *, all: bool = False, format: str = "text") -> i
         found = [c for c in found if c.workspace == str(ctx.workspace)]
         saved = [s for s in saved if s.metadata.get("workspace") == str(ctx.workspace)]
     revive_proxy(ctx, [c.name for c in found if c.status == "Running"])
+    revive_timers(ctx, [c.name for c in found if c.status == "Running"])
     found = _with_refused_counts(ctx, found)
     branches = _branch_statuses(ctx, found)
     render_sessions(ctx.ui, found, saved, format=format, include_saved=all, branches=branches)
@@ -173,6 +175,18 @@ def revive_proxy(ctx: Context, running: list[str]) -> None:
 
     if revive(ctx.sessions_dir, running):
         ctx.ui.warn("coi's egress proxy had ended, so sessions by name had no egress; started it again")
+
+
+def revive_timers(ctx: Context, running: list[str]) -> None:
+    """A session timer that ended while its session runs (killed, crashed) started again, on
+    its own record, so that [limits] max_duration still holds; a warning says so."""
+    if not (ctx.sessions_dir / "timers").is_dir():
+        return  # no limited session ever ran: nothing to import
+    from coi.sessions import timer
+
+    for name in timer.revive(ctx.sessions_dir, ctx.incus, running):
+        ctx.ui.warn(f"the session timer of {name} had ended; started it again (the session still ends at "
+                    f"its deadline)")
 
 
 def _with_refused_counts(ctx: Context, found: list[Any]) -> list[Any]:
@@ -256,6 +270,13 @@ def info(ctx: Context, *, session_id: str | None = None) -> int:
                          ("Saved at", md.get("saved_at")), ("Size", f"{saved.size()} bytes"),
                          ("Path", str(saved.path))):
         ctx.ui.out(f"{label}: {value}")
+    from coi.cli.render import limits_line
+
+    limits = md.get("limits") if isinstance(md.get("limits"), dict) else {}
+    if limits:
+        ctx.ui.out(f"Limits: {limits_line(limits)}")
+    if md.get("ended_by") == "max_duration":
+        ctx.ui.out(f"Ended: max_duration of {md.get('max_duration')} reached at {md.get('ended_at')}")
     for gen in state.generations(saved):
         ctx.ui.out(f"Generation {gen.generation}: saved at {gen.metadata.get('saved_at')}, "
                    f"{gen.generation_size()} bytes")
@@ -327,6 +348,8 @@ def clean(ctx: Context, *, force: bool = False, sessions: bool = False, all: boo
     plan = manage.plan_clean(ctx.place, saved_sessions=sessions or all)
     for name in plan.rules_removed:
         ctx.ui.info(f"Removed network rules of {name}")
+    for name in plan.timers_removed:
+        ctx.ui.info(f"Removed the session timer of {name}")
     if plan.spares_removed:
         ctx.ui.info(f"Removed {plan.spares_removed} spare branch copy(ies)")
     if not plan.stopped and not plan.saved:
