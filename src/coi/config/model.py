@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from coi.config.schema import _KEYS, _generic
+from coi.config.schema import _KEYS, DEFAULT_MASKED_PATHS, _generic
 
 @dataclass(frozen=True)
 class Mount:
@@ -107,6 +107,13 @@ class Sessions:
 
 
 @dataclass(frozen=True)
+class Security:
+    """``[security]``: workspace paths the agent sees empty and read-only (``coi.sessions.masks``)."""
+
+    masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
+
+
+@dataclass(frozen=True)
 class Limits:
     cpu: str
     memory: str
@@ -155,12 +162,13 @@ class Config:
     sessions: Sessions = field(default_factory=Sessions)
     git: Git = field(default_factory=Git)
     credentials: tuple[Credential, ...] = ()
+    security: Security = field(default_factory=Security)
 
 
 _CLASSES: Mapping[str, type] = {
     "defaults": Defaults, "tool": Tool, "paths": Paths, "incus": Incus, "network": Network,
     "network.logging": NetworkLogging, "mounts": Mounts, "limits": Limits, "build": Build,
-    "sessions": Sessions, "git": Git,
+    "sessions": Sessions, "git": Git, "security": Security,
 }
 
 

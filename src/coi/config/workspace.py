@@ -26,6 +26,7 @@ WORKSPACE_KEYS = frozenset({
     "network.block_private_networks", "network.block_metadata_endpoint",
     "network.allow_local_network_access", "network.logging.enabled",
     "mounts.default", "git.isolation", "limits.cpu", "limits.memory", "limits.processes",
+    "security.masked_paths",
     *(k.path for k in SCHEMA if k.path.startswith("profiles.*.")),
 })
 
@@ -43,7 +44,7 @@ def untrusted_layer(layer: Layer, trusted: Layer, *, workspace: Path, warnings: 
     for key, (value, origin) in layer.items():
         reason = _untrusted_reason(key, value, trusted, workspace)
         if reason is None:
-            kept[key] = (value, origin)
+            kept[key] = (_only_added(key, value, trusted), origin)
         else:
             ignored.append(f"{key} ({reason})")
     if ignored:
@@ -72,6 +73,8 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
         return "a workspace file cannot open the local network"
     if top == "git.isolation" and value == "shared" and base == "branch":
         return "a workspace file cannot turn branch isolation off"
+    if top == "security.masked_paths" and any(p.startswith("!") for p in value):
+        return "a workspace file cannot unmask paths (patterns starting with '!')"
     if top == "mounts.default":
         outside = [str(m.host) for m in value if not _inside(m.host, workspace)]
         if outside:
@@ -80,6 +83,14 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
             and not _lower_limit(top, value, base):
         return f"a workspace file may only lower your limit ({_given(base)} -> {_given(value)})"
     return None
+
+
+def _only_added(key: str, value: Any, below: Layer) -> Any:
+    """The workspace's masked paths join the user's own list; they never replace it."""
+    if key != "security.masked_paths":
+        return value
+    base = tuple(below.get(key, ((), ""))[0])
+    return (*base, *(p for p in value if p not in base))
 
 
 def _lower_limit(key: str, value: Any, base: Any) -> bool:
