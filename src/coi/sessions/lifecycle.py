@@ -100,13 +100,49 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
                                                  f"raw.idmap {os.getuid()} -> {cfg.incus.code_uid}"))
     persistent = cfg.defaults.persistent if persistent is None else persistent
     copy, new = branch_copy(place, wanted=branch, carry=carry, saved=saved, persistent=persistent)
+    masked, mask_devices = _masks(place, copy)
     return spec.SessionRequest(
         workspace=place.workspace, slot=slot, persistent=persistent, image=cfg.defaults.image, env=extra_env, mounts=mounts, storage=storage_path,
         tool=get_tool(cfg.tool.name), binary=cfg.tool.binary, max_slots=cfg.defaults.max_slots,
         prefix=naming.container_prefix(), code_uid=cfg.incus.code_uid, host_uid=os.getuid(), host_gid=os.getgid(),
         shift=shift, lock_dir=place.sessions_dir / "locks",
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
-        branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare)
+        branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare,
+        masks=mask_devices, masked=masked, carry_excludes=_carry_excludes(cfg) if carry else ())
+
+
+def _masks(place: Place, branch: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """(the paths shown as masked, their devices): ``[security] masked_paths`` of the
+    workspace. A branch session has none: its copy is made by git, and --carry leaves the
+    masked paths out (``_carry_excludes``)."""
+    patterns = place.config.security.masked_paths
+    if branch is not None or not patterns:
+        return (), {}
+    from coi.sessions import masks
+
+    found, devices = masks.plan(place.sessions_dir, place.workspace, patterns,
+                                naming.workspace_hash(str(place.workspace)))
+    for level, line in masks.notes(found):
+        getattr(place.messages, level)(line)
+    return tuple(m.shown for m in found.masks), devices
+
+
+def _carry_excludes(cfg: Config) -> tuple[str, ...]:
+    from coi.sessions import masks
+
+    return tuple(masks.git_excludes(cfg.security.masked_paths))
+
+
+def _show_masks(place: Place, session: spec.Session, req: spec.SessionRequest) -> None:
+    """A reused container's masks refreshed (files that appeared since are masked now, and
+    gone ones unmasked), and the start line that names them."""
+    from coi.sessions import masks
+
+    if not session.created:
+        masks.refresh(place.client, session.name, req.masks)
+    line = masks.summary(req.masked)
+    if line:
+        place.messages.info(line)
 
 
 def _by_name(cfg: Config) -> bool:
@@ -271,7 +307,8 @@ def _fill_copy(req: spec.SessionRequest):
     from coi.branches import copies
 
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(copies.fill, req.branch, carry=req.carry, spare=req.keep_spare)
+    future = pool.submit(copies.fill, req.branch, carry=req.carry, spare=req.keep_spare,
+                         exclude=req.carry_excludes)
     pool.shutdown(wait=False)
     return future
 
@@ -323,6 +360,7 @@ def _start(place: Place, session: spec.Session, req: spec.SessionRequest, saved:
     if saved is not None and session.created:
         restore_state(place, session.name, saved, req)
     inject_credentials(place, session.name, req)
+    _show_masks(place, session, req)
     start_isolated(place, session.name, place.messages.info)
     place.messages.info("Starting session...")
     # A container created just now cannot have a tmux session yet.
@@ -453,6 +491,7 @@ def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: 
         session = open_session(place, req, log=place.messages.detail)
         started = False
         try:
+            _show_masks(place, session, req)
             start_isolated(place, session.name, place.messages.detail)
             started = True
             return _run_command(place, session, req, command, capture=capture, timeout=timeout)

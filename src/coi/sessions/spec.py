@@ -32,6 +32,9 @@ WORKSPACE = "/workspace"
 STORAGE = "/storage"
 
 
+MASK_DEVICE = "mask-"  # disk devices that mask a workspace path (coi.sessions.masks)
+
+
 # tmux keeps its socket in the agent's home: systemd empties /tmp at boot,
 # which may happen after coi has already started the session.
 TMUX_SOCKET = f"{CODE_HOME}/.tmux-coi.sock"
@@ -143,7 +146,8 @@ def tmux_env() -> dict[str, str]:
 def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, persistent: bool,
                    tool: str, mounts: list[Mount], storage: Path | None, host_uid: int, host_gid: int,
                    code_uid: int, shift: bool, base_config: Mapping[str, str],
-                   profile: str | None = None, branch: Branch | None = None) -> tuple[dict, dict]:
+                   profile: str | None = None, branch: Branch | None = None,
+                   masks: Mapping[str, Mapping[str, str]] | None = None) -> tuple[dict, dict]:
     """(config, devices) of a session container.
 
     Workspace ownership: with ``shift`` (idmapped mounts, host uid == code uid)
@@ -152,6 +156,7 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
 
     A branch session (``branch``) gets its copy at /workspace instead of the workspace,
     and the host repository's objects read-only where the copy's alternate finds them.
+    ``masks``: the devices that mask workspace paths (``coi.sessions.masks.devices``).
     """
     config = dict(base_config)
     config.update({
@@ -178,6 +183,7 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
         devices[f"mount{i}"] = {**disk, "source": os.path.realpath(mount.host), "path": mount.container}
     if storage is not None:
         devices["storage"] = {**disk, "source": os.path.realpath(storage), "path": STORAGE}
+    devices.update({name: dict(spec) for name, spec in (masks or {}).items()})
     return config, devices
 
 
@@ -193,7 +199,8 @@ def check_mount_sources(instance: Mapping[str, Any]) -> None:
         if spec.get("type") != "disk" or spec.get("pool") or not source.startswith("/"):
             continue
         linked = os.path.realpath(source) != os.path.normpath(source)
-        if linked or not os.path.isdir(source):
+        mask = device.startswith(MASK_DEVICE) and os.path.isfile(source)  # coi's empty file
+        if linked or not (os.path.isdir(source) or mask):
             now = "a link" if linked else "missing or not a directory"
             raise CoiError(f"mount source {source} of {instance.get('name')} ({device}) is {now} now; "
                            "coi will not start the container with it",
@@ -225,6 +232,9 @@ class SessionRequest:
     branch_new: bool = False  # the copy was reserved for this session and still has to be filled
     carry: bool = False  # the new copy takes the host's uncommitted changes along
     keep_spare: bool = False  # the new copy may take the workspace's spare ([git] keep_spare)
+    masks: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # devices masking workspace paths
+    masked: tuple[str, ...] = ()  # the masked paths, as the start line names them
+    carry_excludes: tuple[str, ...] = ()  # git pathspecs: what --carry leaves out of a new copy
 
 
 @dataclass
