@@ -419,19 +419,28 @@ def _escaped(rel: str) -> str:
 def _known_to_git(workspace: Path, root: int, files: list[Mask]) -> set[str]:
     """The files whose exact content is a blob of the index of ``<workspace>/.git``: the agent
     reads the same from ``.git`` in the container, so a mask would hide nothing. Anything
-    unclear (no repository of its own, borrowed objects, git missing or slow) says none."""
+    unclear (no repository of its own, borrowed objects, git missing or slow) says none.
+
+    git reads the workspace's index only: it runs in a blank repository of coi's, so no
+    configuration of the project's (includes, a FIFO) is read. The index is the project's
+    text too, but a file counts only when its content hashes to the id listed there, which
+    whoever wrote the index knew already."""
     if not files or not _own_repository(root):
         return set()
+    import tempfile
+
     from coi.branches import git
 
     # Named when they are few (the usual case); a long list would not fit an argv.
     named = ["--", *(m.rel for m in files)] if len(files) <= 1000 else []
-    try:
-        proc = git.run(["--literal-pathspecs", "ls-files", "--stage", "-z", *named], cwd=workspace,
-                       git_dir=workspace / ".git", work_tree=workspace, isolated=True, check=False, timeout=3,
-                       env={"GIT_NO_LAZY_FETCH": "1"})
-    except CoiError:
-        return set()
+    with tempfile.TemporaryDirectory(prefix="coi-masks-") as blank:
+        _blank_repository(Path(blank), _object_format(root))
+        try:
+            proc = git.run(["--literal-pathspecs", "ls-files", "--stage", "-z", *named], cwd=workspace,
+                           git_dir=Path(blank), work_tree=workspace, isolated=True, check=False, timeout=3,
+                           env={"GIT_INDEX_FILE": str(workspace / ".git" / "index"), "GIT_NO_LAZY_FETCH": "1"})
+        except CoiError:
+            return set()
     if proc.returncode != 0:
         return set()
     staged: dict[str, str] = {}
@@ -445,14 +454,38 @@ def _known_to_git(workspace: Path, root: int, files: list[Mask]) -> set[str]:
 
 def _own_repository(root: int) -> bool:
     """Whether the workspace is a git repository with its objects inside it (so the container
-    sees them): ``.git`` and ``.git/objects`` directories, no ``commondir``, no alternates."""
+    sees them): ``.git`` and ``.git/objects`` directories, an index, no ``commondir``, no
+    alternates."""
     def kind(path: str) -> int | None:
         try:
             return stat.S_IFMT(os.lstat(path, dir_fd=root).st_mode)
         except OSError:
             return None
     return kind(".git") == stat.S_IFDIR and kind(".git/objects") == stat.S_IFDIR and \
-        kind(".git/commondir") is None and kind(".git/objects/info/alternates") is None
+        kind(".git/index") == stat.S_IFREG and kind(".git/commondir") is None and \
+        kind(".git/objects/info/alternates") is None
+
+
+def _object_format(root: int) -> str:
+    """sha256 when ``.git/config`` says so (read as text, without following links), else sha1."""
+    try:
+        fd = os.open(".git/config", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=root)
+    except OSError:
+        return "sha1"
+    try:
+        text = os.read(fd, 1 << 16).decode("utf-8", "replace") if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    finally:
+        os.close(fd)
+    return "sha256" if re.search(r"^\s*objectformat\s*=\s*sha256\s*$", text, re.I | re.M) else "sha1"
+
+
+def _blank_repository(path: Path, object_format: str) -> None:
+    """An empty git directory of coi's own at ``path``, whose only config is the object format."""
+    for sub in ("objects", "refs"):
+        (path / sub).mkdir()
+    (path / "HEAD").write_text("ref: refs/heads/main\n")
+    (path / "config").write_text("[core]\n\trepositoryformatversion = 1\n"
+                                 f"[extensions]\n\tobjectformat = {object_format}\n")
 
 
 def _blob_id(root: int, rel: str, like: str) -> str | None:
