@@ -3,8 +3,9 @@ happens when the session ends.
 
 Owns: the session's spec (``spec``: pure), its container (``containers``), commands in
 it (``commands``: the one exec policy), the agent's tmux session (``tmux``), signal
-handling around daemon work (``signals``), the saved state on the host (``state``)
-and the start and end of a session as a whole (``lifecycle``).
+handling around daemon work (``signals``), the saved state on the host (``state``),
+the masks over the workspace's secret files (``masks``) and the start and end of a
+session as a whole (``lifecycle``).
 
 Must not: print (it reports through the ``Messages``/``Log`` it is given), build an
 Incus client (it gets one), import ``coi.cli``, or trust anything the workspace or
@@ -37,7 +38,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-_MODULES = ("commands", "containers", "lifecycle", "manage", "signals", "spec", "state", "tmux")
+_MODULES = ("commands", "containers", "lifecycle", "manage", "masks", "signals", "spec", "state", "tmux")
 
 
 def __getattr__(name: str) -> Any:
