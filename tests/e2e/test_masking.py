@@ -133,7 +133,7 @@ def test_a_persistent_containers_masks_follow_the_workspace_at_each_start(sessio
         proc = session_user.run(["shell", "--background", "--persistent", "--debug"], cwd=workspace)
         assert proc.returncode == 0 and f"Reusing persistent container {name}" in proc.stderr, proc.stderr
         assert cat("new.key") == ""
-        paths = sorted(d["path"] for n, d in incus.instance(name)["devices"].items() if n.startswith("mask-"))
+        paths = sorted(d["path"] for n, d in incus.instance(name)["devices"].items() if n.startswith("coi-mask-"))
         assert paths == ["/workspace/.env", "/workspace/new.key", "/workspace/secrets"]
     finally:
         session_user.run(["kill", name], cwd=workspace)

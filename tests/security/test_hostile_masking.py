@@ -229,7 +229,7 @@ def test_nothing_outside_the_workspace_reaches_the_container(session_user, works
         name = session_user.background(workspace, "--debug")["container"]
         try:
             devices = incus.instance(name)["devices"]
-            assert not [d for d in devices if d.startswith("mask-")]  # every link leads out: nothing to mask
+            assert not [d for d in devices if d.startswith("coi-mask-")]  # every link leads out: nothing to mask
             assert not [d for d in devices.values() if str(ssh) in d.get("source", "")]
             head, tail = HOST_MARKER.rsplit("-", 1)  # the marker itself is never on the command line
             found = inside(session_user, workspace, name, f"m={head}; grep -rls --exclude-dir=proc --exclude-dir=sys "
@@ -274,7 +274,7 @@ def test_coi_never_mounts_a_path_the_workspace_chose(masked_session, incus):
     user, workspace, name = masked_session
     devices = incus.instance(name)["devices"]
     state = str(user.home / ".coi" / "masks") + "/"
-    masks_seen = {n: d for n, d in devices.items() if n.startswith("mask-")}
+    masks_seen = {n: d for n, d in devices.items() if n.startswith("coi-mask-")}
     assert sorted(d["path"] for d in masks_seen.values()) == ["/workspace/.env", "/workspace/a.pem",
                                                               "/workspace/secrets"]
     assert all(d["source"].startswith(state) and d["readonly"] == "true" for d in masks_seen.values())

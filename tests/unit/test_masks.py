@@ -212,7 +212,7 @@ def test_each_mask_is_a_read_only_disk_device_from_coi_s_empty_sources(tmp_path)
                                     "readonly": "true"},
         masks.device_name("secrets"): {"type": "disk", "source": str(src.directory), "path": "/workspace/secrets",
                                        "readonly": "true"}}
-    assert all(name.startswith(spec.MASK_DEVICE) and len(name) == 21 for name in devices)
+    assert all(name.startswith(spec.MASK_DEVICE) and len(name) == 25 for name in devices)
     assert masks.device_name("a b") == masks.device_name("a b") != masks.device_name("a  b")
 
 
@@ -343,7 +343,7 @@ def start(place: Place, **kw):
 
 
 def mask_devices(fake: FakeIncus, name: str) -> dict[str, str]:
-    return {d["path"]: d["source"] for n, d in fake.instance(name)["devices"].items() if n.startswith("mask-")}
+    return {d["path"]: d["source"] for n, d in fake.instance(name)["devices"].items() if n.startswith("coi-mask-")}
 
 
 def test_a_new_container_is_created_with_its_masks_and_the_start_names_them(home, tmp_path):
@@ -353,10 +353,10 @@ def test_a_new_container_is_created_with_its_masks_and_the_start_names_them(home
     req, session = start(place)
     created = fake.called("create_instance")[0].kwargs["devices"]
     sources = home / ".coi" / "masks" / __import__("coi").naming.workspace_hash(str(ws))
-    assert {d["path"]: d["source"] for n, d in created.items() if n.startswith("mask-")} == {
+    assert {d["path"]: d["source"] for n, d in created.items() if n.startswith("coi-mask-")} == {
         "/workspace/.env": str(sources / "empty"), "/workspace/a.pem": str(sources / "empty"),
         "/workspace/secrets": str(sources / "empty.d")}
-    assert all(d["readonly"] == "true" for n, d in created.items() if n.startswith("mask-"))
+    assert all(d["readonly"] == "true" for n, d in created.items() if n.startswith("coi-mask-"))
     assert not fake.called("update_instance")  # no second request for a new container
     line = "Masked 3 path(s), empty and read-only in the container: .env, a.pem, secrets/"
     assert ("info", line) in place.messages.lines
@@ -434,6 +434,7 @@ def test_a_workspace_file_can_only_add_to_the_list(files):
     loaded = files.load(workspace='[security]\nmasked_paths = ["*.secret", ".env"]\n')
     assert loaded.config.security.masked_paths == (*DEFAULT_MASKED_PATHS, "*.secret")
     assert loaded.warnings == []
+    assert loaded.origins["security.masked_paths"] == f"default + {files.workspace / '.coi.toml'}"
     # A list without the defaults does not remove them, nor the user's own.
     loaded = files.load(workspace='[security]\nmasked_paths = []\n', user='[security]\nmasked_paths = ["/mine"]\n')
     assert loaded.config.security.masked_paths == ("/mine",)

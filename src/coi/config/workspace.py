@@ -44,7 +44,7 @@ def untrusted_layer(layer: Layer, trusted: Layer, *, workspace: Path, warnings: 
     for key, (value, origin) in layer.items():
         reason = _untrusted_reason(key, value, trusted, workspace)
         if reason is None:
-            kept[key] = (_only_added(key, value, trusted), origin)
+            kept[key] = _only_added(key, (value, origin), trusted)
         else:
             ignored.append(f"{key} ({reason})")
     if ignored:
@@ -85,12 +85,13 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
     return None
 
 
-def _only_added(key: str, value: Any, below: Layer) -> Any:
-    """The workspace's masked paths join the user's own list; they never replace it."""
+def _only_added(key: str, entry: tuple[Any, str], below: Layer) -> tuple[Any, str]:
+    """(value, origin) as kept: the workspace's masked paths join the user's own list (and
+    both places are named); they never replace it."""
     if key != "security.masked_paths":
-        return value
-    base = tuple(below.get(key, ((), ""))[0])
-    return (*base, *(p for p in value if p not in base))
+        return entry
+    (value, origin), (base, base_origin) = entry, below.get(key, ((), "default"))
+    return (*base, *(p for p in value if p not in base)), f"{base_origin} + {origin}"
 
 
 def _lower_limit(key: str, value: Any, base: Any) -> bool:

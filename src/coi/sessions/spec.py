@@ -32,7 +32,7 @@ WORKSPACE = "/workspace"
 STORAGE = "/storage"
 
 
-MASK_DEVICE = "mask-"  # disk devices that mask a workspace path (coi.sessions.masks)
+MASK_DEVICE = "coi-mask-"  # disk devices that mask a workspace path (coi.sessions.masks)
 
 
 # tmux keeps its socket in the agent's home: systemd empties /tmp at boot,
