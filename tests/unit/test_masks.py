@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from coi import naming
 from coi.config import default_config, load_config
 from coi.config.schema import DEFAULT_MASKED_PATHS
 from coi.errors import CoiError, ConfigError
@@ -352,7 +353,7 @@ def test_a_new_container_is_created_with_its_masks_and_the_start_names_them(home
     place = place_for(home, ws, fake)
     req, session = start(place)
     created = fake.called("create_instance")[0].kwargs["devices"]
-    sources = home / ".coi" / "masks" / __import__("coi").naming.workspace_hash(str(ws))
+    sources = home / ".coi" / "masks" / naming.workspace_hash(str(ws))
     assert {d["path"]: d["source"] for n, d in created.items() if n.startswith("coi-mask-")} == {
         "/workspace/.env": str(sources / "empty"), "/workspace/a.pem": str(sources / "empty"),
         "/workspace/secrets": str(sources / "empty.d")}
@@ -392,7 +393,7 @@ def test_coi_run_masks_too_and_an_empty_list_masks_nothing(home, tmp_path, monke
     monkeypatch.setattr(lifecycle, "_run_command", lambda place, session, req, command, **kw:
                         mask_devices(fake, session.name))
     assert lifecycle.run(place, req, ["true"], capture=True, timeout=0) == {
-        "/workspace/.env": str(home / ".coi" / "masks" / __import__("coi").naming.workspace_hash(str(ws)) / "empty")}
+        "/workspace/.env": str(home / ".coi" / "masks" / naming.workspace_hash(str(ws)) / "empty")}
     assert ("info", "Masked 1 path(s), empty and read-only in the container: .env") in place.messages.lines
 
 
