@@ -558,8 +558,8 @@ class FakeIncus:
         inst = self.instance(name)
         if config is not None:
             inst["config"].update(config)
-        if devices is not None:
-            inst["devices"] = {k: dict(v) for k, v in devices.items()}
+        if devices is not None:  # PATCH: the given devices replace theirs, the others stay
+            inst["devices"].update({k: dict(v) for k, v in devices.items()})
 
     @_recorded
     def add_device(self, name: str, device: str, spec: Mapping[str, str]) -> None:

@@ -351,7 +351,7 @@ def test_to_json_shape(layers: Layers) -> None:
     assert set(data) == {"config", "origins"}
     config = data["config"]
     assert set(config) == {"defaults", "tool", "paths", "incus", "network", "mounts", "limits", "build", "profiles",
-                           "sessions", "git", "credentials", "ports", "ssh"}
+                           "sessions", "git", "credentials", "ports", "ssh", "security"}
     assert config["paths"]["sessions_dir"] == str(layers.home / ".coi")
     assert config["network"]["logging"] == {"enabled": False, "path": ""}
     assert config["build"]["tools"] == ["claude"]

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from coi import naming
 from coi.branches import git
@@ -288,9 +288,10 @@ def _identity(repo: Repository) -> str:
     return f"[user]\n\tname = {json.dumps(name)}\n\temail = {json.dumps(email)}\n"
 
 
-def fill(branch: Branch, *, carry: bool, spare: bool = False) -> None:
+def fill(branch: Branch, *, carry: bool, spare: bool = False, exclude: Sequence[str] = ()) -> None:
     """The new copy's files: the base checked out (with ``carry``, the host's uncommitted
-    changes, staged, unstaged and untracked, not ignored, arrive as uncommitted changes).
+    changes, staged, unstaged and untracked, not ignored, arrive as uncommitted changes;
+    ``exclude``, git pathspecs, leaves paths out of them: the masked ones).
 
     With ``spare`` the workspace's spare copy is taken when there is one (a rename, and
     only the files that differ are written); ``refill_spare`` makes the next one.
@@ -304,7 +305,8 @@ def fill(branch: Branch, *, carry: bool, spare: bool = False) -> None:
         # minimal: the index coi writes on the host stays valid in the container, where
         # files show other owners (the mount maps them to code).
         fh.write("[core]\n\tcheckStat = minimal\n" + _identity(repo))
-    tree = _working_tree(repo, objects=dot / "objects", scratch=branch.view) if carry else branch.base
+    tree = _working_tree(repo, objects=dot / "objects", scratch=branch.view, exclude=exclude) if carry \
+        else branch.base
     if tree != have:  # only what differs is written
         git.run(["-c", "checkout.workers=0", "read-tree", "-u", "--reset", tree], cwd=branch.copy, isolated=True)
     if tree != branch.base:
@@ -413,16 +415,17 @@ def remove_spares(state_dir: Path) -> int:
     return removed
 
 
-def _working_tree(repo: Repository, *, objects: Path, scratch: Path) -> str:
+def _working_tree(repo: Repository, *, objects: Path, scratch: Path, exclude: Sequence[str] = ()) -> str:
     """A tree of the host's working tree as it is, written into ``objects`` (the host
-    repository is not changed)."""
+    repository is not changed), but for ``exclude``: those paths stay as the index has them
+    (an untracked one stays out), and none of their content is written."""
     index = scratch / "carry.index"
     if (repo.git_dir / "index").exists():
         shutil.copyfile(repo.git_dir / "index", index)
     env = {"GIT_INDEX_FILE": str(index), "GIT_OBJECT_DIRECTORY": str(objects),
            "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(repo.objects)}
     try:
-        repo.git(["add", "-A"], env=env)
+        repo.git(["add", "-A", "--", ".", *exclude], env=env)
         return git.text(["write-tree"], cwd=repo.top, isolated=False, env=env)
     finally:
         index.unlink(missing_ok=True)

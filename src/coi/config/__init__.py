@@ -15,7 +15,8 @@ from typing import Any
 
 from coi.config.load import config_files, default_config, load_config, user_config_file
 from coi.config.model import (Build, Config, Credential, Defaults, Incus, Limits, LoadedConfig, Mount, Mounts, Network,
-                              NetworkLogging, Paths, Profile, ProfileLimits, PublishedPort, Sessions, Ssh, Tool)
+                              NetworkLogging, Paths, Profile, ProfileLimits, PublishedPort, Security, Sessions, Ssh,
+                              Tool)
 from coi.config.schema import ENV_VARS, NETWORK_MODES, SCHEMA, SYSTEM_FILE, TOOLS, WORKSPACE_FILE, Key
 from coi.config.values import expand_path
 from coi.config.workspace import WORKSPACE_KEYS, untrusted_layer
@@ -23,8 +24,8 @@ from coi.config.workspace import WORKSPACE_KEYS, untrusted_layer
 __all__ = [
     "ENV_VARS", "NETWORK_MODES", "SCHEMA", "SYSTEM_FILE", "TOOLS", "WORKSPACE_FILE", "WORKSPACE_KEYS", "Build",
     "Config", "Credential", "Defaults", "Incus", "Key", "Limits", "LoadedConfig", "Mount", "Mounts", "Network", "NetworkLogging",
-    "Paths", "Profile", "ProfileLimits", "PublishedPort", "Sessions", "Ssh", "Tool", "config_files", "default_config", "expand_path",
-    "load_config", "render_toml", "to_json", "untrusted_layer", "user_config_file",
+    "Paths", "Profile", "ProfileLimits", "PublishedPort", "Security", "Sessions", "Ssh", "Tool", "config_files",
+    "default_config", "expand_path", "load_config", "render_toml", "to_json", "untrusted_layer", "user_config_file",
 ]
 
 

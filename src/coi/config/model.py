@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from coi.config.schema import _KEYS, _generic
+from coi.config.schema import _KEYS, DEFAULT_MASKED_PATHS, _generic
 
 @dataclass(frozen=True)
 class Mount:
@@ -132,6 +132,13 @@ class Sessions:
 
 
 @dataclass(frozen=True)
+class Security:
+    """``[security]``: workspace paths the agent sees empty and read-only (``coi.sessions.masks``)."""
+
+    masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
+
+
+@dataclass(frozen=True)
 class Limits:
     cpu: str
     memory: str
@@ -187,12 +194,13 @@ class Config:
     ports: tuple[PublishedPort, ...] = ()
     ssh: Ssh = field(default_factory=Ssh)
     prompts: Mapping[str, str] = field(default_factory=dict)  # [prompts] NAME = "text"
+    security: Security = field(default_factory=Security)
 
 
 _CLASSES: Mapping[str, type] = {
     "defaults": Defaults, "tool": Tool, "paths": Paths, "incus": Incus, "network": Network,
     "network.logging": NetworkLogging, "mounts": Mounts, "limits": Limits, "build": Build,
-    "sessions": Sessions, "git": Git, "ssh": Ssh,
+    "sessions": Sessions, "git": Git, "ssh": Ssh, "security": Security,
 }
 
 

@@ -26,6 +26,10 @@ NETWORK_MODES = ("restricted", "allowlist", "open")
 GIT_ISOLATION = ("shared", "branch")  # the workspace itself, or a copy of the repository on a branch of its own
 
 
+# Files that usually hold secrets: the agent sees them empty and read-only ([security] masked_paths).
+DEFAULT_MASKED_PATHS = (".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "secrets/**")
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: where it lives in TOML and what it accepts."""
@@ -94,6 +98,9 @@ SCHEMA: tuple[Key, ...] = (
     # How long a session may run ("2h", "90m"; "" = no limit) and its root disk's size ("20GiB").
     Key("limits.max_duration", "str", ""),
     Key("limits.disk", "str", ""),
+    # Workspace paths the agent sees empty and read-only (coi.sessions.masks); a project's
+    # .coi.toml can only add to the list.
+    Key("security.masked_paths", "patterns", list(DEFAULT_MASKED_PATHS)),
     Key("build.base", "str", "", env="COI_BUILD_BASE"),  # empty = automatic
     Key("build.tools", "strlist", ["claude"], choices=TOOLS),
     # [prompts] NAME = "text": named prompts for ``coi run --prompt-name NAME`` (text for the agent only).

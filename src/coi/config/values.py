@@ -107,6 +107,19 @@ def _port(raw: Any, src: _Source) -> Any:
     return PublishedPort(container=container, host=host, address=address)
 
 
+def _patterns(raw: Any, src: _Source) -> tuple[str, ...]:
+    """``[security] masked_paths``: path patterns relative to the workspace (coi.sessions.masks
+    matches them). Refused: empty ones, control characters, ``.`` and ``..`` components."""
+    return tuple(_expect(_pattern_ok(item), item) for item in _strlist(raw, src))
+
+
+def _pattern_ok(text: str) -> bool:
+    body = text.removeprefix("!").removeprefix("/").removesuffix("/")
+    parts = body.split("/")
+    return bool(body) and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text) and \
+        not any(part in ("", ".", "..") for part in parts)
+
+
 _CREDENTIAL_KEYS = {"name", "hosts", "header", "env", "file", "command", "container_env", "value"}
 
 
@@ -143,6 +156,8 @@ _KINDS: dict[str, tuple[str, Callable[[Any, _Source], Any]]] = {
     "path?": ('an absolute path (~ and $VAR are expanded), or "" for the default', _optional_path),
     "strlist": ("a list of strings", _strlist),
     "strmap": ('a table of strings such as { NAME = "value" }', _strmap),
+    "patterns": ('a list of path patterns such as ".env", "*.pem", "config/*.key" or "secrets/**" '
+                 '(no "." or ".." parts)', _patterns),
     "mounts": ('a list of tables such as { host = "~/notes", container = "/notes" }', _mounts),
     "ports": ('a list of tables such as { container = 3000, host = 8080, address = "127.0.0.1" } (ports 1 to '
               '65535; host defaults to container, address to 127.0.0.1)', _ports),

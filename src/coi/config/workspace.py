@@ -28,6 +28,7 @@ WORKSPACE_KEYS = frozenset({
     "mounts.default", "git.isolation", "limits.cpu", "limits.memory", "limits.processes",
     "ports", "ssh.forward_agent",
     "limits.max_duration", "limits.disk",
+    "security.masked_paths",
     *(k.path for k in SCHEMA if k.path.startswith("profiles.*.")),
     # Prompts are text for the agent in its container (which reads the project's files
     # anyway), never anything the host runs: a project may add its own, not replace yours.
@@ -48,7 +49,7 @@ def untrusted_layer(layer: Layer, trusted: Layer, *, workspace: Path, warnings: 
     for key, (value, origin) in layer.items():
         reason = _untrusted_reason(key, value, trusted, workspace)
         if reason is None:
-            kept[key] = (value, origin)
+            kept[key] = _only_added(key, (value, origin), trusted)
         else:
             ignored.append(f"{key} ({reason})")
     if ignored:
@@ -84,6 +85,8 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
         return "a workspace file cannot forward your SSH agent: use --ssh-agent"
     if top == "git.isolation" and value == "shared" and base == "branch":
         return "a workspace file cannot turn branch isolation off"
+    if top == "security.masked_paths" and any(p.startswith("!") for p in value):
+        return "a workspace file cannot unmask paths (patterns starting with '!')"
     if top == "mounts.default":
         outside = [str(m.host) for m in value if not _inside(m.host, workspace)]
         if outside:
@@ -96,6 +99,15 @@ def _untrusted_reason(key: str, value: Any, below: Layer, workspace: Path) -> st
             and not _lower_limit(top, value, base):
         return f"a workspace file may only lower your limit ({_given(base)} -> {_given(value)})"
     return None
+
+
+def _only_added(key: str, entry: tuple[Any, str], below: Layer) -> tuple[Any, str]:
+    """(value, origin) as kept: the workspace's masked paths join the user's own list (and
+    both places are named); they never replace it."""
+    if key != "security.masked_paths":
+        return entry
+    (value, origin), (base, base_origin) = entry, below.get(key, ((), "default"))
+    return (*base, *(p for p in value if p not in base)), f"{base_origin} + {origin}"
 
 
 def _lower_limit(key: str, value: Any, base: Any) -> bool:

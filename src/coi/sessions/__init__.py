@@ -3,7 +3,8 @@ happens when the session ends.
 
 Owns: the session's spec (``spec``: pure), its container (``containers``), commands in
 it (``commands``: the one exec policy), the agent's tmux session (``tmux``), signal
-handling around daemon work (``signals``), published ports and the SSH agent
+handling around daemon work (``signals``), the masks over the workspace's secret files (``masks``),
+published ports and the SSH agent
 (``forwards``: proxy devices), the saved state on the host (``state``), the start
 and end of a session as a whole (``lifecycle``), snapshots of its container
 (``snapshots``), the prompt of a headless run, checked before anything exists
@@ -43,8 +44,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-_MODULES = ("commands", "containers", "forwards", "lifecycle", "manage", "prompts", "signals", "snapshots",
-            "spec", "state", "timer", "tmux")
+_MODULES = ("commands", "containers", "forwards", "lifecycle", "manage", "masks", "prompts", "signals",
+            "snapshots", "spec", "state", "timer", "tmux")
 
 
 def __getattr__(name: str) -> Any:

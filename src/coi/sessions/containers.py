@@ -104,7 +104,8 @@ def open_session(client: IncusClient, req: SessionRequest, log: Log) -> Session:
             image=req.image, workspace=req.workspace, slot=slot, session_id=session_id,
             persistent=req.persistent, tool=req.tool.name, mounts=req.mounts, storage=req.storage,
             host_uid=req.host_uid, host_gid=req.host_gid, code_uid=req.code_uid, shift=req.shift,
-            base_config=req.base_config, profile=req.profile, branch=req.branch, root=root)
+            base_config=req.base_config, profile=req.profile, branch=req.branch, root=root,
+            masks=req.masks)
         devices.update(forwards.devices(req))
         for mount in [*req.mounts, *([Mount(req.storage, STORAGE)] if req.storage else [])]:
             mount.host.mkdir(parents=True, exist_ok=True)

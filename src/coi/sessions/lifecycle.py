@@ -102,6 +102,7 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
                                                  f"raw.idmap {os.getuid()} -> {cfg.incus.code_uid}"))
     persistent = cfg.defaults.persistent if persistent is None else persistent
     copy, new = branch_copy(place, wanted=branch, carry=carry, saved=saved, persistent=persistent)
+    masked, mask_devices = _masks(place, copy)
     return spec.SessionRequest(
         workspace=place.workspace, slot=slot, persistent=persistent, image=cfg.defaults.image, env=extra_env, mounts=mounts, storage=storage_path,
         tool=get_tool(cfg.tool.name), binary=cfg.tool.binary, max_slots=cfg.defaults.max_slots,
@@ -110,7 +111,8 @@ def request(place: Place, *, slot: int, env: list[str], mount: list[str], storag
         base_config={**spec.CONTAINER_CONFIG, **limits}, session_id=session_id, profile=profile,
         branch=copy, branch_new=new, carry=carry, keep_spare=cfg.git.keep_spare, ports=ports,
         ssh_agent=ssh_agent, max_duration=cfg.limits.max_duration.strip() if max_seconds else "",
-        max_seconds=max_seconds, disk=disk)
+        max_seconds=max_seconds, disk=disk, masks=mask_devices, masked=masked,
+        carry_excludes=_carry_excludes(cfg) if carry else ())
 
 
 def session_env(place: Place, *, profile_env: Mapping[str, str], env: Iterable[str] = ()) -> dict[str, str]:
@@ -137,6 +139,40 @@ def session_limits(cfg: Config) -> tuple[int, str]:
     seconds = parse_duration(cfg.limits.max_duration)
     disk = cfg.limits.disk.strip()
     return seconds, disk if parse_disk(disk) else ""
+
+
+def _masks(place: Place, branch: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """(the paths shown as masked, their devices): ``[security] masked_paths`` of the
+    workspace. A branch session has none: its copy is made by git, and --carry leaves the
+    masked paths out (``_carry_excludes``)."""
+    patterns = place.config.security.masked_paths
+    if branch is not None or not patterns:
+        return (), {}
+    from coi.sessions import masks
+
+    found, devices = masks.plan(place.sessions_dir, place.workspace, patterns,
+                                naming.workspace_hash(str(place.workspace)))
+    for level, line in masks.notes(found):
+        getattr(place.messages, level)(line)
+    return tuple(m.shown for m in found.masks), devices
+
+
+def _carry_excludes(cfg: Config) -> tuple[str, ...]:
+    from coi.sessions import masks
+
+    return tuple(masks.git_excludes(cfg.security.masked_paths))
+
+
+def _show_masks(place: Place, session: spec.Session, req: spec.SessionRequest) -> None:
+    """A reused container's masks refreshed (files that appeared since are masked now, and
+    gone ones unmasked), and the start line that names them."""
+    from coi.sessions import masks
+
+    if not session.created:
+        masks.refresh(place.client, session.name, req.masks)
+    line = masks.summary(req.masked)
+    if line:
+        place.messages.info(line)
 
 
 def _by_name(cfg: Config) -> bool:
@@ -309,7 +345,8 @@ def _fill_copy(req: spec.SessionRequest):
     from coi.branches import copies
 
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(copies.fill, req.branch, carry=req.carry, spare=req.keep_spare)
+    future = pool.submit(copies.fill, req.branch, carry=req.carry, spare=req.keep_spare,
+                         exclude=req.carry_excludes)
     pool.shutdown(wait=False)
     return future
 
@@ -363,6 +400,7 @@ def _start(place: Place, session: spec.Session, req: spec.SessionRequest, saved:
         restore_state(place, session.name, saved, req)
     inject_credentials(place, session.name, req)
     time_limit(place, session, req)
+    _show_masks(place, session, req)
     start_isolated(place, session.name, place.messages.info)
     place.messages.info("Starting session...")
     # A container created just now cannot have a tmux session yet.
@@ -545,6 +583,7 @@ def run(place: Place, req: spec.SessionRequest, command: list[str], *, capture: 
         session = open_session(place, req, log=place.messages.detail)
         started = False
         try:
+            _show_masks(place, session, req)
             start_isolated(place, session.name, place.messages.detail)
             started = True
             return _run_command(place, session, req, command, capture=capture, timeout=timeout)

@@ -41,6 +41,9 @@ WORKSPACE = "/workspace"
 STORAGE = "/storage"
 
 
+MASK_DEVICE = "coi-mask-"  # disk devices that mask a workspace path (coi.sessions.masks)
+
+
 # tmux keeps its socket in the agent's home: systemd empties /tmp at boot,
 # which may happen after coi has already started the session.
 TMUX_SOCKET = f"{CODE_HOME}/.tmux-coi.sock"
@@ -153,7 +156,8 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
                    tool: str, mounts: list[Mount], storage: Path | None, host_uid: int, host_gid: int,
                    code_uid: int, shift: bool, base_config: Mapping[str, str],
                    profile: str | None = None, branch: Branch | None = None,
-                   root: Mapping[str, str] | None = None) -> tuple[dict, dict]:
+                   root: Mapping[str, str] | None = None,
+                   masks: Mapping[str, Mapping[str, str]] | None = None) -> tuple[dict, dict]:
     """(config, devices) of a session container.
 
     Workspace ownership: with ``shift`` (idmapped mounts, host uid == code uid)
@@ -164,6 +168,7 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
     and the host repository's objects read-only where the copy's alternate finds them.
     ``root``: a root disk of the container's own (``[limits] disk``: the profile's, sized),
     which Incus uses instead of the profile's.
+    ``masks``: the devices that mask workspace paths (``coi.sessions.masks.devices``).
     """
     config = dict(base_config)
     config.update({
@@ -192,6 +197,7 @@ def container_spec(*, image: str, workspace: Path, slot: int, session_id: str, p
         devices["storage"] = {**disk, "source": os.path.realpath(storage), "path": STORAGE}
     if root is not None:
         devices["root"] = dict(root)
+    devices.update({name: dict(spec) for name, spec in (masks or {}).items()})
     return config, devices
 
 
@@ -216,7 +222,8 @@ def check_mount_sources(instance: Mapping[str, Any]) -> None:
         if spec.get("type") != "disk" or spec.get("pool") or not source.startswith("/"):
             continue
         linked = os.path.realpath(source) != os.path.normpath(source)
-        if linked or not os.path.isdir(source):
+        mask = device.startswith(MASK_DEVICE) and os.path.isfile(source)  # coi's empty file
+        if linked or not (os.path.isdir(source) or mask):
             now = "a link" if linked else "missing or not a directory"
             raise CoiError(f"mount source {source} of {instance.get('name')} ({device}) is {now} now; "
                            "coi will not start the container with it",
@@ -253,6 +260,9 @@ class SessionRequest:
     max_duration: str = ""  # [limits] max_duration as configured ("" = none), checked
     max_seconds: int = 0  # the same in seconds (0 = no limit)
     disk: str = ""  # [limits] disk as configured ("" = the pool's default), checked
+    masks: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # devices masking workspace paths
+    masked: tuple[str, ...] = ()  # the masked paths, as the start line names them
+    carry_excludes: tuple[str, ...] = ()  # git pathspecs: what --carry leaves out of a new copy
 
 
 @dataclass
