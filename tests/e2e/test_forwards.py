@@ -184,7 +184,8 @@ def test_the_forwarded_agent_lists_the_key_inside_and_no_key_goes_in(session_use
         entry, = listed(session_user, workspace)
         assert entry["ssh_agent"] is True
         look = (f'stat -c "%U %a" {AGENT_SOCKET}; SSH_AUTH_SOCK={AGENT_SOCKET} ssh-add -L; '
-                'found=$(sudo grep -rlsF -- "$1" /home /root /tmp /etc /var /workspace); '
+                # the pattern on stdin: on sudo's command line it would be in sudo's own journal entry
+                'found=$(printf "%s" "$1" | sudo grep -rlsF -f - /home /root /tmp /etc /var /workspace); '
                 'echo "${found:-no-key-material}"')
         proc = session_user.run(["container", "exec", name, "--user", "1000", "--group", "1000", "--capture", "--",
                                  "sh", "-c", look, "look", agent.secret_line()], cwd=workspace)

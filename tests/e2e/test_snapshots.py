@@ -54,7 +54,7 @@ def probe(user, name: str, **targets: tuple[str, str]) -> dict[str, dict]:
 def test_create_list_restore_delete(net_user, workspace, incus, net_lab, coi_backend):
     name = net_user.background(workspace)["container"]
     try:
-        wait_pane(net_user, name, "fake-claude> ")
+        wait_pane(net_user, name, "fake-claude>")
         coi_ok(net_user, workspace, "tmux", "send", name, "apples")
         wait_pane(net_user, name, "echo: apples")
 
@@ -147,6 +147,6 @@ def test_an_attached_shell_is_told_and_its_ephemeral_container_survives_the_rest
         assert term.finish() == 0
         assert f"coi attach {name}" in term.output() and "Saving session data" not in term.output()
         assert incus.instance(name)["status"] == "Running"
-        wait_pane(session_user, name, "fake-claude> ")  # the agent is back; coi attach finds it
+        wait_pane(session_user, name, "fake-claude>")  # the agent is back; coi attach finds it
     finally:
         session_user.run(["kill", name])
