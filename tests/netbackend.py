@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -71,8 +72,8 @@ def acl_on_nic(incus, name: str, nic: str = "eth0") -> bool:
 
 def user_proxies(state_dir) -> list[int]:
     """The pids of coi's egress proxies serving the coi state directory ``state_dir``."""
-    from coi.network.proxy import _cmdline
+    from coi.detached import argv_of
 
-    mine = str(state_dir).encode()
+    mine = str(Path(state_dir) / "network").encode()  # the proxy's first argument
     return [int(p) for p in os.listdir("/proc") if p.isdigit()
-            and b"coi.network.proxy" in _cmdline(int(p)) and mine in _cmdline(int(p))]
+            and b"coi.network.proxy" in argv_of(int(p)) and mine in argv_of(int(p))]

@@ -20,6 +20,7 @@ from coi.errors import CoiError, ConfigError, ConflictError, UsageError
 from coi.sessions import forwards, lifecycle, spec
 from coi.sessions.lifecycle import Place
 from fake_incus import FakeIncus
+from session_doubles import Said
 
 pytestmark = pytest.mark.unit
 
@@ -243,16 +244,6 @@ def test_a_socket_of_another_user_is_refused(short, monkeypatch):
 
 
 # ---- a session's container -----------------------------------------------------------------
-
-class Said:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(("info", text))
-
-    detail = warn = info
-
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:

@@ -21,6 +21,7 @@ from coi.errors import CoiError, NotFoundError, UsageError
 from coi.sessions import lifecycle, manage, spec, timer
 from coi.sessions.lifecycle import Place
 from fake_incus import DEFAULT, FakeIncus
+from session_doubles import Said, home  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.unit
 
@@ -132,29 +133,6 @@ def test_the_shell_flag_is_a_config_value():
 
 
 # ---- a session's request and container ------------------------------------------------------
-
-class Said:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(("info", text))
-
-    def detail(self, text: str) -> None:
-        self.lines.append(("detail", text))
-
-    def warn(self, text: str) -> None:
-        self.lines.append(("warn", text))
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("COI_CONTAINER_PREFIX", "coi-test-")
-    return home
-
 
 @pytest.fixture
 def workspace(tmp_path) -> Path:

@@ -21,6 +21,7 @@ from coi.errors import CoiError, ConfigError
 from coi.sessions import lifecycle, masks, spec
 from coi.sessions.lifecycle import Place
 from fake_incus import FakeIncus
+from session_doubles import Said
 from gitrepos import first_commit, write
 
 pytestmark = pytest.mark.unit
@@ -298,20 +299,6 @@ def test_the_start_line_names_the_first_few():
 
 
 # ---- a session's start, against FakeIncus ---------------------------------------------------
-
-class Said:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(("info", text))
-
-    def detail(self, text: str) -> None:
-        self.lines.append(("detail", text))
-
-    def warn(self, text: str) -> None:
-        self.lines.append(("warn", text))
-
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:

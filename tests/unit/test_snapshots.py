@@ -17,22 +17,9 @@ from coi.errors import CoiError, UsageError
 from coi.sessions import lifecycle, snapshots, spec
 from coi.sessions.lifecycle import Place
 from fake_incus import DEFAULT, FakeIncus, FakeDaemon, async_op, operation, sync
+from session_doubles import Said
 
 pytestmark = pytest.mark.unit
-
-
-class Said:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(("info", text))
-
-    def detail(self, text: str) -> None:
-        self.lines.append(("detail", text))
-
-    def warn(self, text: str) -> None:
-        self.lines.append(("warn", text))
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coi import detached
 from coi.network.connlog import log_path
 from coi.network.egress import EXPLICIT_OFFSET, NameRules, refusal_text, upstream_problem
 
@@ -349,16 +350,8 @@ def _pid(network_dir: Path) -> int | None:
         pid = int((network_dir / POLICY_DIR / PID_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    argv = _cmdline(pid).split(b"\0")
+    argv = detached.argv_of(pid)
     return pid if b"coi.network.proxy" in argv and str(network_dir).encode() in argv else None
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
 
 
 def _listening(listen: str) -> bool:
@@ -510,7 +503,7 @@ def stop_if_unused(network_dir: Path) -> bool:
     from coi.wait import wait_for
 
     try:  # the process, not its pid file (removed as it begins to end); a zombie has no command line
-        wait_for(lambda: b"coi.network.proxy" not in _cmdline(pid), timeout=10, what="coi's proxy to end")
+        wait_for(lambda: b"coi.network.proxy" not in detached.argv_of(pid), timeout=10, what="coi's proxy to end")
     except TimedOutError:
         os.kill(pid, signal.SIGKILL)
     child = _started.pop(pid, None)

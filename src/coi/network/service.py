@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -432,38 +431,17 @@ def watcher_argv(container: str, sessions_dir: Path) -> list[str]:
 
 
 def _start_watcher(store: Store, container: str, *, sessions_dir: Path, client: IncusClient) -> int:
-    """Start the watcher detached (own session, no terminal, cwd ``/``); returns its pid."""
-    env = {k: os.environ[k] for k in WATCHER_ENV if k in os.environ}
-    env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    socket_path = getattr(client, "path", None)
-    if socket_path:
-        env["INCUS_SOCKET"] = socket_path
-    fd = os.open(store.log_path(container), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    try:
-        proc = subprocess.Popen(watcher_argv(container, sessions_dir), cwd="/", env=env, stdin=subprocess.DEVNULL,
-                                stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
-    finally:
-        os.close(fd)
-    return proc.pid
+    """Start the watcher detached (``coi.detached``); returns its pid."""
+    from coi import detached
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return detached.start(watcher_argv(container, sessions_dir), log=store.log_path(container), keep_env=WATCHER_ENV,
+                          client=client)
 
 
 def _is_watcher(pid: int, container: str) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    from coi import detached
+
+    argv = detached.argv_of(pid)
     # "coi.netwatch": a watcher that an older coi started before the module moved
     return (WATCHER_MODULE.encode() in argv or b"coi.netwatch" in argv) and container.encode() in argv
 
@@ -481,5 +459,7 @@ def _stop_watcher(store: Store, container: str) -> None:
         return
     except PermissionError:
         return  # another user's watcher: it exits by itself when its record goes
-    wait_for(lambda: not _alive(pid), timeout=5, what=f"the network watcher of {container} to stop",
+    from coi import detached
+
+    wait_for(lambda: not detached.alive(pid), timeout=5, what=f"the network watcher of {container} to stop",
              first_interval=0.001, max_interval=0.05)

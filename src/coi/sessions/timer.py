@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from coi import detached
 from coi.errors import CoiError, NotFoundError
 from coi.sessions.spec import DEADLINE_KEY, ENDED_KEY, MAX_DURATION_KEY
 
@@ -57,7 +58,6 @@ TIMER_MODULE = "coi.sessions.timer"
 # config and the incus CLI's, nothing that could steer Python (PYTHONPATH and the like).
 TIMER_ENV = ("HOME", "USER", "LOGNAME", "LANG", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "INCUS_SOCKET",
              "INCUS_DIR", "INCUS_CONF")
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 CHECK_SECONDS = 10.0  # how often the container is looked at while the timer waits (one REST call)
 START_GRACE = 60.0  # armed before the start: a container not running by then was never started
@@ -447,49 +447,20 @@ def clean_orphans(sessions_dir: Path, existing: Iterable[str]) -> list[str]:
 
 
 def _start(store: TimerStore, container: str, *, sessions_dir: Path, client: IncusClient) -> int:
-    """Start the timer detached (own session, no terminal, cwd ``/``); returns its pid."""
-    env = {k: os.environ[k] for k in TIMER_ENV if k in os.environ}
-    env["PATH"] = SYSTEM_PATH
-    socket_path = getattr(client, "path", None)
-    if socket_path:
-        env["INCUS_SOCKET"] = socket_path
+    """Start the timer detached (``coi.detached``); returns its pid."""
     store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(store.log_path(container), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    try:
-        proc = subprocess.Popen(timer_argv(container, sessions_dir), cwd="/", env=env, stdin=subprocess.DEVNULL,
-                                stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
-    finally:
-        os.close(fd)
-    return proc.pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _argv(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
+    return detached.start(timer_argv(container, sessions_dir), log=store.log_path(container), keep_env=TIMER_ENV,
+                          client=client)
 
 
 def _is_timer(pid: int, container: str) -> bool:
-    argv = _argv(pid)
-    if argv == [b""] and _alive(pid):  # started a moment ago: its command line is not there yet
+    argv = detached.argv_of(pid)
+    if argv == [b""] and detached.alive(pid):  # started a moment ago: its command line is not there yet
         from coi.errors import TimedOutError
         from coi.wait import wait_for
 
         try:
-            argv = wait_for(lambda: [a for a in _argv(pid) if a] or not _alive(pid), timeout=2,
+            argv = wait_for(lambda: [a for a in detached.argv_of(pid) if a] or not detached.alive(pid), timeout=2,
                             what="the session timer's command line", max_interval=0.02)
         except TimedOutError:
             return False
@@ -498,7 +469,7 @@ def _is_timer(pid: int, container: str) -> bool:
 
 
 def _alive_timer(pid: object, container: str) -> bool:
-    return isinstance(pid, int) and _is_timer(pid, container) and _alive(pid)
+    return isinstance(pid, int) and _is_timer(pid, container) and detached.alive(pid)
 
 
 def _timer_processes(sessions_dir: Path) -> dict[int, str]:
@@ -508,7 +479,7 @@ def _timer_processes(sessions_dir: Path) -> dict[int, str]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        argv = _argv(int(entry))
+        argv = detached.argv_of(int(entry))
         if module not in argv:
             continue
         args = argv[argv.index(module) + 1:]
@@ -542,7 +513,7 @@ def _kill(pid: int, container: str) -> None:
         return
     except PermissionError:
         return  # another user's timer
-    wait_for(lambda: not _alive(pid), timeout=5, what=f"the session timer of {container} to stop",
+    wait_for(lambda: not detached.alive(pid), timeout=5, what=f"the session timer of {container} to stop",
              first_interval=0.001, max_interval=0.05)
 
 
