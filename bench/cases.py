@@ -133,7 +133,7 @@ class Setup:
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """coi's environment: the bench's prefix, image and agent, a home of its own
         (``extra`` on top: a case's own variables)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COI_") or k == "COI_DEBUG"}
         env.update({"HOME": str(self.home), "COI_CONTAINER_PREFIX": PREFIX, "COI_SESSIONS_DIR": str(self.sessions),
                     "COI_IMAGE": self.image})
         if self.binary:

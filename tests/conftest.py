@@ -142,7 +142,7 @@ class User:
 
     def background(self, workspace: Path, *args: str, env: dict[str, str] | None = None) -> dict:
         """``coi shell --background --format json ARGS`` in ``workspace``: what it printed
-        ({"container", "session_id", "slot", "workspace", "network", "branch"})."""
+        ({"container", "session_id", "slot", "workspace", "network", "branch", "ports", "ssh_agent"})."""
         proc = self.run(["shell", "--background", "--format", "json", *args], cwd=workspace, env=env)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)

@@ -159,7 +159,8 @@ def test_killed_coi_leaves_session_running_for_attach(session_user, workspace, i
 def test_background_json_names_the_session(session_user, workspace, incus):
     info = session_user.background(workspace, "--debug")
     try:
-        assert set(info) == {"container", "session_id", "slot", "workspace", "network", "branch"}
+        assert set(info) == {"container", "session_id", "slot", "workspace", "network", "branch", "ports",
+                             "ssh_agent"}
         assert info["workspace"] == str(workspace) and info["network"] == "restricted"
         assert info["branch"] is None  # not a branch session
         assert incus.instance(info["container"])["config"]["user.coi.session_id"] == info["session_id"]

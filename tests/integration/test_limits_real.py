@@ -8,7 +8,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-ENFORCING = ("btrfs", "zfs", "lvm")
+ENFORCING = ("zfs", "lvm")  # btrfs qgroups are accounted late: a write may pass (docs/security.md)
 
 
 @pytest.fixture

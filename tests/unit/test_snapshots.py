@@ -456,3 +456,15 @@ def test_an_agent_that_does_not_start_again_only_warns(home, workspace, fake, ne
     code, _, err = coi(capsys, "snapshot", "restore", "one", "--force")
     assert code == 0 and "Warning: the agent did not start again" in err and f"coi attach {name} --bash" in err
     assert "none ran in tmux before" not in err and fake.instance(name)["status"] == "Running"
+
+
+def test_a_force_stopped_container_whose_power_state_lags_is_restored_as_stopped(home, workspace, fake, network,
+                                                                                 capsys):
+    name = session(home, workspace, fake, persistent=True)
+    coi(capsys, "snapshot", "create", "one")
+    fake.stop(name)
+    fake.update_instance(name, config={"volatile.last_state.power": "RUNNING"})  # what a forced stop can leave
+    fake.calls.clear()
+    code, _, err = coi(capsys, "snapshot", "restore", "one", "--force")
+    assert code == 0 and f"{name} was stopped and stays stopped" in err, err
+    assert not fake.called("exec")  # nothing is asked of a container Incus calls Stopped

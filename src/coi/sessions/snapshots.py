@@ -212,7 +212,9 @@ def plan_restore(place: Place, *, container: str | None, name: str) -> RestorePl
     inst = session_container(place, container)
     cname = inst["name"]
     snapshot = _find(place, cname, name)
-    running = not spec.is_stopped(inst)
+    # Incus's status, not is_stopped: after a forced stop volatile.last_state.power can stay
+    # RUNNING, and nothing can be run in a container Incus calls Stopped.
+    running = inst.get("status") != "Stopped"
     if running and inst.get("ephemeral"):
         raise ConflictError(f"{cname} cannot be restored while it runs: Incus deletes it when it stops "
                             "(it was launched --ephemeral)", f"delete it instead: coi kill {cname}")
