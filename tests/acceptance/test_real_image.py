@@ -243,7 +243,8 @@ def test_the_allowlist_by_name_tells_registries_apart_on_the_real_image(by_name_
     assert secret not in json.dumps(entries)
     [listed] = [c for c in json.loads(by_name_user.run(["list", "--format", "json"]).stdout)["active_containers"]
                 if c["name"] == name]
-    assert listed["refused_connections"] == sum(e["verdict"] == "refused" for e in entries) >= 1
+    # (the agent keeps trying hosts of its own: the count only grows after the log was read)
+    assert listed["refused_connections"] >= sum(e["verdict"] == "refused" for e in entries) >= 1
     assert by_name_user.run(["kill", name, "--force"]).returncode == 0
     assert not user_proxies(by_name_user.home / ".coi"), "the proxy outlived the user's last session"
 
