@@ -18,29 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from coi.config import load_config
 from coi.wait import wait_for
 
 from conftest import TEST_PREFIX
+from configfiles import ConfigFiles
 
 TIMER = b"coi.sessions.timer"
 
 
 # ---- the project: only stricter (no daemon) -------------------------------------------------
 
-class Files:
-    def __init__(self, root: Path) -> None:
-        self.home = root / "home"
-        self.user = self.home / ".config" / "coi" / "config.toml"
-        self.workspace = root / "project"
-        self.workspace.mkdir(parents=True)
-        self.user.parent.mkdir(parents=True)
-
-    def load(self, workspace: str, user: str, **kw):
-        (self.workspace / ".coi.toml").write_text(workspace)
-        self.user.write_text(user)
-        return load_config(workspace=self.workspace, env={"HOME": str(self.home)},
-                           system_file=self.home / "none.toml", user_file=self.user, **kw)
+Files = ConfigFiles
 
 
 @pytest.fixture

@@ -10,27 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from coi.config import load_config
 from coi.errors import CoiError, ConfigError
 from coi.sessions import prompts
+from configfiles import ConfigFiles
 
 pytestmark = pytest.mark.unit
 
 
-class Files:
+class Files(ConfigFiles):
     def __init__(self, root: Path) -> None:
-        self.home = root / "home"
-        self.user = self.home / ".config" / "coi" / "config.toml"
-        self.workspace = root / "project"
-        self.workspace.mkdir(parents=True)
-        self.user.parent.mkdir(parents=True)
-        self.env = {"HOME": str(self.home), "SECRET_TOKEN": "s3cr3t"}
-
-    def load(self, workspace: str, user: str = ""):
-        (self.workspace / ".coi.toml").write_text(workspace)
-        self.user.write_text(user)
-        return load_config(workspace=self.workspace, env=self.env, system_file=self.home / "none.toml",
-                           user_file=self.user)
+        super().__init__(root, env={"SECRET_TOKEN": "s3cr3t"})
 
     def choose(self, loaded, **kw):
         args = dict(text=None, file=None, name=None, command=[])

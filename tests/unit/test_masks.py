@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coi import naming
-from coi.config import default_config, load_config
+from coi.config import default_config
 from coi.config.schema import DEFAULT_MASKED_PATHS
 from coi.errors import CoiError, ConfigError
 from coi.sessions import lifecycle, masks, spec
@@ -23,6 +23,7 @@ from coi.sessions.lifecycle import Place
 from fake_incus import FakeIncus
 from session_doubles import Said
 from gitrepos import first_commit, write
+from configfiles import ConfigFiles
 
 pytestmark = pytest.mark.unit
 
@@ -391,19 +392,7 @@ def test_a_branch_session_has_no_masks(home, tmp_path):
 
 # ---- the config key ------------------------------------------------------------------------
 
-class Files:
-    def __init__(self, root: Path) -> None:
-        self.home = root / "home"
-        self.user = self.home / ".config" / "coi" / "config.toml"
-        self.workspace = root / "project"
-        self.workspace.mkdir(parents=True)
-        self.user.parent.mkdir(parents=True)
-
-    def load(self, workspace: str = "", user: str = ""):
-        (self.workspace / ".coi.toml").write_text(workspace)
-        self.user.write_text(user)
-        return load_config(workspace=self.workspace, env={"HOME": str(self.home)},
-                           system_file=self.home / "none.toml", user_file=self.user)
+Files = ConfigFiles
 
 
 @pytest.fixture
